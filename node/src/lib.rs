@@ -1,0 +1,2 @@
+//! raftkv-node: one member of a raftkv cluster.
+pub mod wal;
