@@ -1,0 +1,136 @@
+//! Command-line flags of `raftkv-node`, each with a `RAFTKV_*` environment fallback so a
+//! StatefulSet can configure it through the downward API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::identity::MAX_MEMBER_ID;
+
+/// How one member runs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeConfig {
+    /// Data directory (the persistent volume): identity, write-ahead log, snapshots.
+    #[arg(long, env = "RAFTKV_DATA_DIR", default_value = "./raftkv-data/node")]
+    pub data_dir: PathBuf,
+    /// Address of the client and admin HTTP API.
+    #[arg(long, env = "RAFTKV_CLIENT_ADDR", default_value = "0.0.0.0:8080")]
+    pub client_addr: SocketAddr,
+    /// Address of the peer transport.
+    #[arg(long, env = "RAFTKV_PEER_ADDR", default_value = "0.0.0.0:8081")]
+    pub peer_addr: SocketAddr,
+    /// URL other members use to reach this member's peer port (default: the bound peer address
+    /// when it is not a wildcard).
+    #[arg(long, env = "RAFTKV_ADVERTISE_PEER_URL")]
+    pub advertise_peer_url: Option<String>,
+    /// This member's id, for a static cluster. Without it a random id is created on first start.
+    #[arg(long, env = "RAFTKV_ID", value_parser = clap::value_parser!(u64).range(1..=MAX_MEMBER_ID))]
+    pub id: Option<u64>,
+    /// Static bootstrap: `1=http://host:port,2=http://host:port,...`. Used only on first start.
+    #[arg(long, env = "RAFTKV_INITIAL_CLUSTER", value_parser = parse_initial_cluster)]
+    pub initial_cluster: Option<InitialCluster>,
+    /// Applied entries between two snapshots.
+    #[arg(long, env = "RAFTKV_SNAPSHOT_COUNT", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_count: u64,
+    /// Entries kept behind a snapshot so slow followers catch up from the log.
+    #[arg(long, env = "RAFTKV_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5_000)]
+    pub snapshot_catchup_entries: u64,
+    /// Largest value accepted, in bytes.
+    #[arg(long, env = "RAFTKV_MAX_VALUE_SIZE", default_value_t = 1 << 20)]
+    pub max_value_size: usize,
+    /// Deadline of every client request, in milliseconds.
+    #[arg(long, env = "RAFTKV_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
+    pub request_timeout_ms: u64,
+    /// Length of one Raft tick, in milliseconds.
+    #[arg(long, env = "RAFTKV_TICK_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tick_ms: u64,
+    /// Ticks without hearing from a leader before an election.
+    #[arg(long, env = "RAFTKV_ELECTION_TICKS", default_value_t = 10)]
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    #[arg(long, env = "RAFTKV_HEARTBEAT_TICKS", default_value_t = 1)]
+    pub heartbeat_ticks: usize,
+    /// Largest lag, in entries, at which a learner may be promoted or a member reports ready.
+    #[arg(long, env = "RAFTKV_MAX_LAG", default_value_t = 1_000)]
+    pub max_lag: u64,
+    /// Write the bound addresses as JSON to this file once listening (for scripts and tests that
+    /// bind port 0).
+    #[arg(long, env = "RAFTKV_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
+}
+
+impl NodeConfig {
+    /// The request deadline.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// A static initial cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitialCluster(pub Vec<(u64, String)>);
+
+impl InitialCluster {
+    /// The cluster id every initial member derives identically from the member list.
+    pub fn cluster_id(&self) -> u64 {
+        let mut members = self.0.clone();
+        members.sort();
+        let text: String = members.iter().map(|(id, url)| format!("{id}={url},")).collect();
+        // FNV-1a: a stable, dependency-free hash; ids only need to differ between clusters.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        (hash & MAX_MEMBER_ID).max(1)
+    }
+}
+
+/// Parses `1=http://a:1,2=http://b:2`.
+pub fn parse_initial_cluster(s: &str) -> Result<InitialCluster, String> {
+    let mut out: Vec<(u64, String)> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, url) = part.split_once('=').ok_or_else(|| format!("{part:?} is not id=url"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|id| *id >= 1 && *id <= MAX_MEMBER_ID)
+            .ok_or_else(|| format!("{id:?} is not a member id (1 to {MAX_MEMBER_ID})"))?;
+        let url = url.trim();
+        if !url.starts_with("http://") {
+            return Err(format!("peer URL {url:?} must start with http://"));
+        }
+        if out.iter().any(|(other, _)| *other == id) {
+            return Err(format!("member id {id} appears twice"));
+        }
+        out.push((id, url.to_string()));
+    }
+    if out.is_empty() {
+        return Err("the initial cluster is empty".into());
+    }
+    Ok(InitialCluster(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_cluster_parses_and_derives_one_id_regardless_of_order() {
+        let a = parse_initial_cluster("1=http://127.0.0.1:9001,2=http://127.0.0.1:9002").unwrap();
+        let b = parse_initial_cluster("2=http://127.0.0.1:9002, 1=http://127.0.0.1:9001").unwrap();
+        assert_eq!(a.0.len(), 2);
+        assert_eq!(a.cluster_id(), b.cluster_id());
+        let c = parse_initial_cluster("1=http://127.0.0.1:9001").unwrap();
+        assert_ne!(a.cluster_id(), c.cluster_id());
+        for bad in [
+            "",
+            "x=http://a",
+            "1=ftp://a",
+            "1=http://a,1=http://b",
+            "0=http://a",
+            "1",
+        ] {
+            assert!(parse_initial_cluster(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

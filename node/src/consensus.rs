@@ -1,0 +1,1146 @@
+//! The consensus side of the node: one thread owns the `RawNode`, the write-ahead log and the
+//! transport's send side. Proposals, reads, peer messages, admin requests and snapshot reports
+//! arrive on one inbox; ticks come from the loop's own clock; committed entries leave on the apply
+//! channel in log order.
+//!
+//! It is a dedicated OS thread, not a tokio task, because it fsyncs: blocking the async workers on
+//! disk would stall every HTTP request in the process. Everything it drains from the inbox between
+//! two `Ready`s is handled by one `Ready`, so concurrent client writes share one fsync.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, HardState, Message, MessageType,
+    Snapshot, SnapshotMetadata,
+};
+use raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::command::{self, ConfChangeContext};
+use crate::error::{Error, Result};
+use crate::identity::{self, Identity, Tombstone};
+use crate::kv::{KvState, MemberRole, Membership};
+use crate::metrics::Metrics;
+use crate::snapshot::SnapshotStore;
+use crate::state_machine::{write_snapshot, AppliedConfChange, ApplyMsg, Committed};
+use crate::storage::LogStore;
+use crate::transport::Transport;
+use crate::wal::Wal;
+
+/// Why a proposal or read could not be handed to Raft; in every case nothing was proposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotProposed {
+    /// No leader is known (election in progress or no quorum).
+    NoLeader,
+    /// This member is not (or no longer) part of a cluster.
+    NotMember,
+    /// Raft dropped it (leadership transfer in progress, uncommitted log too large).
+    Dropped,
+}
+
+/// Why an admin request was refused. Nothing was proposed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// This member is not the leader; the request should go to `leader_id` (0 = unknown).
+    #[error("this member is not the leader")]
+    NotLeader {
+        /// The leader, if known.
+        leader_id: u64,
+    },
+    /// Another membership change has not been applied yet.
+    #[error("another membership change is still pending; retry once it is applied")]
+    ChangePending,
+    /// The learner is too far behind the leader to be promoted.
+    #[error("member {id} lags the leader by {lag} entries (at most {max} allowed); retry once it caught up")]
+    LearnerLagging {
+        /// The learner.
+        id: u64,
+        /// How far behind it is.
+        lag: u64,
+        /// The allowed lag.
+        max: u64,
+    },
+    /// Removing the member would leave fewer healthy voters than a quorum.
+    #[error("removing member {id} would leave {healthy} healthy voters of {voters}, fewer than a quorum")]
+    WouldLoseQuorum {
+        /// The member to remove.
+        id: u64,
+        /// Healthy voters after the removal.
+        healthy: usize,
+        /// Voters after the removal.
+        voters: usize,
+    },
+    /// The leader cannot remove itself; transfer leadership first.
+    #[error("member {id} is the leader; transfer leadership first (POST /v1/leader)")]
+    IsLeader {
+        /// The leader's id.
+        id: u64,
+    },
+    /// No such member.
+    #[error("member {id} is not a member of this cluster")]
+    NotMember {
+        /// The id asked for.
+        id: u64,
+    },
+    /// Already a member in the requested role.
+    #[error("member {id} is already a {role}")]
+    AlreadyMember {
+        /// The id asked for.
+        id: u64,
+        /// Its current role.
+        role: &'static str,
+    },
+    /// The id belonged to a removed member; ids are never reused.
+    #[error("member id {id} was removed from this cluster and cannot be reused")]
+    IdRemoved {
+        /// The id asked for.
+        id: u64,
+    },
+    /// Bootstrap was asked of a member that already belongs to a cluster.
+    #[error("this member already belongs to cluster {cluster_id}")]
+    AlreadyInitialized {
+        /// Its cluster.
+        cluster_id: u64,
+    },
+    /// Bootstrap needs to know how peers reach this member.
+    #[error("this member has no advertised peer URL; start it with --advertise-peer-url")]
+    NoPeerUrl,
+    /// The request itself is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// Writing the bootstrap state failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A membership request to the leader.
+#[derive(Debug)]
+pub enum AdminCommand {
+    /// Add a member, as a learner unless `learner` is false.
+    AddMember {
+        /// New member id.
+        id: u64,
+        /// Its peer URL.
+        peer_url: String,
+        /// Add as a learner (the safe default).
+        learner: bool,
+        /// The waiter to answer when applied.
+        request_id: u64,
+        /// Whether the change was proposed.
+        reply: oneshot::Sender<Result<(), AdminError>>,
+    },
+    /// Promote a caught-up learner to voter.
+    Promote {
+        /// The learner.
+        id: u64,
+        /// The waiter to answer when applied.
+        request_id: u64,
+        /// Whether the change was proposed.
+        reply: oneshot::Sender<Result<(), AdminError>>,
+    },
+    /// Remove a member.
+    Remove {
+        /// The member.
+        id: u64,
+        /// The waiter to answer when applied.
+        request_id: u64,
+        /// Whether the change was proposed.
+        reply: oneshot::Sender<Result<(), AdminError>>,
+    },
+    /// Start a leadership transfer.
+    TransferLeader {
+        /// The new leader.
+        id: u64,
+        /// Whether the transfer started.
+        reply: oneshot::Sender<Result<(), AdminError>>,
+    },
+    /// Make this uninitialised member the first voter of a new cluster.
+    Bootstrap {
+        /// The new cluster id.
+        reply: oneshot::Sender<Result<u64, AdminError>>,
+    },
+}
+
+/// Everything the consensus thread reacts to.
+#[derive(Debug)]
+pub enum RaftInput {
+    /// A client write.
+    Propose {
+        /// The encoded proposal.
+        data: Vec<u8>,
+        /// Whether Raft accepted it (not whether it committed).
+        reply: oneshot::Sender<Result<(), NotProposed>>,
+    },
+    /// A linearizable read: answered with the read index once the leader confirmed it.
+    ReadIndex {
+        /// The read index, or why none could be had.
+        reply: oneshot::Sender<Result<u64, NotProposed>>,
+    },
+    /// A message from a peer.
+    Peer(Message),
+    /// A membership or leadership request.
+    Admin(AdminCommand),
+    /// The state machine wrote a snapshot.
+    SnapshotCreated {
+        /// Its metadata.
+        meta: SnapshotMetadata,
+    },
+    /// A peer could not be reached.
+    Unreachable(u64),
+    /// A snapshot send to a peer finished.
+    SnapshotSent {
+        /// The peer.
+        to: u64,
+        /// Whether it was delivered.
+        ok: bool,
+    },
+    /// Stop the loop.
+    Shutdown,
+}
+
+/// The member's Raft role as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Leads the cluster.
+    Leader,
+    /// A voter following the leader.
+    Follower,
+    /// Campaigning.
+    Candidate,
+    /// Pre-voting.
+    PreCandidate,
+    /// A non-voting member.
+    Learner,
+    /// Not part of any cluster yet.
+    Uninitialized,
+    /// Removed from its cluster.
+    Removed,
+}
+
+/// A peer's replication progress in the leader's view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// Highest index known replicated on the peer.
+    pub match_index: u64,
+    /// Whether the peer was heard from within the last election timeout.
+    pub recent_active: bool,
+}
+
+/// A snapshot of consensus state, published after every loop iteration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// This member's id.
+    pub id: u64,
+    /// Its cluster (0 until known).
+    pub cluster_id: u64,
+    /// Its role.
+    pub role: Role,
+    /// Its membership in the applied configuration.
+    pub membership: MemberRole,
+    /// Current term.
+    pub term: u64,
+    /// The leader (0 = unknown).
+    pub leader_id: u64,
+    /// Highest committed index known here.
+    pub commit_index: u64,
+    /// The leader's commit index as last heard from it (the leader's own when leader).
+    pub leader_commit: u64,
+    /// Last log index.
+    pub last_index: u64,
+    /// Latest snapshot index.
+    pub snapshot_index: u64,
+    /// The leader's view of every peer; empty unless leader.
+    pub progress: HashMap<u64, PeerProgress>,
+    /// Membership as the consensus side applied it.
+    pub members: Membership,
+}
+
+/// Raft tuning.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Length of one tick.
+    pub tick: Duration,
+    /// Ticks without a leader before campaigning.
+    pub election_ticks: usize,
+    /// Ticks between heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Entries kept in the log behind a snapshot so slightly slow followers catch up without one.
+    pub snapshot_catchup_entries: u64,
+    /// The largest lag (in entries) at which a learner may be promoted.
+    pub max_promote_lag: u64,
+}
+
+/// Read requests waiting for one read-index round.
+struct ReadBatch {
+    waiters: Vec<oneshot::Sender<Result<u64, NotProposed>>>,
+    issued: Instant,
+}
+
+/// How long an unanswered read-index request waits before it is asked again (a new leader
+/// silently drops reads until it has committed an entry of its own term).
+const READ_RETRY: Duration = Duration::from_millis(300);
+/// Inbox messages handled before the loop makes progress on Raft again.
+const MAX_INPUTS_PER_READY: usize = 4096;
+
+/// The consensus thread's state.
+pub struct Consensus {
+    identity: Identity,
+    data_dir: PathBuf,
+    advertise_peer_url: Option<String>,
+    raw: RawNode<LogStore>,
+    wal: Wal,
+    snapshots: SnapshotStore,
+    transport: Transport,
+    inbox: flume::Receiver<RaftInput>,
+    apply_tx: mpsc::UnboundedSender<ApplyMsg>,
+    status_tx: watch::Sender<RaftStatus>,
+    cluster_id: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+    tuning: Tuning,
+    logger: slog::Logger,
+    /// The applied membership, kept here for the transport's peer URLs and the admin checks.
+    membership: Membership,
+    /// The hard state last handed to the WAL.
+    written_hs: HardState,
+    pending_reads: Vec<oneshot::Sender<Result<u64, NotProposed>>>,
+    inflight_reads: HashMap<Vec<u8>, ReadBatch>,
+    next_read_ctx: u64,
+    leader_commit: u64,
+    last_leader: u64,
+    removed: bool,
+}
+
+/// What recovery hands to the consensus thread.
+pub struct Recovered {
+    /// The member's identity.
+    pub identity: Identity,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// How peers reach this member.
+    pub advertise_peer_url: Option<String>,
+    /// The opened WAL.
+    pub wal: Wal,
+    /// The snapshot directory.
+    pub snapshots: SnapshotStore,
+    /// The latest snapshot's metadata (index 0 = uninitialised).
+    pub snapshot: SnapshotMetadata,
+    /// The recovered hard state.
+    pub hard_state: HardState,
+    /// Entries after the snapshot.
+    pub entries: Vec<Entry>,
+    /// The membership in the snapshot.
+    pub membership: Membership,
+}
+
+/// The only place the node builds the `slog::Logger` raft-rs wants: it forwards to `tracing`.
+pub fn raft_logger(member_id: u64) -> slog::Logger {
+    slog::Logger::root(TracingDrain, slog::o!("member_id" => member_id))
+}
+
+struct TracingDrain;
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &slog::Record<'_>, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        use slog::KV;
+        let mut kv = KvFormatter(String::new());
+        let _ = record.kv().serialize(record, &mut kv);
+        let _ = values.serialize(record, &mut kv);
+        let msg = record.msg();
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Info => tracing::info!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Debug => tracing::debug!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Trace => tracing::trace!(target: "raft", "{msg}{}", kv.0),
+        }
+        Ok(())
+    }
+}
+
+struct KvFormatter(String);
+
+impl slog::Serializer for KvFormatter {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+        use std::fmt::Write;
+        let _ = write!(self.0, " {key}={val}");
+        Ok(())
+    }
+}
+
+fn raft_config(id: u64, applied: u64, tuning: &Tuning) -> raft::Config {
+    raft::Config {
+        id,
+        applied,
+        election_tick: tuning.election_ticks,
+        heartbeat_tick: tuning.heartbeat_ticks,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        read_only_option: ReadOnlyOption::Safe,
+        // Bounds the memory a leader without quorum can accumulate in uncommitted proposals.
+        max_uncommitted_size: 256 << 20,
+        ..Default::default()
+    }
+}
+
+impl Consensus {
+    /// Builds the consensus side over recovered state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        recovered: Recovered,
+        transport: Transport,
+        inbox: flume::Receiver<RaftInput>,
+        apply_tx: mpsc::UnboundedSender<ApplyMsg>,
+        status_tx: watch::Sender<RaftStatus>,
+        cluster_id: Arc<AtomicU64>,
+        metrics: Arc<Metrics>,
+        tuning: Tuning,
+    ) -> Result<Self> {
+        let Recovered {
+            identity,
+            data_dir,
+            advertise_peer_url,
+            wal,
+            snapshots,
+            snapshot,
+            hard_state,
+            entries,
+            membership,
+        } = recovered;
+        let logger = raft_logger(identity.id);
+        let applied = snapshot.index;
+        let store = LogStore::new(snapshot, hard_state.clone(), entries);
+        let raw = RawNode::new(&raft_config(identity.id, applied, &tuning), store, &logger)?;
+        let mut consensus = Consensus {
+            identity,
+            data_dir,
+            advertise_peer_url,
+            raw,
+            wal,
+            snapshots,
+            transport,
+            inbox,
+            apply_tx,
+            status_tx,
+            cluster_id,
+            metrics,
+            tuning,
+            logger,
+            membership: Membership::default(),
+            written_hs: hard_state,
+            pending_reads: Vec::new(),
+            inflight_reads: HashMap::new(),
+            next_read_ctx: 1,
+            leader_commit: 0,
+            last_leader: 0,
+            removed: false,
+        };
+        consensus.set_membership(membership);
+        consensus.publish_status();
+        Ok(consensus)
+    }
+
+    /// Runs until shutdown or a fatal storage error. A failed WAL write or fsync is fatal: the
+    /// member can no longer promise durability, so it stops rather than acknowledge anything.
+    pub fn run(mut self) -> Result<()> {
+        let mut next_tick = Instant::now() + self.tuning.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.inbox.recv_timeout(wait) {
+                Ok(input) => {
+                    if !self.handle(input)? {
+                        break;
+                    }
+                    for _ in 0..MAX_INPUTS_PER_READY {
+                        match self.inbox.try_recv() {
+                            Ok(input) => {
+                                if !self.handle(input)? {
+                                    return self.stop();
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                self.on_tick();
+                next_tick += self.tuning.tick;
+                if next_tick < now {
+                    next_tick = now + self.tuning.tick;
+                }
+            }
+            self.issue_reads();
+            self.on_ready()?;
+            self.publish_status();
+        }
+        self.stop()
+    }
+
+    fn stop(mut self) -> Result<()> {
+        self.wal.sync()?;
+        self.transport.close();
+        tracing::info!(member_id = self.identity.id, "consensus loop stopped");
+        Ok(())
+    }
+
+    fn is_initialized(&self) -> bool {
+        self.raw.store().snapshot_metadata().index > 0
+    }
+
+    /// Handles one input; false means stop.
+    fn handle(&mut self, input: RaftInput) -> Result<bool> {
+        match input {
+            RaftInput::Propose { data, reply } => {
+                let result = self.propose(data);
+                let _ = reply.send(result);
+            }
+            RaftInput::ReadIndex { reply } => self.pending_reads.push(reply),
+            RaftInput::Peer(msg) => {
+                if msg.get_msg_type() == MessageType::MsgAppend && msg.from == self.raw.raft.leader_id {
+                    self.leader_commit = self.leader_commit.max(msg.commit);
+                }
+                if let Err(e) = self.raw.step(msg) {
+                    tracing::debug!(error = %e, "peer message not stepped");
+                }
+            }
+            RaftInput::Admin(cmd) => self.handle_admin(cmd)?,
+            RaftInput::SnapshotCreated { meta } => self.on_snapshot_created(meta)?,
+            RaftInput::Unreachable(id) => self.raw.report_unreachable(id),
+            RaftInput::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+            RaftInput::Shutdown => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn propose(&mut self, data: Vec<u8>) -> Result<(), NotProposed> {
+        if self.removed || !self.is_initialized() {
+            return Err(NotProposed::NotMember);
+        }
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            return Err(NotProposed::NoLeader);
+        }
+        self.metrics.proposals.inc();
+        self.raw.propose(vec![], data).map_err(|_| {
+            self.metrics.proposals_dropped.inc();
+            NotProposed::Dropped
+        })
+    }
+
+    fn on_tick(&mut self) {
+        // A leader that inherited a joint configuration (its predecessor crashed between entering
+        // and leaving) must leave it explicitly: raft-rs only auto-leaves on the leader that
+        // proposed the change.
+        if self.raw.raft.state == StateRole::Leader && self.membership.is_joint() && !self.raw.raft.has_pending_conf() {
+            tracing::info!(member_id = self.identity.id, "leaving leftover joint configuration");
+            let ctx = command::encode(&ConfChangeContext::default());
+            if let Err(e) = self.raw.propose_conf_change(ctx, ConfChangeV2::default()) {
+                tracing::warn!(error = %e, "could not propose leaving the joint configuration");
+            }
+        }
+        // Forget read batches whose clients all gave up.
+        self.inflight_reads
+            .retain(|_, b| b.waiters.iter().any(|w| !w.is_closed()));
+    }
+
+    fn issue_reads(&mut self) {
+        if !self.pending_reads.is_empty() {
+            let waiters = std::mem::take(&mut self.pending_reads);
+            if self.removed || !self.is_initialized() {
+                for w in waiters {
+                    let _ = w.send(Err(NotProposed::NotMember));
+                }
+            } else if self.raw.raft.leader_id == raft::INVALID_ID {
+                for w in waiters {
+                    let _ = w.send(Err(NotProposed::NoLeader));
+                }
+            } else {
+                // One read-index round serves every read that arrived since the last one.
+                let ctx = self.next_read_ctx.to_le_bytes().to_vec();
+                self.next_read_ctx += 1;
+                self.raw.read_index(ctx.clone());
+                self.inflight_reads.insert(
+                    ctx,
+                    ReadBatch {
+                        waiters,
+                        issued: Instant::now(),
+                    },
+                );
+            }
+        }
+        let now = Instant::now();
+        if self.raw.raft.leader_id != raft::INVALID_ID {
+            let stale: Vec<Vec<u8>> = self
+                .inflight_reads
+                .iter()
+                .filter(|(_, b)| now.duration_since(b.issued) >= READ_RETRY)
+                .map(|(ctx, _)| ctx.clone())
+                .collect();
+            for ctx in stale {
+                self.raw.read_index(ctx.clone());
+                if let Some(b) = self.inflight_reads.get_mut(&ctx) {
+                    b.issued = now;
+                }
+            }
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+
+        // 1. A leader sends its appends before persisting them: replication and the local fsync
+        //    overlap (Raft thesis 10.2.1). Its own entries count toward commit only once persisted.
+        if !ready.messages().is_empty() {
+            self.transport.send(ready.take_messages());
+        }
+
+        // 2. A snapshot from the leader replaces the log and the state machine.
+        if !ready.snapshot().is_empty() {
+            self.apply_received_snapshot(ready.snapshot().clone())?;
+        }
+
+        // 3. Committed entries: raft-rs hands out only entries already persisted here.
+        self.handle_committed(ready.take_committed_entries())?;
+
+        // 4. Append new entries and the hard state to the WAL; one fsync covers the whole batch.
+        let entries = ready.take_entries();
+        if !entries.is_empty() {
+            self.wal.append_entries(&entries)?;
+        }
+        let mut hs = self.raw.store().hard_state().clone();
+        if let Some(new_hs) = ready.hs() {
+            hs = new_hs.clone();
+        }
+        if hs != self.written_hs {
+            self.wal.append_hard_state(&hs)?;
+            self.written_hs = hs.clone();
+        }
+        if !entries.is_empty() || ready.must_sync() {
+            let started = Instant::now();
+            let bytes = self.wal.sync()?;
+            self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics.wal_bytes.inc_by(bytes);
+        }
+        // DURABILITY: from here on the entries and the vote are on disk. Only now may Raft see
+        // them as stable, and only now may votes and append acknowledgements leave this member.
+        self.raw.mut_store().append(&entries);
+        self.raw.mut_store().set_hard_state(hs);
+
+        // 5. Messages that promise persisted state (votes, append responses).
+        if !ready.persisted_messages().is_empty() {
+            self.transport.send(ready.take_persisted_messages());
+        }
+        self.resolve_reads(ready.take_read_states());
+
+        // 6. Advance; the light ready carries what became possible after this persist.
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
+        }
+        self.transport.send(light.take_messages());
+        self.handle_committed(light.take_committed_entries())?;
+        self.raw.advance_apply();
+
+        // 7. Raft asked for a snapshot it could send (a new learner, or a far-behind follower).
+        if self.raw.store().take_snapshot_wanted() {
+            let _ = self.apply_tx.send(ApplyMsg::CreateSnapshot);
+        }
+        Ok(())
+    }
+
+    fn resolve_reads(&mut self, states: Vec<raft::ReadState>) {
+        for rs in states {
+            if let Some(batch) = self.inflight_reads.remove(&rs.request_ctx) {
+                for w in batch.waiters {
+                    let _ = w.send(Ok(rs.index));
+                }
+            }
+        }
+    }
+
+    fn handle_committed(&mut self, entries: Vec<Entry>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Vec::with_capacity(entries.len());
+        for mut e in entries {
+            let (index, term) = (e.index, e.term);
+            let cc = match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    batch.push(Committed::Normal {
+                        index,
+                        term,
+                        data: e.take_data(),
+                    });
+                    continue;
+                }
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(e.get_data())
+                        .map_err(|err| Error::Codec(format!("conf change at {index}: {err}")))?;
+                    raft_proto::ConfChangeI::into_v2(cc)
+                }
+                EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(e.get_data())
+                    .map_err(|err| Error::Codec(format!("conf change at {index}: {err}")))?,
+            };
+            let ctx: ConfChangeContext = if e.get_context().is_empty() {
+                ConfChangeContext::default()
+            } else {
+                command::decode(e.get_context()).unwrap_or_default()
+            };
+            let cs = self.raw.apply_conf_change(&cc)?;
+            let mut membership = self.membership.clone();
+            membership.apply_change(&cc, &ctx, &cs);
+            tracing::info!(member_id = self.identity.id, index, term, change = ?cc.get_changes(), voters = ?cs.get_voters(), learners = ?cs.get_learners(), "membership change applied");
+            self.set_membership(membership);
+            if self.membership.removed.contains(&self.identity.id) && !self.removed {
+                self.on_self_removed(index)?;
+            }
+            batch.push(Committed::ConfChange(Box::new(AppliedConfChange {
+                index,
+                term,
+                cc,
+                ctx,
+                cs,
+            })));
+        }
+        // The state machine lives as long as this loop; a send error means shutdown is under way.
+        let _ = self.apply_tx.send(ApplyMsg::Entries(batch));
+        Ok(())
+    }
+
+    fn on_self_removed(&mut self, index: u64) -> Result<()> {
+        self.removed = true;
+        let cluster_id = self.cluster_id.load(Ordering::Relaxed);
+        tracing::warn!(
+            member_id = self.identity.id,
+            cluster_id,
+            index,
+            "this member was removed from the cluster"
+        );
+        identity::store_tombstone(
+            &self.data_dir,
+            &Tombstone {
+                id: self.identity.id,
+                cluster_id,
+                index,
+            },
+        )
+    }
+
+    fn set_membership(&mut self, membership: Membership) {
+        for (&id, url) in &membership.peer_urls {
+            if id != self.identity.id {
+                self.transport.set_peer(id, url);
+            }
+        }
+        for id in self.membership.peer_urls.keys() {
+            if !membership.peer_urls.contains_key(id) {
+                self.transport.remove_peer(*id);
+            }
+        }
+        self.membership = membership;
+    }
+
+    fn apply_received_snapshot(&mut self, snap: Snapshot) -> Result<()> {
+        let meta = snap.get_metadata().clone();
+        let path = self.snapshots.path(meta.index, meta.term);
+        let header = std::fs::File::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| KvState::read_snapshot_header(std::io::BufReader::new(f)))
+            .map_err(|reason| Error::Snapshot {
+                path: path.clone(),
+                reason,
+            })?;
+        // The snapshot file is already durable (the transport fsynced it before stepping the
+        // message); the marker makes it this member's current snapshot and discards the old log.
+        self.wal.append_snapshot_marker(meta.index, meta.term)?;
+        self.wal.sync()?;
+        self.raw.mut_store().apply_snapshot(meta.clone());
+        self.adopt_cluster_id(header.cluster_id)?;
+        self.set_membership(header.membership);
+        self.metrics.snapshot_index.set(meta.index as i64);
+        tracing::info!(
+            member_id = self.identity.id,
+            index = meta.index,
+            term = meta.term,
+            "applying snapshot from leader"
+        );
+        let _ = self.apply_tx.send(ApplyMsg::Restore { meta, path });
+        Ok(())
+    }
+
+    fn adopt_cluster_id(&mut self, cluster_id: u64) -> Result<()> {
+        if self.identity.cluster_id != cluster_id {
+            self.identity.cluster_id = cluster_id;
+            identity::store(&self.data_dir, &self.identity)?;
+            self.cluster_id.store(cluster_id, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn on_snapshot_created(&mut self, meta: SnapshotMetadata) -> Result<()> {
+        if meta.index <= self.raw.store().snapshot_metadata().index {
+            return Ok(());
+        }
+        // The file is durable; the marker makes it the snapshot recovery starts from.
+        self.wal.append_snapshot_marker(meta.index, meta.term)?;
+        self.wal.sync()?;
+        let (index, term) = (meta.index, meta.term);
+        self.raw.mut_store().set_snapshot(meta);
+        self.raw
+            .mut_store()
+            .compact(index.saturating_sub(self.tuning.snapshot_catchup_entries));
+        self.wal.release_to(index)?;
+        self.snapshots.retain(3, (index, term))?;
+        self.metrics.snapshot_index.set(index as i64);
+        tracing::info!(
+            member_id = self.identity.id,
+            index,
+            term,
+            log_entries = self.raw.store().len(),
+            "log compacted after snapshot"
+        );
+        Ok(())
+    }
+
+    fn handle_admin(&mut self, cmd: AdminCommand) -> Result<()> {
+        match cmd {
+            AdminCommand::AddMember {
+                id,
+                peer_url,
+                learner,
+                request_id,
+                reply,
+            } => {
+                let result = self
+                    .check_leader()
+                    .and_then(|_| self.propose_add(id, peer_url, learner, request_id));
+                let _ = reply.send(result);
+            }
+            AdminCommand::Promote { id, request_id, reply } => {
+                let result = self.check_leader().and_then(|_| self.propose_promote(id, request_id));
+                let _ = reply.send(result);
+            }
+            AdminCommand::Remove { id, request_id, reply } => {
+                let result = self.check_leader().and_then(|_| self.propose_remove(id, request_id));
+                let _ = reply.send(result);
+            }
+            AdminCommand::TransferLeader { id, reply } => {
+                let result = self.check_leader().and_then(|_| {
+                    if self.membership.role_of(id) != MemberRole::Voter {
+                        return Err(AdminError::Invalid(format!(
+                            "member {id} is not a voter and cannot lead"
+                        )));
+                    }
+                    if id != self.identity.id {
+                        self.raw.transfer_leader(id);
+                    }
+                    Ok(())
+                });
+                let _ = reply.send(result);
+            }
+            AdminCommand::Bootstrap { reply } => {
+                let result = self.bootstrap();
+                let _ = reply.send(result);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_leader(&self) -> Result<(), AdminError> {
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(AdminError::NotLeader {
+                leader_id: self.raw.raft.leader_id,
+            });
+        }
+        if self.raw.raft.has_pending_conf() || self.membership.is_joint() {
+            return Err(AdminError::ChangePending);
+        }
+        Ok(())
+    }
+
+    fn propose_change(&mut self, id: u64, ty: ConfChangeType, ctx: ConfChangeContext) -> Result<(), AdminError> {
+        let mut single = ConfChangeSingle::default();
+        single.node_id = id;
+        single.set_change_type(ty);
+        let mut cc = ConfChangeV2::default();
+        cc.mut_changes().push(single);
+        self.raw
+            .propose_conf_change(command::encode(&ctx), cc)
+            .map_err(|e| AdminError::Internal(format!("raft refused the change: {e}")))
+    }
+
+    fn propose_add(&mut self, id: u64, peer_url: String, learner: bool, request_id: u64) -> Result<(), AdminError> {
+        if id == 0 || id > identity::MAX_MEMBER_ID {
+            return Err(AdminError::Invalid(format!(
+                "member id must be between 1 and {}",
+                identity::MAX_MEMBER_ID
+            )));
+        }
+        match self.membership.role_of(id) {
+            MemberRole::Voter => return Err(AdminError::AlreadyMember { id, role: "voter" }),
+            MemberRole::Learner => return Err(AdminError::AlreadyMember { id, role: "learner" }),
+            MemberRole::Removed => return Err(AdminError::IdRemoved { id }),
+            MemberRole::None => {}
+        }
+        if !learner {
+            // A voter added empty raises the quorum before it can vote usefully: same check as removal.
+            self.check_quorum_after(id, |voters| {
+                voters.push(id);
+            })?;
+        }
+        let ty = if learner {
+            ConfChangeType::AddLearnerNode
+        } else {
+            ConfChangeType::AddNode
+        };
+        self.propose_change(
+            id,
+            ty,
+            ConfChangeContext {
+                peer_url: Some(peer_url),
+                request_id,
+            },
+        )
+    }
+
+    fn propose_promote(&mut self, id: u64, request_id: u64) -> Result<(), AdminError> {
+        match self.membership.role_of(id) {
+            MemberRole::Learner => {}
+            MemberRole::Voter => return Err(AdminError::AlreadyMember { id, role: "voter" }),
+            _ => return Err(AdminError::NotMember { id }),
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        let matched = self.raw.raft.prs().get(id).map_or(0, |p| p.matched);
+        let lag = last.saturating_sub(matched);
+        if lag > self.tuning.max_promote_lag {
+            return Err(AdminError::LearnerLagging {
+                id,
+                lag,
+                max: self.tuning.max_promote_lag,
+            });
+        }
+        self.propose_change(
+            id,
+            ConfChangeType::AddNode,
+            ConfChangeContext {
+                peer_url: None,
+                request_id,
+            },
+        )
+    }
+
+    fn propose_remove(&mut self, id: u64, request_id: u64) -> Result<(), AdminError> {
+        match self.membership.role_of(id) {
+            MemberRole::Voter => {
+                if id == self.identity.id {
+                    return Err(AdminError::IsLeader { id });
+                }
+                self.check_quorum_after(id, |voters| voters.retain(|v| *v != id))?;
+            }
+            MemberRole::Learner => {}
+            _ => return Err(AdminError::NotMember { id }),
+        }
+        self.propose_change(
+            id,
+            ConfChangeType::RemoveNode,
+            ConfChangeContext {
+                peer_url: None,
+                request_id,
+            },
+        )
+    }
+
+    /// Refuses a change after which fewer healthy voters than a quorum would remain.
+    fn check_quorum_after(&self, id: u64, change: impl FnOnce(&mut Vec<u64>)) -> Result<(), AdminError> {
+        let mut voters: Vec<u64> = self.membership.voters.iter().copied().collect();
+        change(&mut voters);
+        if voters.is_empty() {
+            return Err(AdminError::Invalid("a cluster needs at least one voter".into()));
+        }
+        let healthy = voters
+            .iter()
+            .filter(|&&v| {
+                v == self.identity.id || self.raw.raft.prs().get(v).is_some_and(|p| p.recent_active && v != id)
+            })
+            .count();
+        if healthy < voters.len() / 2 + 1 {
+            return Err(AdminError::WouldLoseQuorum {
+                id,
+                healthy,
+                voters: voters.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn bootstrap(&mut self) -> Result<u64, AdminError> {
+        if self.is_initialized() || self.removed {
+            return Err(AdminError::AlreadyInitialized {
+                cluster_id: self.cluster_id.load(Ordering::Relaxed),
+            });
+        }
+        let url = self.advertise_peer_url.clone().ok_or(AdminError::NoPeerUrl)?;
+        let cluster_id = identity::random_id();
+        let members = vec![(self.identity.id, url)];
+        let (meta, membership) = write_initial_snapshot(&self.snapshots, &mut self.wal, cluster_id, &members)
+            .map_err(|e| AdminError::Internal(e.to_string()))?;
+        self.adopt_cluster_id(cluster_id)
+            .map_err(|e| AdminError::Internal(e.to_string()))?;
+        // Rebuild Raft over the initialised log: the uninitialised RawNode has no configuration to extend.
+        let mut hs = HardState::default();
+        hs.term = 1;
+        hs.commit = 1;
+        let store = LogStore::new(meta.clone(), hs.clone(), Vec::new());
+        self.written_hs = hs;
+        self.raw = RawNode::new(&raft_config(self.identity.id, 1, &self.tuning), store, &self.logger)
+            .map_err(|e| AdminError::Internal(e.to_string()))?;
+        self.set_membership(membership);
+        let _ = self.apply_tx.send(ApplyMsg::Restore {
+            path: self.snapshots.path(meta.index, meta.term),
+            meta,
+        });
+        // A single voter elects itself at once rather than after an election timeout.
+        let _ = self.raw.campaign();
+        tracing::info!(member_id = self.identity.id, cluster_id, "bootstrapped a new cluster");
+        Ok(cluster_id)
+    }
+
+    fn publish_status(&mut self) {
+        let raft = &self.raw.raft;
+        let membership = if self.removed {
+            MemberRole::Removed
+        } else {
+            self.membership.role_of(self.identity.id)
+        };
+        let role = if self.removed {
+            Role::Removed
+        } else if !self.is_initialized() {
+            Role::Uninitialized
+        } else if membership == MemberRole::Learner {
+            Role::Learner
+        } else {
+            match raft.state {
+                StateRole::Leader => Role::Leader,
+                StateRole::Follower => Role::Follower,
+                StateRole::Candidate => Role::Candidate,
+                StateRole::PreCandidate => Role::PreCandidate,
+            }
+        };
+        if raft.leader_id != self.last_leader {
+            if raft.leader_id != raft::INVALID_ID {
+                self.metrics.leader_changes.inc();
+                tracing::info!(
+                    member_id = self.identity.id,
+                    leader_id = raft.leader_id,
+                    term = raft.term,
+                    "leader changed"
+                );
+            }
+            self.last_leader = raft.leader_id;
+            self.leader_commit = 0;
+        }
+        let commit = raft.raft_log.committed;
+        let is_leader = raft.state == StateRole::Leader;
+        let progress = if is_leader {
+            raft.prs()
+                .iter()
+                .map(|(&id, p)| {
+                    (
+                        id,
+                        PeerProgress {
+                            match_index: p.matched,
+                            recent_active: p.recent_active || id == self.identity.id,
+                        },
+                    )
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let status = RaftStatus {
+            id: self.identity.id,
+            cluster_id: self.cluster_id.load(Ordering::Relaxed),
+            role,
+            membership,
+            term: raft.term,
+            leader_id: raft.leader_id,
+            commit_index: commit,
+            leader_commit: if is_leader {
+                commit
+            } else {
+                self.leader_commit.max(commit)
+            },
+            last_index: raft.raft_log.last_index(),
+            snapshot_index: self.raw.store().snapshot_metadata().index,
+            progress,
+            members: self.membership.clone(),
+        };
+        self.metrics.term.set(status.term as i64);
+        self.metrics.commit_index.set(commit as i64);
+        self.metrics.is_leader.set(is_leader as i64);
+        self.status_tx.send_if_modified(|current| {
+            if *current == status {
+                false
+            } else {
+                *current = status;
+                true
+            }
+        });
+    }
+}
+
+/// Writes the state a new cluster starts from: an empty key space at index 1, term 1, whose
+/// configuration makes `members` its voters. Used once per cluster, by bootstrap or by a static
+/// `--initial-cluster`; every initial member writes the identical state.
+pub fn write_initial_snapshot(
+    snapshots: &SnapshotStore,
+    wal: &mut Wal,
+    cluster_id: u64,
+    members: &[(u64, String)],
+) -> Result<(SnapshotMetadata, Membership)> {
+    let mut state = KvState {
+        applied_index: 1,
+        applied_term: 1,
+        cluster_id,
+        ..Default::default()
+    };
+    for (id, url) in members {
+        state.membership.voters.insert(*id);
+        state.membership.peer_urls.insert(*id, url.clone());
+    }
+    let meta = write_snapshot(snapshots, &state)?;
+    let mut hs = HardState::default();
+    hs.term = 1;
+    hs.commit = 1;
+    wal.append_snapshot_marker(1, 1)?;
+    wal.append_hard_state(&hs)?;
+    // DURABILITY: the cluster exists for this member only once this fsync returns.
+    wal.sync()?;
+    Ok((meta, state.membership))
+}

@@ -1,0 +1,73 @@
+//! The node's error type: every failure a node can report, with the context an operator needs to
+//! act on it (which file, which member, which cluster).
+
+use std::path::PathBuf;
+
+use crate::wal::WalError;
+
+/// Result alias used throughout the node crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong inside a node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A filesystem or socket operation failed; `context` says what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, including the path or address involved.
+        context: String,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The write-ahead log could not be opened, recovered or written.
+    #[error("write-ahead log: {0}")]
+    Wal(#[from] WalError),
+    /// The Raft library refused an operation.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// A snapshot file is unreadable or fails its checksum.
+    #[error("snapshot {path}: {reason}")]
+    Snapshot {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// This data directory belongs to a member that was removed from its cluster.
+    #[error(
+        "member {id} was removed from cluster {cluster_id} at index {index}; the data directory {dir} \
+         cannot rejoin. Start the node with an empty data directory to join as a new member"
+    )]
+    Removed {
+        /// The removed member's id.
+        id: u64,
+        /// The cluster it was removed from.
+        cluster_id: u64,
+        /// The Raft index of the removal.
+        index: u64,
+        /// The data directory that holds the removed member's state.
+        dir: PathBuf,
+    },
+    /// The command-line configuration is inconsistent with itself or with the data directory.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A record could not be encoded or decoded.
+    #[error("codec: {0}")]
+    Codec(String),
+}
+
+/// Attaches a description of the failed operation to an I/O error.
+pub trait IoContext<T> {
+    /// Wraps the error with `context`, computed only on failure.
+    fn io_context<F: FnOnce() -> String>(self, context: F) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn io_context<F: FnOnce() -> String>(self, context: F) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            context: context(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,641 @@
+//! The replicated state: an ordered map of key to (value, create revision, mod revision), the
+//! applied membership, and the snapshot encoding of both.
+//!
+//! Everything here is pure and deterministic: the same entries applied to the same state give the
+//! same state on every member. The revision of a change is the Raft index of the entry that made it.
+//!
+//! # Snapshot format
+//! ```text
+//! magic "RKVSNAP\x01" (8 bytes)
+//! frame: u32 LE length | postcard(SnapshotHeader)
+//! frame × key_count: u32 LE length | postcard(SnapshotRecord)
+//! trailer: u32 LE crc32c of every preceding byte
+//! ```
+//! The map is a persistent `imbl::OrdMap`, so taking a snapshot clones it in O(1) and the file is
+//! written from that clone while apply continues.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+
+use bytes::Bytes;
+use imbl::OrdMap;
+use raft::prelude::{ConfChangeType, ConfChangeV2, ConfState};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{self, ConfChangeContext, Op, Proposal};
+
+/// Identifies snapshot files of this format.
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"RKVSNAP\x01";
+/// Largest frame a snapshot reader accepts; larger lengths mean corruption, not data.
+const MAX_FRAME: u32 = 64 << 20;
+
+/// A stored value and its revisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvValue {
+    /// The value bytes.
+    pub value: Bytes,
+    /// Raft index of the entry that created the key.
+    pub create_revision: u64,
+    /// Raft index of the entry that last changed the key (the ETag).
+    pub mod_revision: u64,
+}
+
+/// The applied cluster membership.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// Voting members.
+    pub voters: BTreeSet<u64>,
+    /// Non-voting members.
+    pub learners: BTreeSet<u64>,
+    /// Outgoing voters while in a joint configuration.
+    pub voters_outgoing: BTreeSet<u64>,
+    /// Learners that become learners once a joint configuration is left.
+    pub learners_next: BTreeSet<u64>,
+    /// Whether a joint configuration is left automatically.
+    pub auto_leave: bool,
+    /// How to reach each member's peer transport.
+    pub peer_urls: BTreeMap<u64, String>,
+    /// Ids that were removed and may never be reused.
+    pub removed: BTreeSet<u64>,
+}
+
+/// How a member takes part in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberRole {
+    /// Votes in elections and commits.
+    Voter,
+    /// Receives the log but does not vote.
+    Learner,
+    /// Not part of the cluster (yet).
+    None,
+    /// Was part of the cluster and was removed.
+    Removed,
+}
+
+impl Membership {
+    /// The Raft configuration.
+    pub fn conf_state(&self) -> ConfState {
+        let mut cs = ConfState::default();
+        cs.set_voters(self.voters.iter().copied().collect());
+        cs.set_learners(self.learners.iter().copied().collect());
+        cs.set_voters_outgoing(self.voters_outgoing.iter().copied().collect());
+        cs.set_learners_next(self.learners_next.iter().copied().collect());
+        cs.auto_leave = self.auto_leave;
+        cs
+    }
+
+    /// Replaces the Raft configuration, keeping URLs and removals.
+    pub fn set_conf_state(&mut self, cs: &ConfState) {
+        self.voters = cs.get_voters().iter().copied().collect();
+        self.learners = cs.get_learners().iter().copied().collect();
+        self.voters_outgoing = cs.get_voters_outgoing().iter().copied().collect();
+        self.learners_next = cs.get_learners_next().iter().copied().collect();
+        self.auto_leave = cs.auto_leave;
+    }
+
+    /// The role of member `id`.
+    pub fn role_of(&self, id: u64) -> MemberRole {
+        if self.voters.contains(&id) || self.voters_outgoing.contains(&id) {
+            MemberRole::Voter
+        } else if self.learners.contains(&id) || self.learners_next.contains(&id) {
+            MemberRole::Learner
+        } else if self.removed.contains(&id) {
+            MemberRole::Removed
+        } else {
+            MemberRole::None
+        }
+    }
+
+    /// Whether the configuration is joint (a leftover that must be left explicitly).
+    pub fn is_joint(&self) -> bool {
+        !self.voters_outgoing.is_empty()
+    }
+
+    /// Applies a membership change whose resulting configuration Raft computed as `cs`.
+    pub fn apply_change(&mut self, cc: &ConfChangeV2, ctx: &ConfChangeContext, cs: &ConfState) {
+        for change in cc.get_changes() {
+            let id = change.node_id;
+            match change.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    if let Some(url) = &ctx.peer_url {
+                        self.peer_urls.insert(id, url.clone());
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    self.peer_urls.remove(&id);
+                    self.removed.insert(id);
+                }
+            }
+        }
+        self.set_conf_state(cs);
+    }
+
+    /// Every member id, voters first.
+    pub fn member_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.voters.union(&self.voters_outgoing).copied().collect();
+        ids.extend(
+            self.learners
+                .union(&self.learners_next)
+                .filter(|id| !ids.contains(id))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        ids
+    }
+}
+
+/// What applying one entry did, reported to the client that proposed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// A put took effect at `revision`.
+    Put {
+        /// The new mod revision.
+        revision: u64,
+    },
+    /// A delete was applied at `revision`; `deleted` says whether the key existed.
+    Delete {
+        /// The entry's index.
+        revision: u64,
+        /// Whether a key was removed.
+        deleted: bool,
+    },
+    /// The precondition did not hold; nothing changed.
+    PreconditionFailed {
+        /// The key's mod revision at apply time, if it exists.
+        current: Option<u64>,
+    },
+    /// A membership change was applied.
+    Membership,
+    /// The entry could not be decoded; nothing changed. Every member rejects it identically.
+    Rejected(String),
+}
+
+/// The whole replicated state of one member.
+#[derive(Debug, Clone, Default)]
+pub struct KvState {
+    /// The key-value map.
+    pub data: OrdMap<Bytes, KvValue>,
+    /// Index of the last applied entry.
+    pub applied_index: u64,
+    /// Term of the last applied entry.
+    pub applied_term: u64,
+    /// The applied membership.
+    pub membership: Membership,
+    /// The cluster this state belongs to.
+    pub cluster_id: u64,
+}
+
+impl KvState {
+    /// Applies a client proposal encoded in a normal entry.
+    pub fn apply_proposal(&mut self, index: u64, term: u64, data: &[u8]) -> (Option<u64>, ApplyOutcome) {
+        self.applied_index = index;
+        self.applied_term = term;
+        let proposal: Proposal = match command::decode(data) {
+            Ok(p) => p,
+            Err(e) => return (None, ApplyOutcome::Rejected(e.to_string())),
+        };
+        let outcome = self.apply_op(index, proposal.op);
+        (Some(proposal.request_id), outcome)
+    }
+
+    fn apply_op(&mut self, index: u64, op: Op) -> ApplyOutcome {
+        match op {
+            Op::Put {
+                key,
+                value,
+                precondition,
+            } => {
+                let current = self.data.get(&key);
+                if !precondition.holds(current.map(|v| v.mod_revision)) {
+                    return ApplyOutcome::PreconditionFailed {
+                        current: current.map(|v| v.mod_revision),
+                    };
+                }
+                let create_revision = current.map_or(index, |v| v.create_revision);
+                self.data.insert(
+                    key,
+                    KvValue {
+                        value,
+                        create_revision,
+                        mod_revision: index,
+                    },
+                );
+                ApplyOutcome::Put { revision: index }
+            }
+            Op::Delete { key, precondition } => {
+                let current = self.data.get(&key).map(|v| v.mod_revision);
+                if !precondition.holds(current) {
+                    return ApplyOutcome::PreconditionFailed { current };
+                }
+                let deleted = self.data.remove(&key).is_some();
+                ApplyOutcome::Delete {
+                    revision: index,
+                    deleted,
+                }
+            }
+        }
+    }
+
+    /// Records an entry that carries nothing for the state machine (an empty entry a new leader
+    /// appends, or a conf change Raft dropped).
+    pub fn apply_noop(&mut self, index: u64, term: u64) {
+        self.applied_index = index;
+        self.applied_term = term;
+    }
+
+    /// Applies a membership change whose resulting configuration Raft computed as `cs`.
+    pub fn apply_conf_change(
+        &mut self,
+        index: u64,
+        term: u64,
+        cc: &ConfChangeV2,
+        ctx: &ConfChangeContext,
+        cs: &ConfState,
+    ) -> ApplyOutcome {
+        self.applied_index = index;
+        self.applied_term = term;
+        self.membership.apply_change(cc, ctx, cs);
+        ApplyOutcome::Membership
+    }
+
+    /// Writes the snapshot encoding of this state.
+    pub fn write_snapshot<W: Write>(&self, w: W) -> std::io::Result<W> {
+        let mut w = CrcWriter { inner: w, crc: 0 };
+        w.write_all(SNAPSHOT_MAGIC)?;
+        let header = SnapshotHeader {
+            applied_index: self.applied_index,
+            applied_term: self.applied_term,
+            cluster_id: self.cluster_id,
+            membership: self.membership.clone(),
+            key_count: self.data.len() as u64,
+        };
+        write_frame(&mut w, &command::encode(&header))?;
+        let mut buf = Vec::with_capacity(512);
+        for (key, v) in self.data.iter() {
+            buf.clear();
+            let record = SnapshotRecord {
+                key: key.as_ref(),
+                value: v.value.as_ref(),
+                create_revision: v.create_revision,
+                mod_revision: v.mod_revision,
+            };
+            buf = postcard::to_extend(&record, buf).map_err(std::io::Error::other)?;
+            write_frame(&mut w, &buf)?;
+        }
+        let crc = w.crc;
+        w.inner.write_all(&crc.to_le_bytes())?;
+        Ok(w.inner)
+    }
+
+    /// Reads a snapshot, verifying its checksum; errors describe what is wrong.
+    pub fn read_snapshot<R: Read>(r: R) -> Result<KvState, String> {
+        let mut r = CrcReader { inner: r, crc: 0 };
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic).map_err(|e| format!("reading magic: {e}"))?;
+        if &magic != SNAPSHOT_MAGIC {
+            return Err("not a raftkv snapshot (bad magic)".into());
+        }
+        let mut buf = Vec::new();
+        read_frame(&mut r, &mut buf).map_err(|e| format!("reading header: {e}"))?;
+        let header: SnapshotHeader = command::decode(&buf).map_err(|e| format!("decoding header: {e}"))?;
+        let mut data = OrdMap::new();
+        for n in 0..header.key_count {
+            read_frame(&mut r, &mut buf).map_err(|e| format!("reading record {n}: {e}"))?;
+            let rec: SnapshotRecord = postcard::from_bytes(&buf).map_err(|e| format!("decoding record {n}: {e}"))?;
+            data.insert(
+                Bytes::copy_from_slice(rec.key),
+                KvValue {
+                    value: Bytes::copy_from_slice(rec.value),
+                    create_revision: rec.create_revision,
+                    mod_revision: rec.mod_revision,
+                },
+            );
+        }
+        let computed = r.crc;
+        let mut trailer = [0u8; 4];
+        r.inner
+            .read_exact(&mut trailer)
+            .map_err(|e| format!("reading checksum: {e}"))?;
+        if u32::from_le_bytes(trailer) != computed {
+            return Err("checksum mismatch".into());
+        }
+        let mut extra = [0u8; 1];
+        if r.inner.read(&mut extra).map_err(|e| e.to_string())? != 0 {
+            return Err("trailing bytes after checksum".into());
+        }
+        Ok(KvState {
+            data,
+            applied_index: header.applied_index,
+            applied_term: header.applied_term,
+            membership: header.membership,
+            cluster_id: header.cluster_id,
+        })
+    }
+
+    /// Checks a snapshot's magic and checksum without building the map.
+    pub fn verify_snapshot<R: Read>(mut r: R) -> Result<(), String> {
+        let mut crc = 0u32;
+        let mut tail: Vec<u8> = Vec::with_capacity(4);
+        let mut buf = vec![0u8; 1 << 16];
+        let mut first = true;
+        loop {
+            let n = r.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            if first && (n < 8 || &buf[..8] != SNAPSHOT_MAGIC) {
+                return Err("not a raftkv snapshot (bad magic)".into());
+            }
+            first = false;
+            // Keep the last four bytes (the trailer) out of the running checksum.
+            tail.extend_from_slice(&buf[..n]);
+            let keep = tail.len().saturating_sub(4);
+            crc = crc32c::crc32c_append(crc, &tail[..keep]);
+            tail.drain(..keep);
+        }
+        if tail.len() < 4 || u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) != crc {
+            return Err("checksum mismatch".into());
+        }
+        Ok(())
+    }
+
+    /// Reads only the header of a snapshot: enough to learn the membership without loading data.
+    pub fn read_snapshot_header<R: Read>(mut r: R) -> Result<SnapshotHeader, String> {
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic).map_err(|e| format!("reading magic: {e}"))?;
+        if &magic != SNAPSHOT_MAGIC {
+            return Err("not a raftkv snapshot (bad magic)".into());
+        }
+        let mut buf = Vec::new();
+        read_frame(&mut r, &mut buf).map_err(|e| format!("reading header: {e}"))?;
+        command::decode(&buf).map_err(|e| format!("decoding header: {e}"))
+    }
+}
+
+/// The first frame of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    /// Index of the last entry the snapshot includes.
+    pub applied_index: u64,
+    /// Term of that entry.
+    pub applied_term: u64,
+    /// The cluster the snapshot belongs to.
+    pub cluster_id: u64,
+    /// The membership as of `applied_index`.
+    pub membership: Membership,
+    /// How many records follow.
+    pub key_count: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotRecord<'a> {
+    #[serde(with = "serde_bytes_slice")]
+    key: &'a [u8],
+    #[serde(with = "serde_bytes_slice")]
+    value: &'a [u8],
+    create_revision: u64,
+    mod_revision: u64,
+}
+
+/// Byte slices as one length-prefixed blob rather than a sequence of u8.
+mod serde_bytes_slice {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<&'de [u8], D::Error> {
+        <&'de [u8] as serde::Deserialize>::deserialize(d)
+    }
+}
+
+fn write_frame<W: Write>(w: &mut W, payload: &[u8]) -> std::io::Result<()> {
+    w.write_all(&(payload.len() as u32).to_le_bytes())?;
+    w.write_all(payload)
+}
+
+fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("frame length {len} exceeds {MAX_FRAME}")));
+    }
+    buf.resize(len as usize, 0);
+    r.read_exact(buf)
+}
+
+struct CrcWriter<W> {
+    inner: W,
+    crc: u32,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct CrcReader<R> {
+    inner: R,
+    crc: u32,
+}
+
+impl<R: Read> Read for CrcReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Precondition;
+    use raft::prelude::ConfChangeSingle;
+
+    fn put(state: &mut KvState, index: u64, key: &str, value: &str, pre: Precondition) -> ApplyOutcome {
+        let p = Proposal {
+            request_id: index,
+            op: Op::Put {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                value: Bytes::copy_from_slice(value.as_bytes()),
+                precondition: pre,
+            },
+        };
+        state.apply_proposal(index, 1, &command::encode(&p)).1
+    }
+
+    #[test]
+    fn revisions_are_raft_indexes_and_create_revision_survives_updates() {
+        let mut s = KvState::default();
+        assert_eq!(
+            put(&mut s, 5, "a", "1", Precondition::None),
+            ApplyOutcome::Put { revision: 5 }
+        );
+        assert_eq!(
+            put(&mut s, 9, "a", "2", Precondition::ModRevision(5)),
+            ApplyOutcome::Put { revision: 9 }
+        );
+        let v = s.data.get(&Bytes::from_static(b"a")).unwrap();
+        assert_eq!((v.create_revision, v.mod_revision, v.value.as_ref()), (5, 9, &b"2"[..]));
+        assert_eq!(
+            put(&mut s, 10, "a", "3", Precondition::ModRevision(5)),
+            ApplyOutcome::PreconditionFailed { current: Some(9) }
+        );
+        assert_eq!(
+            put(&mut s, 11, "a", "3", Precondition::Absent),
+            ApplyOutcome::PreconditionFailed { current: Some(9) }
+        );
+        assert_eq!(s.applied_index, 11);
+        assert_eq!(
+            s.data.get(&Bytes::from_static(b"a")).unwrap().mod_revision,
+            9,
+            "failed CAS changes nothing"
+        );
+    }
+
+    #[test]
+    fn deletes_report_whether_the_key_existed() {
+        let mut s = KvState::default();
+        put(&mut s, 1, "a", "1", Precondition::None);
+        let del = |s: &mut KvState, index, pre| {
+            let p = Proposal {
+                request_id: 0,
+                op: Op::Delete {
+                    key: Bytes::from_static(b"a"),
+                    precondition: pre,
+                },
+            };
+            s.apply_proposal(index, 1, &command::encode(&p)).1
+        };
+        assert_eq!(
+            del(&mut s, 2, Precondition::ModRevision(7)),
+            ApplyOutcome::PreconditionFailed { current: Some(1) }
+        );
+        assert_eq!(
+            del(&mut s, 3, Precondition::None),
+            ApplyOutcome::Delete {
+                revision: 3,
+                deleted: true
+            }
+        );
+        assert_eq!(
+            del(&mut s, 4, Precondition::None),
+            ApplyOutcome::Delete {
+                revision: 4,
+                deleted: false
+            }
+        );
+    }
+
+    #[test]
+    fn undecodable_entries_are_rejected_identically_and_change_nothing() {
+        let mut s = KvState::default();
+        let (id, outcome) = s.apply_proposal(3, 1, b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff");
+        assert_eq!(id, None);
+        assert!(matches!(outcome, ApplyOutcome::Rejected(_)));
+        assert!(s.data.is_empty());
+        assert_eq!(s.applied_index, 3);
+    }
+
+    #[test]
+    fn conf_changes_track_urls_and_removed_ids() {
+        let mut s = KvState::default();
+        let mut cc = ConfChangeV2::default();
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(ConfChangeType::AddLearnerNode);
+        single.node_id = 4;
+        cc.mut_changes().push(single.clone());
+        let mut cs = ConfState::default();
+        cs.set_voters(vec![1]);
+        cs.set_learners(vec![4]);
+        let ctx = ConfChangeContext {
+            peer_url: Some("http://n4:8081".into()),
+            request_id: 1,
+        };
+        s.apply_conf_change(7, 2, &cc, &ctx, &cs);
+        assert_eq!(s.membership.role_of(4), MemberRole::Learner);
+        assert_eq!(s.membership.peer_urls[&4], "http://n4:8081");
+        single.set_change_type(ConfChangeType::RemoveNode);
+        cc.mut_changes()[0] = single;
+        cs.set_learners(vec![]);
+        s.apply_conf_change(8, 2, &cc, &ConfChangeContext::default(), &cs);
+        assert_eq!(s.membership.role_of(4), MemberRole::Removed);
+        assert!(!s.membership.peer_urls.contains_key(&4));
+        assert_eq!(s.membership.conf_state(), cs);
+    }
+
+    #[test]
+    fn snapshots_round_trip_binary_keys_and_values() {
+        let mut s = KvState {
+            cluster_id: 77,
+            ..Default::default()
+        };
+        s.membership.voters.insert(1);
+        s.membership.peer_urls.insert(1, "http://a".into());
+        for i in 0..1000u32 {
+            s.data.insert(
+                Bytes::from(i.to_be_bytes().to_vec()),
+                KvValue {
+                    value: Bytes::from(vec![0xff; (i % 17) as usize]),
+                    create_revision: i as u64,
+                    mod_revision: i as u64 + 1,
+                },
+            );
+        }
+        s.applied_index = 1234;
+        s.applied_term = 5;
+        let bytes = s.write_snapshot(Vec::new()).unwrap();
+        let back = KvState::read_snapshot(&bytes[..]).unwrap();
+        assert_eq!(back.data, s.data);
+        assert_eq!(back.membership, s.membership);
+        assert_eq!((back.applied_index, back.applied_term, back.cluster_id), (1234, 5, 77));
+        let header = KvState::read_snapshot_header(&bytes[..]).unwrap();
+        assert_eq!(header.key_count, 1000);
+    }
+
+    #[test]
+    fn a_flipped_bit_or_truncation_in_a_snapshot_is_detected() {
+        let mut s = KvState::default();
+        s.data.insert(
+            Bytes::from_static(b"key"),
+            KvValue {
+                value: Bytes::from_static(b"value"),
+                create_revision: 1,
+                mod_revision: 1,
+            },
+        );
+        let bytes = s.write_snapshot(Vec::new()).unwrap();
+        for i in 8..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x10;
+            assert!(
+                KvState::read_snapshot(&bad[..]).is_err(),
+                "flip at byte {i} went unnoticed"
+            );
+        }
+        for len in 0..bytes.len() {
+            assert!(
+                KvState::read_snapshot(&bytes[..len]).is_err(),
+                "truncation to {len} went unnoticed"
+            );
+            assert!(
+                KvState::verify_snapshot(&bytes[..len]).is_err(),
+                "verify missed truncation to {len}"
+            );
+        }
+        KvState::verify_snapshot(&bytes[..]).unwrap();
+        let mut bad = bytes.clone();
+        bad[12] ^= 1;
+        assert!(KvState::verify_snapshot(&bad[..]).is_err());
+    }
+}

@@ -1,0 +1,169 @@
+//! `raftkv-node local`: a static cluster of real `raftkv-node` processes on 127.0.0.1, for trying
+//! raftkv without Kubernetes. Each member is this same binary in its own process with its own data
+//! directory; Ctrl-C stops them all gracefully.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Flags of the `local` subcommand.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LocalArgs {
+    /// Number of members.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    pub nodes: u64,
+    /// Member i serves clients on base-port + i and peers on base-port + 100 + i.
+    #[arg(long, default_value_t = 8080)]
+    pub base_port: u16,
+    /// Parent of the members' data directories (`node-1`, `node-2`, ...).
+    #[arg(long, default_value = "./raftkv-data")]
+    pub data_dir: PathBuf,
+    /// Applied entries between snapshots, passed to every member.
+    #[arg(long)]
+    pub snapshot_count: Option<u64>,
+}
+
+/// Starts the members, prints their URLs, and stops them on Ctrl-C or when one exits.
+pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the raftkv-node binary")?;
+    let port = |offset: u64| -> anyhow::Result<u16> {
+        u16::try_from(args.base_port as u64 + offset).context("--base-port leaves no room for the members' ports")
+    };
+    let mut members = Vec::new();
+    for i in 1..=args.nodes {
+        members.push((i, port(i)?, port(100 + i)?));
+    }
+    let initial: Vec<String> = members
+        .iter()
+        .map(|(i, _, peer)| format!("{i}=http://127.0.0.1:{peer}"))
+        .collect();
+    let initial = initial.join(",");
+    let mut children: Vec<(u64, Child)> = Vec::new();
+    for &(i, client, peer) in &members {
+        let dir = args.data_dir.join(format!("node-{i}"));
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--id")
+            .arg(i.to_string())
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--client-addr")
+            .arg(format!("127.0.0.1:{client}"))
+            .arg("--peer-addr")
+            .arg(format!("127.0.0.1:{peer}"))
+            .arg("--initial-cluster")
+            .arg(&initial)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(n) = args.snapshot_count {
+            cmd.arg("--snapshot-count").arg(n.to_string());
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting member {i}"))?;
+        for stream in [child.stdout.take().map(boxed), child.stderr.take().map(boxed)]
+            .into_iter()
+            .flatten()
+        {
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("[node {i}] {line}");
+                }
+            });
+        }
+        children.push((i, child));
+    }
+    let urls: Vec<String> = members
+        .iter()
+        .map(|(_, c, _)| format!("http://127.0.0.1:{c}"))
+        .collect();
+    match wait_for_leader(&urls, Duration::from_secs(30)).await {
+        Ok(leader) => {
+            println!(
+                "raftkv local cluster of {} members is up (leader: member {leader})",
+                args.nodes
+            );
+            for ((i, _, _), url) in members.iter().zip(&urls) {
+                println!(
+                    "  member {i}: {url}   data: {}",
+                    args.data_dir.join(format!("node-{i}")).display()
+                );
+            }
+            println!("try:  curl -X PUT {}/v1/kv/greeting -d hello", urls[0]);
+            println!("      curl {}/v1/kv/greeting", urls[urls.len() - 1]);
+            println!("Ctrl-C stops every member.");
+        }
+        Err(e) => eprintln!("warning: {e:#}"),
+    }
+    let exited = wait_any_exit(&mut children);
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => println!("stopping..."),
+        (i, status) = exited => eprintln!("member {i} exited ({status}); stopping the others"),
+    }
+    stop_all(&mut children).await;
+    Ok(())
+}
+
+fn boxed<R: tokio::io::AsyncRead + Send + Unpin + 'static>(r: R) -> Box<dyn tokio::io::AsyncRead + Send + Unpin> {
+    Box::new(r)
+}
+
+async fn wait_any_exit(children: &mut [(u64, Child)]) -> (u64, String) {
+    let waits = children.iter_mut().map(|(i, c)| {
+        let i = *i;
+        Box::pin(async move {
+            let status = c.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            (i, status)
+        })
+    });
+    futures::future::select_all(waits).await.0
+}
+
+async fn stop_all(children: &mut [(u64, Child)]) {
+    for (_, child) in children.iter() {
+        if let Some(pid) = child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    for (i, child) in children.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("member {i} did not stop within 10 s; killing it");
+            let _ = child.kill().await;
+        }
+    }
+}
+
+async fn wait_for_leader(urls: &[String], within: Duration) -> anyhow::Result<u64> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        poll.tick().await;
+        for url in urls {
+            let Ok(uri) = format!("{url}/v1/status").parse::<hyper::Uri>() else {
+                continue;
+            };
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(1), client.get(uri)).await {
+                use http_body_util::BodyExt;
+                if let Ok(body) = resp.into_body().collect().await {
+                    let status: serde_json::Value = serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
+                    if let Some(leader) = status["leader_id"].as_u64().filter(|l| *l != 0) {
+                        return Ok(leader);
+                    }
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("no leader was elected within {within:?}; the members' logs above say why");
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! Starting and stopping one member: recovery from the data directory (identity, latest
+//! snapshot, write-ahead log replayed on top), static bootstrap, the two listeners, and the tasks
+//! joined by channels as the seed's raftNode is: consensus thread, state machine, servers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::routing::post;
+use axum::Router;
+use raft::prelude::SnapshotMetadata;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiContext, Limits};
+use crate::config::NodeConfig;
+use crate::consensus::{self, Consensus, RaftInput, RaftStatus, Recovered, Role, Tuning};
+use crate::error::{Error, IoContext, Result};
+use crate::identity;
+use crate::kv::{KvState, MemberRole};
+use crate::metrics::Metrics;
+use crate::snapshot::SnapshotStore;
+use crate::state_machine::{Shared, StateMachine};
+use crate::transport::{self, Transport, TransportContext};
+use crate::wal::{Wal, WalOptions};
+
+/// Inputs queued for the consensus thread before senders wait.
+const INBOX_CAPACITY: usize = 65_536;
+
+/// A running member.
+pub struct RunningNode {
+    /// The member id.
+    pub id: u64,
+    /// The bound client address.
+    pub client_addr: SocketAddr,
+    /// The bound peer address.
+    pub peer_addr: SocketAddr,
+    shutdown: CancellationToken,
+    inbox: flume::Sender<RaftInput>,
+    consensus: tokio::task::JoinHandle<Result<()>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl RunningNode {
+    /// Waits until the consensus thread stops on its own (a fatal storage error) or `stop` fires.
+    pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            r = &mut self.consensus => {
+                self.shutdown.cancel();
+                for t in self.tasks { let _ = t.await; }
+                return r.map_err(|e| Error::Codec(format!("consensus thread: {e}")))?;
+            }
+            _ = stop => {}
+        }
+        self.shutdown().await
+    }
+
+    /// Stops accepting requests, stops consensus (syncing the WAL), and waits for every task.
+    pub async fn shutdown(self) -> Result<()> {
+        tracing::info!(member_id = self.id, "shutting down");
+        self.shutdown.cancel();
+        let _ = self.inbox.send_async(RaftInput::Shutdown).await;
+        let result = self
+            .consensus
+            .await
+            .map_err(|e| Error::Codec(format!("consensus thread: {e}")))?;
+        for t in self.tasks {
+            match t.await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "task ended with an error"),
+                Err(e) => tracing::warn!(error = %e, "task panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+        result
+    }
+}
+
+/// Recovers the member from its data directory and starts it.
+pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
+    let started = Instant::now();
+    let client = TcpListener::bind(cfg.client_addr)
+        .await
+        .io_context(|| format!("bind client address {}", cfg.client_addr))?;
+    let peer = TcpListener::bind(cfg.peer_addr)
+        .await
+        .io_context(|| format!("bind peer address {}", cfg.peer_addr))?;
+    let client_addr = client.local_addr().io_context(|| "client address".into())?;
+    let peer_addr = peer.local_addr().io_context(|| "peer address".into())?;
+    let advertise_peer_url = cfg
+        .advertise_peer_url
+        .clone()
+        .or_else(|| (!peer_addr.ip().is_unspecified()).then(|| format!("http://{peer_addr}")));
+
+    let recover_cfg = cfg.clone();
+    let advertise = advertise_peer_url.clone();
+    let (recovered, state) = tokio::task::spawn_blocking(move || recover(&recover_cfg, advertise))
+        .await
+        .map_err(|e| Error::Codec(format!("recovery task: {e}")))??;
+    let id = recovered.identity.id;
+    tracing::info!(
+        member_id = id,
+        cluster_id = recovered.identity.cluster_id,
+        snapshot_index = recovered.snapshot.index,
+        wal_entries = recovered.entries.len(),
+        keys = state.data.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered from data directory"
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    metrics.snapshot_index.set(recovered.snapshot.index as i64);
+    let shutdown = CancellationToken::new();
+    let cluster_id = Arc::new(AtomicU64::new(recovered.identity.cluster_id));
+    let (inbox_tx, inbox_rx) = flume::bounded(INBOX_CAPACITY);
+    // Unbounded: the consensus thread must never block on the state machine. It stays small
+    // because raft-rs caps the committed entries per ready and apply is an in-memory map update.
+    let (apply_tx, apply_rx) = mpsc::unbounded_channel();
+    let (status_tx, status_rx) = watch::channel(initial_status(id, &recovered));
+    let shared = Shared::new(state);
+    let snapshots = recovered.snapshots.clone();
+
+    let transport_ctx = TransportContext {
+        self_id: id,
+        cluster_id: cluster_id.clone(),
+        inbox: inbox_tx.clone(),
+        snapshots: snapshots.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let transport = Transport::new(transport_ctx.clone(), tokio::runtime::Handle::current());
+    let tuning = Tuning {
+        tick: std::time::Duration::from_millis(cfg.tick_ms),
+        election_ticks: cfg.election_ticks,
+        heartbeat_ticks: cfg.heartbeat_ticks,
+        snapshot_catchup_entries: cfg.snapshot_catchup_entries,
+        max_promote_lag: cfg.max_lag,
+    };
+    let consensus = Consensus::new(
+        recovered,
+        transport,
+        inbox_rx,
+        apply_tx,
+        status_tx,
+        cluster_id,
+        metrics.clone(),
+        tuning,
+    )?;
+    let consensus = tokio::task::spawn_blocking(move || consensus.run());
+
+    let state_machine = StateMachine {
+        shared: shared.clone(),
+        snapshots,
+        snapshot_count: cfg.snapshot_count,
+        raft_inbox: inbox_tx.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut tasks = vec![tokio::spawn(state_machine.run(apply_rx))];
+
+    let api_state = ApiContext::new(
+        shared,
+        inbox_tx.clone(),
+        status_rx,
+        metrics,
+        Limits {
+            max_value_size: cfg.max_value_size,
+            request_timeout: cfg.request_timeout(),
+            max_ready_lag: cfg.max_lag,
+        },
+        advertise_peer_url,
+    );
+    let client_router = api::client_router(api_state.clone());
+    let peer_router = Router::new()
+        .route("/raft/stream", post(transport::receive_stream))
+        .route("/raft/snapshot", post(transport::receive_snapshot))
+        .with_state(transport_ctx)
+        .merge(api::admin_routes().with_state(api_state));
+    for (listener, router, name) in [(client, client_router, "client"), (peer, peer_router, "peer")] {
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .io_context(|| format!("{name} server"))
+        }));
+    }
+    if let Some(path) = &cfg.addr_file {
+        let body = serde_json::json!({"id": id, "client": client_addr, "peer": peer_addr});
+        identity::write_atomically(path, body.to_string().as_bytes())?;
+    }
+    tracing::info!(member_id = id, %client_addr, %peer_addr, "serving");
+    Ok(RunningNode {
+        id,
+        client_addr,
+        peer_addr,
+        shutdown,
+        inbox: inbox_tx,
+        consensus,
+        tasks,
+    })
+}
+
+fn initial_status(id: u64, r: &Recovered) -> RaftStatus {
+    RaftStatus {
+        id,
+        cluster_id: r.identity.cluster_id,
+        role: if r.snapshot.index == 0 {
+            Role::Uninitialized
+        } else {
+            Role::Follower
+        },
+        membership: r.membership.role_of(id),
+        term: r.hard_state.term,
+        leader_id: 0,
+        commit_index: r.hard_state.commit,
+        leader_commit: 0,
+        last_index: r.entries.last().map_or(r.snapshot.index, |e| e.index),
+        snapshot_index: r.snapshot.index,
+        progress: Default::default(),
+        members: r.membership.clone(),
+    }
+}
+
+/// Reads everything the data directory holds: identity, the WAL, and the snapshot the WAL names
+/// as current. Bootstraps a static cluster on first start.
+fn recover(cfg: &NodeConfig, advertise_peer_url: Option<String>) -> Result<(Recovered, KvState)> {
+    let data_dir = cfg.data_dir.clone();
+    let requested_id = cfg.id.or_else(|| cfg.initial_cluster.as_ref().map(|_| 0));
+    if requested_id == Some(0) {
+        return Err(Error::Config("--initial-cluster needs --id".into()));
+    }
+    let mut identity = identity::load_or_create(&data_dir, cfg.id)?;
+    let snapshots = SnapshotStore::open(&data_dir.join("snap"))?;
+    let (mut wal, mut log) = Wal::open(&data_dir.join("wal"), WalOptions::default())?;
+    if let Some((path, offset)) = &log.truncated_tail {
+        tracing::warn!(path = %path.display(), offset, "truncated a torn write at the end of the write-ahead log");
+    }
+    if log.snapshots.is_empty() {
+        if let Some(initial) = &cfg.initial_cluster {
+            if !initial.0.iter().any(|(id, _)| *id == identity.id) {
+                return Err(Error::Config(format!(
+                    "--id {} is not in --initial-cluster",
+                    identity.id
+                )));
+            }
+            let cluster_id = initial.cluster_id();
+            consensus::write_initial_snapshot(&snapshots, &mut wal, cluster_id, &initial.0)?;
+            identity.cluster_id = cluster_id;
+            identity::store(&data_dir, &identity)?;
+            tracing::info!(
+                member_id = identity.id,
+                cluster_id,
+                members = initial.0.len(),
+                "bootstrapped a static cluster"
+            );
+            let (reopened, again) = {
+                drop(wal);
+                Wal::open(&data_dir.join("wal"), WalOptions::default())?
+            };
+            wal = reopened;
+            log = again;
+        }
+    } else if cfg.initial_cluster.is_some() {
+        tracing::info!("data directory already holds a cluster; --initial-cluster is ignored");
+    }
+    let (snapshot, state) = match log.snapshots.last() {
+        None => (SnapshotMetadata::default(), KvState::default()),
+        Some(&(index, term)) => {
+            let path = snapshots.path(index, term);
+            let file = std::fs::File::open(&path)
+                .io_context(|| format!("open snapshot {} named by the write-ahead log", path.display()))?;
+            let state = KvState::read_snapshot(std::io::BufReader::with_capacity(1 << 20, file)).map_err(|reason| {
+                Error::Snapshot {
+                    path: path.clone(),
+                    reason,
+                }
+            })?;
+            if state.applied_index != index {
+                return Err(snapshots.corrupt(index, term, format!("holds index {}", state.applied_index)));
+            }
+            let mut meta = SnapshotMetadata::default();
+            meta.index = index;
+            meta.term = term;
+            meta.set_conf_state(state.membership.conf_state());
+            (meta, state)
+        }
+    };
+    if state.cluster_id != 0 && identity.cluster_id != state.cluster_id {
+        if identity.cluster_id != 0 {
+            return Err(Error::Config(format!(
+                "identity says cluster {} but the snapshot belongs to cluster {}",
+                identity.cluster_id, state.cluster_id
+            )));
+        }
+        identity.cluster_id = state.cluster_id;
+        identity::store(&data_dir, &identity)?;
+    }
+    if state.membership.role_of(identity.id) == MemberRole::Removed {
+        return Err(Error::Removed {
+            id: identity.id,
+            cluster_id: identity.cluster_id,
+            index: state.applied_index,
+            dir: data_dir,
+        });
+    }
+    let entries: Vec<_> = log.entries.into_iter().filter(|e| e.index > snapshot.index).collect();
+    let recovered = Recovered {
+        identity,
+        data_dir,
+        advertise_peer_url,
+        wal,
+        snapshots,
+        membership: state.membership.clone(),
+        snapshot,
+        hard_state: log.hard_state.unwrap_or_default(),
+        entries,
+    };
+    Ok((recovered, state))
+}

@@ -1,0 +1,283 @@
+//! The state-machine side of the node: applies committed batches from the consensus side to the
+//! [`KvState`], answers the clients waiting on them, restores snapshots received from a leader,
+//! and takes a snapshot every `snapshot_count` applied entries.
+//!
+//! The consensus side never touches the key-value map; the two are joined only by the apply
+//! channel (committed batches in order) and the consensus inbox (snapshot created). Apply is in
+//! memory; the blocking work, reading and writing snapshot files, runs on the blocking pool.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use raft::prelude::{ConfChangeV2, ConfState, SnapshotMetadata};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::command::ConfChangeContext;
+use crate::consensus::RaftInput;
+use crate::error::{Error, IoContext, Result};
+use crate::kv::{ApplyOutcome, KvState};
+use crate::metrics::Metrics;
+use crate::snapshot::SnapshotStore;
+
+/// One committed entry, as the consensus side hands it over.
+#[derive(Debug)]
+pub enum Committed {
+    /// A client proposal, or an empty entry (`data` empty) that only advances the applied index.
+    Normal {
+        /// Raft index.
+        index: u64,
+        /// Raft term.
+        term: u64,
+        /// The encoded [`crate::command::Proposal`].
+        data: Bytes,
+    },
+    /// A membership change the consensus side has already applied to Raft, with its result.
+    /// Boxed: conf changes are rare and would otherwise make every batched entry as large.
+    ConfChange(Box<AppliedConfChange>),
+}
+
+/// A membership change and the configuration Raft computed from it.
+#[derive(Debug)]
+pub struct AppliedConfChange {
+    /// Raft index.
+    pub index: u64,
+    /// Raft term.
+    pub term: u64,
+    /// The change.
+    pub cc: ConfChangeV2,
+    /// Its context (peer URL, waiting request).
+    pub ctx: ConfChangeContext,
+    /// The configuration after the change.
+    pub cs: ConfState,
+}
+
+/// What the consensus side sends to the state machine, in log order.
+#[derive(Debug)]
+pub enum ApplyMsg {
+    /// Entries to apply, ascending and contiguous.
+    Entries(Vec<Committed>),
+    /// Replace the whole state with the snapshot file at `path` (received from the leader).
+    Restore {
+        /// The snapshot's metadata.
+        meta: SnapshotMetadata,
+        /// The durable snapshot file.
+        path: PathBuf,
+    },
+    /// Take a snapshot now (a new learner needs one that includes it).
+    CreateSnapshot,
+}
+
+/// Clients waiting for their proposal to be applied, by request id.
+#[derive(Default)]
+pub struct Waiters {
+    waiting: Mutex<HashMap<u64, oneshot::Sender<ApplyOutcome>>>,
+    next: AtomicU64,
+}
+
+impl Waiters {
+    /// A waiter with a request id unique to this process run. The random base keeps ids of two
+    /// runs of one member apart, so a restarted member never answers a request of its past life.
+    pub fn register(&self) -> (u64, oneshot::Receiver<ApplyOutcome>) {
+        let mut id = self.next.fetch_add(1, Ordering::Relaxed);
+        if id == 0 {
+            let base = rand::random::<u64>() >> 1 | 1;
+            let _ = self
+                .next
+                .compare_exchange(1, base + 1, Ordering::Relaxed, Ordering::Relaxed);
+            id = base;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().insert(id, tx);
+        (id, rx)
+    }
+
+    /// Forgets a waiter whose client gave up.
+    pub fn cancel(&self, id: u64) {
+        self.waiting.lock().remove(&id);
+    }
+
+    fn complete(&self, id: u64, outcome: ApplyOutcome) {
+        if let Some(tx) = self.waiting.lock().remove(&id) {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+/// State shared between the state machine (the only writer) and the HTTP handlers (readers).
+pub struct Shared {
+    /// The replicated state.
+    pub state: RwLock<KvState>,
+    /// The applied index; linearizable reads wait on it.
+    pub applied: watch::Sender<u64>,
+    /// Clients waiting for their entries.
+    pub waiters: Waiters,
+}
+
+impl Shared {
+    /// Wraps a recovered state.
+    pub fn new(state: KvState) -> Arc<Self> {
+        let applied = state.applied_index;
+        Arc::new(Shared {
+            state: RwLock::new(state),
+            applied: watch::Sender::new(applied),
+            waiters: Waiters::default(),
+        })
+    }
+}
+
+/// The apply loop.
+pub struct StateMachine {
+    /// The state it applies to.
+    pub shared: Arc<Shared>,
+    /// Where snapshots are written.
+    pub snapshots: SnapshotStore,
+    /// Applied entries between snapshots.
+    pub snapshot_count: u64,
+    /// Reports snapshots to the consensus side.
+    pub raft_inbox: flume::Sender<RaftInput>,
+    /// Exported figures.
+    pub metrics: Arc<Metrics>,
+}
+
+impl StateMachine {
+    /// Applies until the consensus side closes the channel.
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<ApplyMsg>) -> Result<()> {
+        let mut last_snapshot = self.shared.state.read().applied_index;
+        let mut snapshot_task: Option<tokio::task::JoinHandle<Result<SnapshotMetadata>>> = None;
+        let mut snapshot_requested = false;
+        loop {
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    match msg {
+                        ApplyMsg::Entries(batch) => self.apply_batch(batch),
+                        ApplyMsg::Restore { meta, path } => {
+                            self.restore(meta, path).await?;
+                            last_snapshot = self.shared.state.read().applied_index;
+                        }
+                        ApplyMsg::CreateSnapshot => snapshot_requested = true,
+                    }
+                }
+                done = async { snapshot_task.as_mut().expect("guarded by the branch condition").await }, if snapshot_task.is_some() => {
+                    snapshot_task = None;
+                    match done.map_err(|e| Error::Codec(format!("snapshot task: {e}")))? {
+                        Ok(meta) => {
+                            last_snapshot = meta.index;
+                            self.metrics.snapshots_created.inc();
+                            let _ = self.raft_inbox.send_async(RaftInput::SnapshotCreated { meta }).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "snapshot failed; will retry at the next threshold");
+                        }
+                    }
+                }
+            }
+            let applied = self.shared.state.read().applied_index;
+            let due = applied >= last_snapshot + self.snapshot_count || snapshot_requested;
+            if due && snapshot_task.is_none() && applied > 0 {
+                snapshot_requested = false;
+                snapshot_task = Some(self.start_snapshot());
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_batch(&self, batch: Vec<Committed>) {
+        let mut done = Vec::new();
+        let (applied, keys) = {
+            let mut state = self.shared.state.write();
+            for c in batch {
+                match c {
+                    Committed::Normal { index, term, data } if data.is_empty() => state.apply_noop(index, term),
+                    Committed::Normal { index, term, data } => {
+                        let (request_id, outcome) = state.apply_proposal(index, term, &data);
+                        if let ApplyOutcome::Rejected(reason) = &outcome {
+                            tracing::warn!(index, %reason, "entry rejected by the state machine");
+                        }
+                        if let Some(id) = request_id {
+                            done.push((id, outcome));
+                        }
+                    }
+                    Committed::ConfChange(c) => {
+                        let outcome = state.apply_conf_change(c.index, c.term, &c.cc, &c.ctx, &c.cs);
+                        done.push((c.ctx.request_id, outcome));
+                    }
+                }
+            }
+            (state.applied_index, state.data.len())
+        };
+        // Answer clients only after the lock is released, so a woken reader finds the new state.
+        for (id, outcome) in done {
+            self.shared.waiters.complete(id, outcome);
+        }
+        self.shared.applied.send_replace(applied);
+        self.metrics.applied_index.set(applied as i64);
+        self.metrics.keys.set(keys as i64);
+    }
+
+    async fn restore(&self, meta: SnapshotMetadata, path: PathBuf) -> Result<()> {
+        let started = std::time::Instant::now();
+        let load_path = path.clone();
+        let state = tokio::task::spawn_blocking(move || -> Result<KvState> {
+            let file = std::fs::File::open(&load_path).io_context(|| format!("open {}", load_path.display()))?;
+            KvState::read_snapshot(std::io::BufReader::with_capacity(1 << 20, file)).map_err(|reason| Error::Snapshot {
+                path: load_path.clone(),
+                reason,
+            })
+        })
+        .await
+        .map_err(|e| Error::Codec(format!("snapshot load task: {e}")))??;
+        if state.applied_index != meta.index {
+            return Err(Error::Snapshot {
+                path,
+                reason: format!(
+                    "holds index {} but Raft restored index {}",
+                    state.applied_index, meta.index
+                ),
+            });
+        }
+        let (applied, keys) = (state.applied_index, state.data.len());
+        *self.shared.state.write() = state;
+        self.shared.applied.send_replace(applied);
+        self.metrics.applied_index.set(applied as i64);
+        self.metrics.keys.set(keys as i64);
+        self.metrics.snapshots_applied.inc();
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            keys,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "restored snapshot from leader"
+        );
+        Ok(())
+    }
+
+    fn start_snapshot(&self) -> tokio::task::JoinHandle<Result<SnapshotMetadata>> {
+        // An O(1) clone of the persistent map: apply goes on while the file is written.
+        let state = self.shared.state.read().clone();
+        let snapshots = self.snapshots.clone();
+        tokio::task::spawn_blocking(move || write_snapshot(&snapshots, &state))
+    }
+}
+
+/// Writes `state` as the durable snapshot at its applied index and returns its metadata.
+pub fn write_snapshot(snapshots: &SnapshotStore, state: &KvState) -> Result<SnapshotMetadata> {
+    let started = std::time::Instant::now();
+    let (index, term) = (state.applied_index, state.applied_term);
+    let pending = snapshots.create(index, term)?;
+    let tmp = pending.tmp_path.clone();
+    let writer = state
+        .write_snapshot(pending.writer)
+        .io_context(|| format!("write snapshot {}", tmp.display()))?;
+    let path = snapshots.commit(crate::snapshot::PendingSnapshot { writer, ..pending })?;
+    let mut meta = SnapshotMetadata::default();
+    meta.index = index;
+    meta.term = term;
+    meta.set_conf_state(state.membership.conf_state());
+    tracing::info!(index, term, keys = state.data.len(), path = %path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "snapshot written");
+    Ok(meta)
+}
