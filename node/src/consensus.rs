@@ -200,6 +200,18 @@ pub enum RaftInput {
         /// Whether it was delivered.
         ok: bool,
     },
+    /// A peer announced its URL on an incoming stream.
+    PeerUrl {
+        /// The peer.
+        id: u64,
+        /// Its advertised peer URL.
+        url: String,
+    },
+    /// A peer answered that this member was removed from the cluster.
+    RemovedByPeer {
+        /// The peer that said so.
+        peer: u64,
+    },
     /// Stop the loop.
     Shutdown,
 }
@@ -357,11 +369,11 @@ impl slog::Drain for TracingDrain {
         let _ = values.serialize(record, &mut kv);
         let msg = record.msg();
         match record.level() {
-            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{msg}{}", kv.0),
-            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}{}", kv.0),
-            slog::Level::Info => tracing::info!(target: "raft", "{msg}{}", kv.0),
-            slog::Level::Debug => tracing::debug!(target: "raft", "{msg}{}", kv.0),
-            slog::Level::Trace => tracing::trace!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft_rs", "{msg}{}", kv.0),
+            slog::Level::Warning => tracing::warn!(target: "raft_rs", "{msg}{}", kv.0),
+            slog::Level::Info => tracing::info!(target: "raft_rs", "{msg}{}", kv.0),
+            slog::Level::Debug => tracing::debug!(target: "raft_rs", "{msg}{}", kv.0),
+            slog::Level::Trace => tracing::trace!(target: "raft_rs", "{msg}{}", kv.0),
         }
         Ok(())
     }
@@ -487,6 +499,11 @@ impl Consensus {
             }
             self.issue_reads();
             self.on_ready()?;
+            // Raft asked for a snapshot it could send (a new learner, or a far-behind follower);
+            // it may ask while stepping a message that produces no Ready, so check every turn.
+            if self.raw.store().take_snapshot_wanted() {
+                let _ = self.apply_tx.send(ApplyMsg::CreateSnapshot);
+            }
             self.publish_status();
         }
         self.stop()
@@ -529,6 +546,26 @@ impl Consensus {
                     SnapshotStatus::Failure
                 };
                 self.raw.report_snapshot(to, status);
+            }
+            RaftInput::PeerUrl { id, url } => {
+                // The applied membership is authoritative; an announced URL only fills a gap.
+                if id != self.identity.id && !self.membership.peer_urls.contains_key(&id) {
+                    self.transport.set_peer(id, &url);
+                }
+            }
+            RaftInput::RemovedByPeer { peer } => {
+                // Only a member of our own cluster (the transport checked the cluster id) that has
+                // applied our removal says this; the leader stops replicating to a removed member,
+                // so this may be the only way it learns.
+                if !self.removed && self.is_initialized() {
+                    tracing::warn!(
+                        member_id = self.identity.id,
+                        peer,
+                        "a peer reports this member was removed"
+                    );
+                    let index = self.raw.raft.raft_log.committed;
+                    self.on_self_removed(index)?;
+                }
             }
             RaftInput::Shutdown => return Ok(false),
         }
@@ -665,11 +702,6 @@ impl Consensus {
         self.transport.send(light.take_messages());
         self.handle_committed(light.take_committed_entries())?;
         self.raw.advance_apply();
-
-        // 7. Raft asked for a snapshot it could send (a new learner, or a far-behind follower).
-        if self.raw.store().take_snapshot_wanted() {
-            let _ = self.apply_tx.send(ApplyMsg::CreateSnapshot);
-        }
         Ok(())
     }
 
@@ -763,6 +795,7 @@ impl Consensus {
                 self.transport.remove_peer(*id);
             }
         }
+        *self.transport.removed_ids().write() = membership.removed.clone();
         self.membership = membership;
     }
 
@@ -936,9 +969,13 @@ impl Consensus {
             _ => return Err(AdminError::NotMember { id }),
         }
         let last = self.raw.raft.raft_log.last_index();
-        let matched = self.raw.raft.prs().get(id).map_or(0, |p| p.matched);
+        let progress = self.raw.raft.prs().get(id);
+        let matched = progress.map_or(0, |p| p.matched);
         let lag = last.saturating_sub(matched);
-        if lag > self.tuning.max_promote_lag {
+        // Caught up means acknowledged and replicating: a learner still probing or waiting for
+        // its snapshot has not shown it holds the log, however short the log is.
+        let replicating = progress.is_some_and(|p| p.state == raft::ProgressState::Replicate && p.matched > 0);
+        if !replicating || lag > self.tuning.max_promote_lag {
             return Err(AdminError::LearnerLagging {
                 id,
                 lag,

@@ -127,6 +127,8 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         inbox: inbox_tx.clone(),
         snapshots: snapshots.clone(),
         shutdown: shutdown.clone(),
+        removed: Default::default(),
+        advertise_url: advertise_peer_url.clone(),
     };
     let transport = Transport::new(transport_ctx.clone(), tokio::runtime::Handle::current());
     let tuning = Tuning {

@@ -42,6 +42,9 @@ use crate::snapshot::SnapshotStore;
 pub const CLUSTER_ID_HEADER: &str = "x-raftkv-cluster-id";
 /// Header carrying the sender's member id.
 pub const FROM_HEADER: &str = "x-raftkv-from";
+/// Header carrying the sender's advertised peer URL, so a member that has not yet received the
+/// membership (a new learner) can answer the leader.
+pub const PEER_URL_HEADER: &str = "x-raftkv-peer-url";
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 8192;
 /// Largest frame accepted; a bigger length is a protocol error, not a message.
@@ -64,6 +67,11 @@ pub struct TransportContext {
     pub snapshots: SnapshotStore,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
+    /// This member's advertised peer URL, sent with every stream.
+    pub advertise_url: Option<String>,
+    /// Members removed from the cluster: their messages are answered `410 member_removed` so a
+    /// removed member that missed its own removal learns of it.
+    pub removed: Arc<parking_lot::RwLock<std::collections::BTreeSet<u64>>>,
 }
 
 struct Peer {
@@ -136,6 +144,11 @@ impl Transport {
         }
     }
 
+    /// The removed-member set the receiving side checks.
+    pub fn removed_ids(&self) -> &parking_lot::RwLock<std::collections::BTreeSet<u64>> {
+        &self.ctx.removed
+    }
+
     /// Stops every sender.
     pub fn close(&mut self) {
         for (_, peer) in self.peers.drain() {
@@ -191,6 +204,7 @@ impl PeerSender {
         let req = hyper::Request::post(format!("{}/raft/stream", self.url))
             .header(CLUSTER_ID_HEADER, self.ctx.cluster_id.load(Ordering::Relaxed))
             .header(FROM_HEADER, self.ctx.self_id)
+            .header(PEER_URL_HEADER, self.ctx.advertise_url.as_deref().unwrap_or(""))
             .body(body)
             .map_err(|e| e.to_string())?;
         let response = sender.send_request(req);
@@ -211,22 +225,29 @@ impl PeerSender {
             if !chunk.is_empty() {
                 tokio::select! {
                     r = body_tx.send(Ok(Frame::data(chunk.freeze()))) => r.map_err(|_| "stream body closed".to_string())?,
-                    r = &mut response => return Err(response_error(r)),
+                    r = &mut response => return Err(self.response_error(r)),
                 }
             }
             tokio::select! {
                 m = rx.recv() => match m { Some(m) => next = Some(m), None => return Ok(()) },
-                r = &mut response => return Err(response_error(r)),
+                r = &mut response => return Err(self.response_error(r)),
                 _ = self.cancel.cancelled() => return Ok(()),
             }
         }
     }
 }
 
-fn response_error(r: Result<hyper::Response<hyper::body::Incoming>, hyper::Error>) -> String {
-    match r {
-        Ok(resp) => format!("peer ended the stream with {}", resp.status()),
-        Err(e) => format!("stream failed: {e}"),
+impl PeerSender {
+    fn response_error(&self, r: Result<hyper::Response<hyper::body::Incoming>, hyper::Error>) -> String {
+        match r {
+            Ok(resp) => {
+                if resp.status() == StatusCode::GONE {
+                    let _ = self.ctx.inbox.try_send(RaftInput::RemovedByPeer { peer: self.id });
+                }
+                format!("peer ended the stream with {}", resp.status())
+            }
+            Err(e) => format!("stream failed: {e}"),
+        }
     }
 }
 
@@ -339,6 +360,18 @@ fn decode_frames(buf: &mut BytesMut) -> Result<Vec<Message>, String> {
 }
 
 fn check_cluster(ctx: &TransportContext, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let from: u64 = headers
+        .get(FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if ctx.removed.read().contains(&from) {
+        return Err(Box::new(crate::api::json_error(
+            StatusCode::GONE,
+            "member_removed",
+            format!("member {from} was removed from this cluster"),
+        )));
+    }
     let theirs: u64 = headers
         .get(CLUSTER_ID_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -368,6 +401,23 @@ fn check_cluster(ctx: &TransportContext, headers: &HeaderMap) -> Result<(), Box<
 pub async fn receive_stream(State(ctx): State<TransportContext>, headers: HeaderMap, body: Body) -> Response {
     if let Err(resp) = check_cluster(&ctx, &headers) {
         return *resp;
+    }
+    let from = headers
+        .get(FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let url = headers
+        .get(PEER_URL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|u| u.starts_with("http://"));
+    if let (Some(id), Some(url)) = (from, url) {
+        let _ = ctx
+            .inbox
+            .send_async(RaftInput::PeerUrl {
+                id,
+                url: url.to_string(),
+            })
+            .await;
     }
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();

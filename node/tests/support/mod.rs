@@ -1,0 +1,452 @@
+//! A cluster of real `raftkv-node` processes on 127.0.0.1 for integration tests: each member in
+//! its own temporary data directory, bound to port 0 first and to the same ports on restart, its
+//! output in a log file printed when a test fails. Every process is killed when the test ends.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+/// The node binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_raftkv-node");
+
+/// Generous: these machines are small and the suite runs tests in parallel.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Flags every test member runs with: faster ticks than production so elections take about
+/// half a second.
+pub const FAST: &[&str] = &[
+    "--tick-ms",
+    "50",
+    "--election-ticks",
+    "10",
+    "--request-timeout-ms",
+    "5000",
+];
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+pub async fn wait_until<T, F, Fut>(what: &str, within: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One member process.
+pub struct Member {
+    pub id: u64,
+    pub dir: PathBuf,
+    pub client_addr: String,
+    pub peer_addr: String,
+    pub log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Member {
+    /// Starts a member on fresh ports and waits until it listens.
+    pub async fn spawn(root: &Path, name: &str, args: &[&str]) -> Result<Member> {
+        let dir = root.join(name);
+        let mut m = Member {
+            id: 0,
+            log: root.join(format!("{name}.log")),
+            dir,
+            client_addr: "127.0.0.1:0".into(),
+            peer_addr: "127.0.0.1:0".into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        m.launch().await?;
+        Ok(m)
+    }
+
+    fn addr_file(&self) -> PathBuf {
+        self.dir.with_extension("addr.json")
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let addr_file = self.addr_file();
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--client-addr")
+            .arg(&self.client_addr)
+            .arg("--peer-addr")
+            .arg(&self.peer_addr)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .args(&self.args)
+            .env("RUST_LOG", "info,raft_rs=info")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("spawning raftkv-node")?;
+        self.child = Some(child);
+        let addrs: Value = wait_until("the member to listen", DEADLINE, || async {
+            let raw = std::fs::read(&addr_file).ok()?;
+            serde_json::from_slice(&raw).ok()
+        })
+        .await
+        .with_context(|| format!("log:\n{}", self.log_tail()))?;
+        self.id = addrs["id"].as_u64().context("id")?;
+        self.client_addr = addrs["client"].as_str().context("client")?.to_string();
+        self.peer_addr = addrs["peer"].as_str().context("peer")?.to_string();
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.client_addr)
+    }
+
+    pub fn peer_url(&self) -> String {
+        format!("http://{}", self.peer_addr)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL without reaping, usable while other tasks share the cluster; `kill` reaps later.
+    pub fn sigkill(&self) {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )?;
+            let status = wait_until("graceful exit", DEADLINE, || {
+                let r = c.try_wait();
+                async move { r.ok().flatten() }
+            })
+            .await?;
+            if !status.success() {
+                bail!(
+                    "member {} exited with {status} on SIGTERM:\n{}",
+                    self.id,
+                    self.log_tail()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts again on the same data directory and ports.
+    pub async fn restart(&mut self) -> Result<()> {
+        assert!(self.child.is_none(), "restart of a running member");
+        self.launch().await
+    }
+
+    /// Runs the binary to completion on this member's data directory (for start-up refusals).
+    pub fn run_to_exit(&self) -> std::process::Output {
+        Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--client-addr")
+            .arg("127.0.0.1:0")
+            .arg("--peer-addr")
+            .arg("127.0.0.1:0")
+            .args(&self.args)
+            .output()
+            .expect("run raftkv-node")
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An HTTP response reduced to what tests assert on.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub etag: Option<String>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A cluster of members plus an HTTP client.
+pub struct Cluster {
+    pub members: Vec<Member>,
+    pub http: reqwest::Client,
+    pub root: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl Cluster {
+    /// `n` members formed as the operator forms them: bootstrap the first, then add each other
+    /// one as a learner and promote it once caught up.
+    pub async fn start(n: usize, extra: &[&str]) -> Result<Cluster> {
+        let root = tempfile::tempdir()?;
+        let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+        let mut c = Cluster {
+            members: Vec::new(),
+            http,
+            root,
+            args,
+        };
+        match c.form(n).await {
+            Ok(()) => Ok(c),
+            Err(e) => {
+                c.dump_logs();
+                Err(e)
+            }
+        }
+    }
+
+    async fn form(&mut self, n: usize) -> Result<()> {
+        let first = self.spawn_member().await?;
+        let r = self.post(first, "/v1/bootstrap", None).await?;
+        if r.status != 200 {
+            bail!("bootstrap failed: {} {}", r.status, r.text());
+        }
+        for _ in 1..n {
+            let i = self.spawn_member().await?;
+            self.add_and_promote(i).await?;
+        }
+        self.wait_healthy().await?;
+        Ok(())
+    }
+
+    /// Prints the tail of every member's log.
+    pub fn dump_logs(&self) {
+        for m in &self.members {
+            eprintln!(
+                "===== member {} ({}) log tail =====\n{}",
+                m.id,
+                m.client_addr,
+                m.log_tail()
+            );
+        }
+    }
+
+    /// Starts one more uninitialised member process; returns its index.
+    pub async fn spawn_member(&mut self) -> Result<usize> {
+        let name = format!("m{}", self.members.len());
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let m = Member::spawn(self.root.path(), &name, &args).await?;
+        self.members.push(m);
+        Ok(self.members.len() - 1)
+    }
+
+    /// Adds member `i` as a learner through any running member, then promotes it.
+    pub async fn add_and_promote(&self, i: usize) -> Result<()> {
+        let (id, peer_url) = (self.members[i].id, self.members[i].peer_url());
+        let via = self.any_running_except(i);
+        let body = json!({"id": id, "peer_url": peer_url});
+        let added = self
+            .retry_admin("add learner", || self.post(via, "/v1/members", Some(body.clone())))
+            .await?;
+        if added.status != 200 {
+            bail!("adding member {id} failed: {} {}", added.status, added.text());
+        }
+        let promote_path = format!("/v1/members/{id}/promote");
+        let promoted = self
+            .retry_admin("promote", || self.post(via, &promote_path, None))
+            .await?;
+        if promoted.status != 200 {
+            bail!("promoting member {id} failed: {} {}", promoted.status, promoted.text());
+        }
+        Ok(())
+    }
+
+    /// Retries an admin call while it answers a transient refusal (lagging learner, pending change,
+    /// no leader yet).
+    pub async fn retry_admin<F, Fut>(&self, what: &str, mut call: F) -> Result<Reply>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Reply>>,
+    {
+        wait_until(what, DEADLINE, || {
+            let fut = call();
+            async move {
+                let r = fut.await.ok()?;
+                let code = r.json()["error"].as_str().unwrap_or("").to_string();
+                let transient =
+                    r.status == 503 || (r.status == 409 && (code == "learner_lagging" || code == "change_pending"));
+                (!transient).then_some(r)
+            }
+        })
+        .await
+    }
+
+    fn any_running_except(&self, i: usize) -> usize {
+        (0..self.members.len()).find(|&j| j != i).expect("another member")
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        i: usize,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply> {
+        let mut req = self.http.request(method, format!("{}{path}", self.members[i].url()));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let etag = resp
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp.bytes().await?.to_vec();
+        Ok(Reply { status, body, etag })
+    }
+
+    pub async fn get(&self, i: usize, path: &str) -> Result<Reply> {
+        self.request(reqwest::Method::GET, i, path, &[], None).await
+    }
+
+    pub async fn put(&self, i: usize, key: &str, value: &str) -> Result<Reply> {
+        self.request(
+            reqwest::Method::PUT,
+            i,
+            &format!("/v1/kv/{key}"),
+            &[],
+            Some(value.as_bytes().to_vec()),
+        )
+        .await
+    }
+
+    pub async fn post(&self, i: usize, path: &str, body: Option<Value>) -> Result<Reply> {
+        let bytes = body.map(|b| serde_json::to_vec(&b).expect("json"));
+        self.request(
+            reqwest::Method::POST,
+            i,
+            path,
+            &[("content-type", "application/json")],
+            bytes,
+        )
+        .await
+    }
+
+    pub async fn delete(&self, i: usize, path: &str) -> Result<Reply> {
+        self.request(reqwest::Method::DELETE, i, path, &[], None).await
+    }
+
+    pub async fn status(&self, i: usize) -> Option<Value> {
+        let r = self.get(i, "/v1/status").await.ok()?;
+        (r.status == 200).then(|| r.json())
+    }
+
+    /// Indexes of members whose process is running.
+    pub fn running(&mut self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&i| self.members[i].is_running())
+            .collect()
+    }
+
+    /// Waits until every running member that is part of the cluster is ready and agrees on one leader.
+    pub async fn wait_healthy(&mut self) -> Result<u64> {
+        let running = self.running();
+        let this = &*self;
+        wait_until("every running member ready under one leader", DEADLINE, || {
+            let running = running.clone();
+            async move {
+                let mut leaders = Vec::new();
+                for i in running {
+                    let s = this.status(i).await?;
+                    if s["membership"] == "removed" || s["membership"] == "none" {
+                        continue;
+                    }
+                    if s["ready"] != true {
+                        return None;
+                    }
+                    leaders.push(s["leader_id"].as_u64()?);
+                }
+                leaders.dedup();
+                (leaders.len() == 1).then(|| leaders[0])
+            }
+        })
+        .await
+    }
+
+    /// Index of the member that is the leader.
+    pub async fn leader(&mut self) -> Result<usize> {
+        let leader_id = self.wait_healthy().await?;
+        self.members
+            .iter()
+            .position(|m| m.id == leader_id)
+            .context("leader is not one of our members")
+    }
+
+    /// The applied membership: id -> role.
+    pub async fn membership(&self, i: usize) -> Result<BTreeMap<u64, String>> {
+        let r = self.get(i, "/v1/members").await?;
+        let mut out = BTreeMap::new();
+        for m in r.json()["members"].as_array().context("members")? {
+            out.insert(
+                m["id"].as_u64().context("id")?,
+                m["role"].as_str().context("role")?.to_string(),
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+    }
+}
