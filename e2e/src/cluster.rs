@@ -83,11 +83,14 @@ impl SimClusterBuilder {
                 (dir.path().to_path_buf(), Some(dir))
             }
         };
-        std::fs::create_dir_all(&root).map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
             .await
             .map_err(|e| Error::io("binding the API server", e))?;
-        let address = listener.local_addr().map_err(|e| Error::io("reading the bound address", e))?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the bound address", e))?;
         let kubeconfig = self.kubeconfig.unwrap_or_else(|| root.join("kubeconfig"));
         write_kubeconfig(&kubeconfig, &format!("http://{address}"))?;
         let store = Store::new(self.watch_history.unwrap_or(10_000));
@@ -164,7 +167,8 @@ fn write_kubeconfig(path: &Path, server: &str) -> Result<()> {
          cluster: raftkv-sim\n    user: raftkv-sim\n    namespace: default\ncurrent-context: raftkv-sim\n"
     );
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
     std::fs::write(path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
@@ -212,9 +216,34 @@ impl SimCluster {
         command
     }
 
+    /// Runs kubectl against this cluster; returns its stdout, or [`Error::Kubectl`] with its stderr.
+    pub async fn kubectl_output<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<String> {
+        let mut command = tokio::process::Command::from(self.kubectl());
+        command.args(args).kill_on_drop(true);
+        let output = command
+            .output()
+            .await
+            .map_err(|e| Error::io("running kubectl", e))?;
+        if !output.status.success() {
+            return Err(Error::Kubectl {
+                args: args
+                    .iter()
+                    .map(|a| a.as_ref().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// A kube-rs client for this cluster (default namespace `default`).
     pub async fn kube_client(&self) -> Result<kube::Client> {
-        let url = self.url().parse().map_err(|e| Error::Kube(format!("{e}")))?;
+        let url = self
+            .url()
+            .parse()
+            .map_err(|e| Error::Kube(format!("{e}")))?;
         let config = kube::Config::new(url);
         kube::Client::try_from(config).map_err(|e| Error::Kube(e.to_string()))
     }
@@ -237,7 +266,10 @@ impl SimCluster {
         entries
             .iter()
             .map(|path| {
-                let container = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let container = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 let text = std::fs::read_to_string(path).unwrap_or_default();
                 format!("==> {namespace}/{pod} [{container}] <==\n{text}")
             })
@@ -252,8 +284,14 @@ impl SimCluster {
 
     /// The ready endpoints of a Service: the ready pods its selector picks (all of them when
     /// `publishNotReadyAddresses` is set), with target ports resolved (named ports included).
-    pub fn service_endpoints(&self, namespace: &str, service: &str) -> Result<Vec<ServiceEndpoint>> {
-        let svc = self.store.get(&self.store.builtin("", "services"), namespace, service)?;
+    pub fn service_endpoints(
+        &self,
+        namespace: &str,
+        service: &str,
+    ) -> Result<Vec<ServiceEndpoint>> {
+        let svc = self
+            .store
+            .get(&self.store.builtin("", "services"), namespace, service)?;
         let Some(selector) = svc["spec"]["selector"].as_object() else {
             return Ok(Vec::new());
         };
@@ -262,7 +300,10 @@ impl SimCluster {
         let mut endpoints = Vec::new();
         for pod in self.store.objects_of(store::PODS) {
             let m = &pod["metadata"];
-            if m["namespace"] != namespace || !m["deletionTimestamp"].is_null() || !selector.matches(&pod) {
+            if m["namespace"] != namespace
+                || !m["deletionTimestamp"].is_null()
+                || !selector.matches(&pod)
+            {
                 continue;
             }
             let ready = pod["status"]["conditions"]
@@ -270,7 +311,10 @@ impl SimCluster {
                 .into_iter()
                 .flatten()
                 .any(|c| c["type"] == "Ready" && c["status"] == "True");
-            let Some(ip) = pod["status"]["podIP"].as_str().and_then(|ip| ip.parse().ok()) else {
+            let Some(ip) = pod["status"]["podIP"]
+                .as_str()
+                .and_then(|ip| ip.parse().ok())
+            else {
                 continue;
             };
             if !ready && !include_unready {
@@ -329,8 +373,15 @@ impl SimCluster {
                 (None, Some(ready)) => format!("ready {ready}/{}", object["spec"]["replicas"]),
                 _ => String::new(),
             };
-            let deleting = if m["deletionTimestamp"].is_null() { "" } else { " (deleting)" };
-            out.push_str(&format!("{kind} {ns}/{name} rv={} {summary}{deleting}\n", jsonpath::display(&m["resourceVersion"])));
+            let deleting = if m["deletionTimestamp"].is_null() {
+                ""
+            } else {
+                " (deleting)"
+            };
+            out.push_str(&format!(
+                "{kind} {ns}/{name} rv={} {summary}{deleting}\n",
+                jsonpath::display(&m["resourceVersion"])
+            ));
             if kind == "Pod" {
                 pods.push((ns.to_string(), name.to_string()));
             }
@@ -351,6 +402,24 @@ impl SimCluster {
         for task in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
+    }
+}
+
+/// Polls `check` every 100 ms until it yields a value, or fails with [`Error::Timeout`].
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Timeout(timeout, what.to_string()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

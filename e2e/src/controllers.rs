@@ -131,11 +131,20 @@ fn owner_reference(owner: &Value, kind: &str, controller: bool) -> Value {
 }
 
 fn labels_of(object: &Value) -> Map<String, Value> {
-    object["metadata"]["labels"].as_object().cloned().unwrap_or_default()
+    object["metadata"]["labels"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// A pod from a workload's template.
-fn pod_from_template(template: &Value, name: Option<&str>, generate_name: Option<&str>, extra_labels: Map<String, Value>, owner: Value) -> Value {
+fn pod_from_template(
+    template: &Value,
+    name: Option<&str>,
+    generate_name: Option<&str>,
+    extra_labels: Map<String, Value>,
+    owner: Value,
+) -> Value {
     let mut pod = json!({"metadata": {}, "spec": template["spec"].clone()});
     let mut labels = labels_of(template);
     labels.extend(extra_labels);
@@ -203,7 +212,14 @@ impl Controllers {
         log_failure(
             "writing workload status",
             name_of(object),
-            self.store.update(res, ns_of(object), name_of(object), updated, Target::Status, false),
+            self.store.update(
+                res,
+                ns_of(object),
+                name_of(object),
+                updated,
+                Target::Status,
+                false,
+            ),
         );
     }
 
@@ -211,7 +227,13 @@ impl Controllers {
         log_failure(
             "deleting pod",
             name_of(pod),
-            self.store.delete(&self.pods, ns_of(pod), name_of(pod), &DeleteOptions::default(), false),
+            self.store.delete(
+                &self.pods,
+                ns_of(pod),
+                name_of(pod),
+                &DeleteOptions::default(),
+                false,
+            ),
         );
     }
 
@@ -224,18 +246,29 @@ impl Controllers {
         let replicas = spec["replicas"].as_i64().unwrap_or(1).max(0);
         let template = &spec["template"];
         let revision = format!("{name}-{}", template_hash(template));
-        let claims: Vec<Value> = spec["volumeClaimTemplates"].as_array().cloned().unwrap_or_default();
+        let claims: Vec<Value> = spec["volumeClaimTemplates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let retention = &spec["persistentVolumeClaimRetentionPolicy"];
         let delete_claims_with_set = retention["whenDeleted"] == "Delete";
         let delete_claims_on_scale = retention["whenScaled"] == "Delete";
-        let selector_labels = spec["selector"]["matchLabels"].as_object().cloned().unwrap_or_default();
+        let selector_labels = spec["selector"]["matchLabels"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
 
         let pods = self.owned_pods(sts);
         let ordinal_of = |pod: &Value| -> Option<i64> {
-            name_of(pod).strip_prefix(name)?.strip_prefix('-')?.parse().ok()
+            name_of(pod)
+                .strip_prefix(name)?
+                .strip_prefix('-')?
+                .parse()
+                .ok()
         };
         let pod_at = |ordinal: i64| pods.iter().find(|p| ordinal_of(p) == Some(ordinal));
-        let claim_name = |template: &Value, ordinal: i64| format!("{}-{name}-{ordinal}", name_of(template));
+        let claim_name =
+            |template: &Value, ordinal: i64| format!("{}-{name}-{ordinal}", name_of(template));
 
         for ordinal in 0..replicas {
             for claim in &claims {
@@ -250,17 +283,31 @@ impl Controllers {
                     pvc["metadata"]["annotations"] = annotations.clone();
                 }
                 if delete_claims_with_set {
-                    pvc["metadata"]["ownerReferences"] = json!([owner_reference(sts, "StatefulSet", false)]);
+                    pvc["metadata"]["ownerReferences"] =
+                        json!([owner_reference(sts, "StatefulSet", false)]);
                 }
-                log_failure("creating PVC", &claim_name, self.store.create(&self.pvcs, ns, pvc, false));
+                log_failure(
+                    "creating PVC",
+                    &claim_name,
+                    self.store.create(&self.pvcs, ns, pvc, false),
+                );
             }
             if pod_at(ordinal).is_none() {
                 let pod_name = format!("{name}-{ordinal}");
                 let mut extra = Map::new();
                 extra.insert("statefulset.kubernetes.io/pod-name".into(), json!(pod_name));
                 extra.insert("controller-revision-hash".into(), json!(revision));
-                extra.insert("apps.kubernetes.io/pod-index".into(), json!(ordinal.to_string()));
-                let mut pod = pod_from_template(template, Some(&pod_name), None, extra, owner_reference(sts, "StatefulSet", true));
+                extra.insert(
+                    "apps.kubernetes.io/pod-index".into(),
+                    json!(ordinal.to_string()),
+                );
+                let mut pod = pod_from_template(
+                    template,
+                    Some(&pod_name),
+                    None,
+                    extra,
+                    owner_reference(sts, "StatefulSet", true),
+                );
                 pod["spec"]["hostname"] = json!(pod_name);
                 if let Some(service) = spec["serviceName"].as_str().filter(|s| !s.is_empty()) {
                     pod["spec"]["subdomain"] = json!(service);
@@ -268,7 +315,9 @@ impl Controllers {
                 if !pod["spec"]["volumes"].is_array() {
                     pod["spec"]["volumes"] = json!([]);
                 }
-                let volumes = pod["spec"]["volumes"].as_array_mut().expect("made an array");
+                let volumes = pod["spec"]["volumes"]
+                    .as_array_mut()
+                    .expect("made an array");
                 for claim in &claims {
                     let volume_name = name_of(claim);
                     if !volumes.iter().any(|v| v["name"] == volume_name) {
@@ -277,7 +326,11 @@ impl Controllers {
                     }
                 }
                 tracing::info!(statefulset = name, pod = %pod_name, "creating pod");
-                log_failure("creating pod", &pod_name, self.store.create(&self.pods, ns, pod, false));
+                log_failure(
+                    "creating pod",
+                    &pod_name,
+                    self.store.create(&self.pods, ns, pod, false),
+                );
             }
         }
         for pod in &pods {
@@ -285,7 +338,11 @@ impl Controllers {
                 Some(ordinal) if ordinal < replicas => {}
                 _ if deleting(pod) => {}
                 _ => {
-                    tracing::info!(statefulset = name, pod = name_of(pod), "scaling down: deleting pod");
+                    tracing::info!(
+                        statefulset = name,
+                        pod = name_of(pod),
+                        "scaling down: deleting pod"
+                    );
                     self.delete_pod(pod);
                 }
             }
@@ -302,16 +359,30 @@ impl Controllers {
                         .is_some_and(|o| o >= replicas && pod_at(o).is_none())
                 });
                 if stale {
-                    log_failure("deleting PVC", name_of(&pvc),
-                        self.store.delete(&self.pvcs, ns, name_of(&pvc), &DeleteOptions::default(), false));
+                    log_failure(
+                        "deleting PVC",
+                        name_of(&pvc),
+                        self.store.delete(
+                            &self.pvcs,
+                            ns,
+                            name_of(&pvc),
+                            &DeleteOptions::default(),
+                            false,
+                        ),
+                    );
                 }
             }
         }
-        let revision_of = |pod: &Value| pod["metadata"]["labels"]["controller-revision-hash"].as_str().map(str::to_string);
+        let revision_of = |pod: &Value| {
+            pod["metadata"]["labels"]["controller-revision-hash"]
+                .as_str()
+                .map(str::to_string)
+        };
         let strategy = &spec["updateStrategy"];
         if strategy["type"].as_str().unwrap_or("RollingUpdate") == "RollingUpdate" {
             let partition = strategy["rollingUpdate"]["partition"].as_i64().unwrap_or(0);
-            let settled = (0..replicas).all(|o| pod_at(o).is_some_and(|p| !deleting(p) && is_ready(p)));
+            let settled =
+                (0..replicas).all(|o| pod_at(o).is_some_and(|p| !deleting(p) && is_ready(p)));
             if settled {
                 let outdated = pods
                     .iter()
@@ -326,14 +397,23 @@ impl Controllers {
         }
         let active: Vec<&Value> = pods.iter().filter(|p| !deleting(p)).collect();
         let ready = active.iter().filter(|p| is_ready(p)).count();
-        let updated = active.iter().filter(|p| revision_of(p).as_deref() == Some(revision.as_str())).count();
-        let previous_current = sts["status"]["currentRevision"].as_str().unwrap_or(&revision).to_string();
+        let updated = active
+            .iter()
+            .filter(|p| revision_of(p).as_deref() == Some(revision.as_str()))
+            .count();
+        let previous_current = sts["status"]["currentRevision"]
+            .as_str()
+            .unwrap_or(&revision)
+            .to_string();
         let current_revision = if updated as i64 == replicas && active.len() as i64 == replicas {
             revision.clone()
         } else {
             previous_current
         };
-        let current = active.iter().filter(|p| revision_of(p).as_deref() == Some(current_revision.as_str())).count();
+        let current = active
+            .iter()
+            .filter(|p| revision_of(p).as_deref() == Some(current_revision.as_str()))
+            .count();
         let status = json!({
             "observedGeneration": sts["metadata"]["generation"],
             "replicas": pods.len(),
@@ -357,11 +437,31 @@ impl Controllers {
         let pods = self.owned_pods(rs);
         let mut active: Vec<&Value> = pods.iter().filter(|p| !deleting(p)).collect();
         for _ in active.len()..replicas {
-            let pod = pod_from_template(&rs["spec"]["template"], None, Some(&format!("{name}-")), Map::new(), owner_reference(rs, "ReplicaSet", true));
-            log_failure("creating pod", name, self.store.create(&self.pods, ns, pod, false));
+            let pod = pod_from_template(
+                &rs["spec"]["template"],
+                None,
+                Some(&format!("{name}-")),
+                Map::new(),
+                owner_reference(rs, "ReplicaSet", true),
+            );
+            log_failure(
+                "creating pod",
+                name,
+                self.store.create(&self.pods, ns, pod, false),
+            );
         }
         if active.len() > replicas {
-            active.sort_by_key(|p| (is_ready(p), std::cmp::Reverse(p["metadata"]["creationTimestamp"].as_str().unwrap_or_default().to_string())));
+            active.sort_by_key(|p| {
+                (
+                    is_ready(p),
+                    std::cmp::Reverse(
+                        p["metadata"]["creationTimestamp"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    ),
+                )
+            });
             for pod in &active[..active.len() - replicas] {
                 self.delete_pod(pod);
             }
@@ -395,7 +495,12 @@ impl Controllers {
             .collect();
         let revision = owned
             .iter()
-            .filter_map(|rs| rs["metadata"]["annotations"]["deployment.kubernetes.io/revision"].as_str()?.parse::<i64>().ok())
+            .filter_map(|rs| {
+                rs["metadata"]["annotations"]["deployment.kubernetes.io/revision"]
+                    .as_str()?
+                    .parse::<i64>()
+                    .ok()
+            })
             .max()
             .unwrap_or(0);
         let new_rs = owned.iter().find(|rs| name_of(rs) == rs_name);
@@ -413,34 +518,75 @@ impl Controllers {
                         "ownerReferences": [owner_reference(deployment, "Deployment", true)]},
                     "spec": {"replicas": replicas, "selector": selector, "template": template},
                 });
-                log_failure("creating ReplicaSet", &rs_name, self.store.create(&self.replicasets, ns, rs, false));
+                log_failure(
+                    "creating ReplicaSet",
+                    &rs_name,
+                    self.store.create(&self.replicasets, ns, rs, false),
+                );
             }
             Some(rs) if rs["spec"]["replicas"].as_i64() != Some(replicas) => {
-                log_failure("scaling ReplicaSet", &rs_name, self.store.patch(&self.replicasets, ns, &rs_name,
-                    crate::patch::PatchType::Merge, &json!({"spec": {"replicas": replicas}}), Target::Main, false));
+                log_failure(
+                    "scaling ReplicaSet",
+                    &rs_name,
+                    self.store.patch(
+                        &self.replicasets,
+                        ns,
+                        &rs_name,
+                        crate::patch::PatchType::Merge,
+                        &json!({"spec": {"replicas": replicas}}),
+                        Target::Main,
+                        false,
+                    ),
+                );
             }
             Some(_) => {}
         }
-        let new_ready = new_rs.map(|rs| rs["status"]["readyReplicas"].as_i64().unwrap_or(0)).unwrap_or(0);
+        let new_ready = new_rs
+            .map(|rs| rs["status"]["readyReplicas"].as_i64().unwrap_or(0))
+            .unwrap_or(0);
         let recreate = spec["strategy"]["type"] == "Recreate";
         for old in owned.iter().filter(|rs| name_of(rs) != rs_name) {
             if (recreate || new_ready >= replicas) && old["spec"]["replicas"].as_i64() != Some(0) {
-                log_failure("scaling down old ReplicaSet", name_of(old), self.store.patch(&self.replicasets, ns, name_of(old),
-                    crate::patch::PatchType::Merge, &json!({"spec": {"replicas": 0}}), Target::Main, false));
+                log_failure(
+                    "scaling down old ReplicaSet",
+                    name_of(old),
+                    self.store.patch(
+                        &self.replicasets,
+                        ns,
+                        name_of(old),
+                        crate::patch::PatchType::Merge,
+                        &json!({"spec": {"replicas": 0}}),
+                        Target::Main,
+                        false,
+                    ),
+                );
             }
         }
-        let sum = |field: &str| owned.iter().map(|rs| rs["status"][field].as_i64().unwrap_or(0)).sum::<i64>();
+        let sum = |field: &str| {
+            owned
+                .iter()
+                .map(|rs| rs["status"][field].as_i64().unwrap_or(0))
+                .sum::<i64>()
+        };
         let total = sum("replicas");
         let available = sum("availableReplicas");
-        let updated = new_rs.map(|rs| rs["status"]["replicas"].as_i64().unwrap_or(0)).unwrap_or(0);
+        let updated = new_rs
+            .map(|rs| rs["status"]["replicas"].as_i64().unwrap_or(0))
+            .unwrap_or(0);
         let complete = updated == replicas && total == replicas && available >= replicas;
-        let existing_conditions = deployment["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        let existing_conditions = deployment["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let condition = |kind: &str, ok: bool, reason: &str, message: String| {
             let status = if ok { "True" } else { "False" };
             let previous = existing_conditions.iter().find(|c| c["type"] == kind);
-            let unchanged = previous.is_some_and(|c| c["status"] == status && c["reason"] == reason);
+            let unchanged =
+                previous.is_some_and(|c| c["status"] == status && c["reason"] == reason);
             let (transition, update) = match previous {
-                Some(c) if unchanged => (c["lastTransitionTime"].clone(), c["lastUpdateTime"].clone()),
+                Some(c) if unchanged => {
+                    (c["lastTransitionTime"].clone(), c["lastUpdateTime"].clone())
+                }
                 _ => (json!(now_rfc3339()), json!(now_rfc3339())),
             };
             json!({"type": kind, "status": status, "reason": reason, "message": message,

@@ -30,6 +30,19 @@ pub enum Error {
     /// Encoding or decoding JSON failed.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// A kubectl invocation failed.
+    #[error("kubectl {args} failed ({status}): {stderr}")]
+    Kubectl {
+        /// The arguments, joined by spaces.
+        args: String,
+        /// The exit status.
+        status: String,
+        /// What kubectl wrote to stderr.
+        stderr: String,
+    },
+    /// A condition awaited with [`crate::eventually`] did not hold in time.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(std::time::Duration, String),
     /// Building a kube-rs client for the simulated server failed.
     #[error("building a kube client: {0}")]
     Kube(String),
@@ -135,7 +148,10 @@ impl ApiError {
         Self::new(
             422,
             "Invalid",
-            format!("{} \"{name}\" is invalid: {why}", qualified(group, resource)),
+            format!(
+                "{} \"{name}\" is invalid: {why}",
+                qualified(group, resource)
+            ),
         )
         .with_details(group, resource, name)
     }

@@ -27,19 +27,14 @@ fn parse(path: &str) -> Option<Vec<Step>> {
         } else if let Some(r) = rest.strip_prefix('[') {
             let end = r.find(']')?;
             let inner = r[..end].trim();
-            if let Some(filter) = inner
-                .strip_prefix("?(@.")
-                .and_then(|f| f.strip_suffix(')'))
-            {
+            if let Some(filter) = inner.strip_prefix("?(@.").and_then(|f| f.strip_suffix(')')) {
                 let (field, value) = filter.split_once("==")?;
                 let value = value.trim().trim_matches(|c| c == '"' || c == '\'');
                 steps.push(Step::Filter {
                     field: field.trim().to_string(),
                     value: value.to_string(),
                 });
-            } else if let Some(quoted) = inner
-                .strip_prefix('\'')
-                .and_then(|q| q.strip_suffix('\''))
+            } else if let Some(quoted) = inner.strip_prefix('\'').and_then(|q| q.strip_suffix('\''))
             {
                 steps.push(Step::Field(quoted.to_string()));
             } else {
@@ -62,12 +57,12 @@ pub fn get<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
         current = match step {
             Step::Field(f) => current.get(&f)?,
             Step::Index(i) => current.get(i)?,
-            Step::Filter { field, value } => current.as_array()?.iter().find(|item| {
-                match item.get(&field) {
-                    Some(Value::String(s)) => *s == value,
-                    Some(other) => other.to_string() == value,
-                    None => false,
-                }
+            Step::Filter { field, value } => current.as_array()?.iter().find(|item| match item
+                .get(&field)
+            {
+                Some(Value::String(s)) => *s == value,
+                Some(other) => display(other) == value,
+                None => false,
             })?,
         };
     }
@@ -120,7 +115,10 @@ mod tests {
         let obj = json!({"spec": {"replicas": 3}, "status": {"conditions": [
             {"type": "Progressing", "status": "False"}, {"type": "Available", "status": "True"}]}});
         assert_eq!(get(&obj, ".spec.replicas"), Some(&json!(3)));
-        assert_eq!(get(&obj, ".status.conditions[1].type"), Some(&json!("Available")));
+        assert_eq!(
+            get(&obj, ".status.conditions[1].type"),
+            Some(&json!("Available"))
+        );
         assert_eq!(
             get(&obj, ".status.conditions[?(@.type==\"Available\")].status"),
             Some(&json!("True"))

@@ -184,7 +184,9 @@ impl Addresses {
         let next = assigned.len() as u32;
         *assigned
             .entry((ns.to_string(), name.to_string()))
-            .or_insert_with(|| Ipv4Addr::new(127, self.octet, (next / 254) as u8, (next % 254 + 1) as u8))
+            .or_insert_with(|| {
+                Ipv4Addr::new(127, self.octet, (next / 254) as u8, (next % 254 + 1) as u8)
+            })
     }
 }
 
@@ -226,12 +228,20 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
         workers.retain(|_, w| !w.task.is_finished());
         let pods = store.objects_of(store::PODS);
-        let live_uids: Vec<String> = pods.iter().map(|p| uid(p)).collect();
+        let live_uids: Vec<String> = pods.iter().map(uid).collect();
         for pod in &pods {
             let (ns, name) = ns_name(pod);
             if pod["spec"]["nodeName"].as_str().is_none_or(str::is_empty) {
                 let binding = json!({"spec": {"nodeName": NODE_NAME}});
-                if let Err(e) = store.patch(&pods_res, &ns, &name, PatchType::Merge, &binding, Target::Main, false) {
+                if let Err(e) = store.patch(
+                    &pods_res,
+                    &ns,
+                    &name,
+                    PatchType::Merge,
+                    &binding,
+                    Target::Main,
+                    false,
+                ) {
                     tracing::warn!(pod = %name, error = %e, "binding pod");
                 }
                 continue;
@@ -239,7 +249,9 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             let deleting = !pod["metadata"]["deletionTimestamp"].is_null();
             match workers.get(&uid(pod)) {
                 Some(worker) if deleting => {
-                    let grace = pod["metadata"]["deletionGracePeriodSeconds"].as_u64().unwrap_or(30);
+                    let grace = pod["metadata"]["deletionGracePeriodSeconds"]
+                        .as_u64()
+                        .unwrap_or(30);
                     worker.stop.send_if_modified(|stop| {
                         let changed = stop.is_none();
                         stop.get_or_insert(Duration::from_secs(grace));
@@ -248,7 +260,10 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 }
                 Some(_) => {}
                 None if deleting => {
-                    let force = DeleteOptions { grace_period_seconds: Some(0), ..Default::default() };
+                    let force = DeleteOptions {
+                        grace_period_seconds: Some(0),
+                        ..Default::default()
+                    };
                     let _ = store.delete(&pods_res, &ns, &name, &force, false);
                 }
                 None => {
@@ -287,7 +302,10 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 fn uid(object: &Value) -> String {
-    object["metadata"]["uid"].as_str().unwrap_or_default().to_string()
+    object["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn ns_name(object: &Value) -> (String, String) {
@@ -354,7 +372,8 @@ async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Opti
             BTreeMap::new()
         }
     };
-    let list = |field: &str| -> Vec<Value> { pod["spec"][field].as_array().cloned().unwrap_or_default() };
+    let list =
+        |field: &str| -> Vec<Value> { pod["spec"][field].as_array().cloned().unwrap_or_default() };
     let init_specs = list("initContainers");
     let specs = list("containers");
     let runtime = Arc::new(PodRuntime {
@@ -384,7 +403,15 @@ async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Opti
         let tasks: Vec<_> = specs
             .iter()
             .enumerate()
-            .map(|(i, spec)| tokio::spawn(run_container(runtime.clone(), spec.clone(), i, false, stop.clone())))
+            .map(|(i, spec)| {
+                tokio::spawn(run_container(
+                    runtime.clone(),
+                    spec.clone(),
+                    i,
+                    false,
+                    stop.clone(),
+                ))
+            })
             .collect();
         for task in tasks {
             let _ = task.await;
@@ -398,18 +425,28 @@ async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Opti
     let store = &shared.config.store;
     let pods_res = store.builtin("", "pods");
     if let Ok(current) = store.get(&pods_res, &ns, &name) {
-        if uid(&current) == uid(&runtime.pod) && !current["metadata"]["deletionTimestamp"].is_null() {
-            let force = DeleteOptions { grace_period_seconds: Some(0), ..Default::default() };
+        if uid(&current) == uid(&runtime.pod) && !current["metadata"]["deletionTimestamp"].is_null()
+        {
+            let force = DeleteOptions {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            };
             let _ = store.delete(&pods_res, &ns, &name, &force, false);
         }
     }
     tracing::info!(pod = %name, namespace = %ns, "pod stopped");
 }
 
-fn prepare_volumes(shared: &Shared, pod: &Value, ns: &str, scratch: &Path) -> Result<BTreeMap<String, PathBuf>> {
+fn prepare_volumes(
+    shared: &Shared,
+    pod: &Value,
+    ns: &str,
+    scratch: &Path,
+) -> Result<BTreeMap<String, PathBuf>> {
     let store = &shared.config.store;
     let mut dirs = BTreeMap::new();
-    std::fs::create_dir_all(scratch).map_err(|e| Error::io(format!("creating {}", scratch.display()), e))?;
+    std::fs::create_dir_all(scratch)
+        .map_err(|e| Error::io(format!("creating {}", scratch.display()), e))?;
     for volume in pod["spec"]["volumes"].as_array().into_iter().flatten() {
         let name = volume["name"].as_str().unwrap_or_default().to_string();
         let dir = if let Some(claim) = volume["persistentVolumeClaim"]["claimName"].as_str() {
@@ -419,13 +456,22 @@ fn prepare_volumes(shared: &Shared, pod: &Value, ns: &str, scratch: &Path) -> Re
         } else {
             scratch.join("volumes").join(&name)
         };
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let files = if let Some(cm) = volume["configMap"]["name"].as_str() {
             store
                 .get(&store.builtin("", "configmaps"), ns, cm)
                 .map(|o| {
-                    o["data"].as_object().into_iter().flatten()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().as_bytes().to_vec()))
+                    o["data"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                v.as_str().unwrap_or_default().as_bytes().to_vec(),
+                            )
+                        })
                         .collect::<Vec<_>>()
                 })
                 .unwrap_or_default()
@@ -439,7 +485,8 @@ fn prepare_volumes(shared: &Shared, pod: &Value, ns: &str, scratch: &Path) -> Re
         };
         for (file, bytes) in files {
             let path = dir.join(file);
-            std::fs::write(&path, bytes).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            std::fs::write(&path, bytes)
+                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         }
         dirs.insert(name, dir);
     }
@@ -452,11 +499,26 @@ fn secret_data(secret: &Value) -> Vec<(String, Vec<u8>)> {
         .as_object()
         .into_iter()
         .flatten()
-        .map(|(k, v)| (k.clone(), engine.decode(v.as_str().unwrap_or_default()).unwrap_or_default()))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                engine
+                    .decode(v.as_str().unwrap_or_default())
+                    .unwrap_or_default(),
+            )
+        })
         .collect();
     data.extend(
-        secret["stringData"].as_object().into_iter().flatten()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().as_bytes().to_vec())),
+        secret["stringData"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str().unwrap_or_default().as_bytes().to_vec(),
+                )
+            }),
     );
     data
 }
@@ -539,11 +601,16 @@ impl PodRuntime {
             "metadata.namespace" => self.ns.clone(),
             "metadata.uid" => uid(&self.pod),
             "spec.nodeName" => NODE_NAME.to_string(),
-            "spec.serviceAccountName" => self.pod["spec"]["serviceAccountName"].as_str().unwrap_or("default").to_string(),
+            "spec.serviceAccountName" => self.pod["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string(),
             "status.podIP" | "status.podIPs" => self.ip.to_string(),
             "status.hostIP" | "status.hostIPs" => "127.0.0.1".to_string(),
             p if p.starts_with("metadata.labels['") => keyed(&m["labels"], "metadata.labels['"),
-            p if p.starts_with("metadata.annotations['") => keyed(&m["annotations"], "metadata.annotations['"),
+            p if p.starts_with("metadata.annotations['") => {
+                keyed(&m["annotations"], "metadata.annotations['")
+            }
             _ => String::new(),
         }
     }
@@ -551,10 +618,16 @@ impl PodRuntime {
     fn environment(&self, container: &Value, mapping: &ImageMapping) -> Vec<(String, String)> {
         let store = &self.shared.config.store;
         let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
+            (
+                "PATH".into(),
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            ),
             ("HOME".into(), self.scratch.display().to_string()),
             ("HOSTNAME".into(), self.name.clone()),
-            ("KUBECONFIG".into(), self.shared.config.kubeconfig.display().to_string()),
+            (
+                "KUBECONFIG".into(),
+                self.shared.config.kubeconfig.display().to_string(),
+            ),
         ];
         for passthrough in ["RUST_LOG", "RUST_BACKTRACE"] {
             if let Ok(v) = std::env::var(passthrough) {
@@ -562,17 +635,30 @@ impl PodRuntime {
             }
         }
         env.extend(mapping.env.iter().cloned());
-        let read_object = |plural: &str, name: &str| store.get(&store.builtin("", plural), &self.ns, name).ok();
+        let read_object =
+            |plural: &str, name: &str| store.get(&store.builtin("", plural), &self.ns, name).ok();
         for source in container["envFrom"].as_array().into_iter().flatten() {
             let prefix = source["prefix"].as_str().unwrap_or_default();
-            if let Some(cm) = source["configMapRef"]["name"].as_str().and_then(|n| read_object("configmaps", n)) {
+            if let Some(cm) = source["configMapRef"]["name"]
+                .as_str()
+                .and_then(|n| read_object("configmaps", n))
+            {
                 for (k, v) in cm["data"].as_object().into_iter().flatten() {
-                    env.push((format!("{prefix}{k}"), v.as_str().unwrap_or_default().to_string()));
+                    env.push((
+                        format!("{prefix}{k}"),
+                        v.as_str().unwrap_or_default().to_string(),
+                    ));
                 }
             }
-            if let Some(secret) = source["secretRef"]["name"].as_str().and_then(|n| read_object("secrets", n)) {
+            if let Some(secret) = source["secretRef"]["name"]
+                .as_str()
+                .and_then(|n| read_object("secrets", n))
+            {
                 for (k, v) in secret_data(&secret) {
-                    env.push((format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned()));
+                    env.push((
+                        format!("{prefix}{k}"),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    ));
                 }
             }
         }
@@ -584,11 +670,15 @@ impl PodRuntime {
             } else if let Some(path) = from["fieldRef"]["fieldPath"].as_str() {
                 self.field_ref(path)
             } else if let Some(key) = from["configMapKeyRef"]["key"].as_str() {
-                from["configMapKeyRef"]["name"].as_str().and_then(|n| read_object("configmaps", n))
+                from["configMapKeyRef"]["name"]
+                    .as_str()
+                    .and_then(|n| read_object("configmaps", n))
                     .and_then(|cm| cm["data"][key].as_str().map(str::to_string))
                     .unwrap_or_default()
             } else if let Some(key) = from["secretKeyRef"]["key"].as_str() {
-                from["secretKeyRef"]["name"].as_str().and_then(|n| read_object("secrets", n))
+                from["secretKeyRef"]["name"]
+                    .as_str()
+                    .and_then(|n| read_object("secrets", n))
                     .and_then(|s| secret_data(&s).into_iter().find(|(k, _)| k == key))
                     .map(|(_, v)| String::from_utf8_lossy(&v).into_owned())
                     .unwrap_or_default()
@@ -612,7 +702,10 @@ impl PodRuntime {
                     None => dir.clone(),
                 };
                 let _ = std::fs::create_dir_all(&dir);
-                Some((m["mountPath"].as_str()?.trim_end_matches('/').to_string(), dir))
+                Some((
+                    m["mountPath"].as_str()?.trim_end_matches('/').to_string(),
+                    dir,
+                ))
             })
             .collect();
         mounts.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
@@ -630,24 +723,40 @@ impl PodRuntime {
         let env = self.environment(container, mapping);
         let mounts = self.mounts(container);
         let strings = |v: &Value| -> Option<Vec<String>> {
-            v.as_array().map(|a| a.iter().map(|s| s.as_str().unwrap_or_default().to_string()).collect())
+            v.as_array().map(|a| {
+                a.iter()
+                    .map(|s| s.as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
         };
         let (program, mut args) = match strings(&container["command"]).filter(|c| !c.is_empty()) {
             Some(command) => (
                 mapping.resolve_command(&expand(&command[0], &env)),
-                command[1..].to_vec().into_iter().chain(strings(&container["args"]).unwrap_or_default()).collect::<Vec<_>>(),
+                command[1..]
+                    .iter()
+                    .cloned()
+                    .chain(strings(&container["args"]).unwrap_or_default())
+                    .collect::<Vec<_>>(),
             ),
             None => (
                 mapping.program.clone(),
-                mapping.entrypoint_args.iter().cloned()
-                    .chain(strings(&container["args"]).unwrap_or_else(|| mapping.default_args.clone()))
+                mapping
+                    .entrypoint_args
+                    .iter()
+                    .cloned()
+                    .chain(
+                        strings(&container["args"]).unwrap_or_else(|| mapping.default_args.clone()),
+                    )
                     .collect(),
             ),
         };
         for arg in &mut args {
             *arg = rewrite_mounts(&expand(arg, &env), &mounts);
         }
-        let env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k, rewrite_mounts(&v, &mounts))).collect();
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k, rewrite_mounts(&v, &mounts)))
+            .collect();
         let workdir = container["workingDir"]
             .as_str()
             .map(|w| PathBuf::from(rewrite_mounts(w, &mounts)))
@@ -655,14 +764,17 @@ impl PodRuntime {
         let name = container["name"].as_str().unwrap_or_default();
         let log = log_path(&self.shared.config.root, &self.ns, &self.name, name);
         if let Some(dir) = log.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let stdout = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .map_err(|e| Error::io(format!("opening {}", log.display()), e))?;
-        let stderr = stdout.try_clone().map_err(|e| Error::io("duplicating the log file", e))?;
+        let stderr = stdout
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the log file", e))?;
         tracing::info!(pod = %self.name, container = name, program = %program.display(), ?args, "starting container");
         let mut command = tokio::process::Command::new(&program);
         command
@@ -675,14 +787,21 @@ impl PodRuntime {
             .stderr(Stdio::from(stderr))
             .process_group(0)
             .kill_on_drop(true);
-        command
-            .spawn()
-            .map_err(|e| Error::io(format!("starting {} for pod {}", program.display(), self.name), e))
+        command.spawn().map_err(|e| {
+            Error::io(
+                format!("starting {} for pod {}", program.display(), self.name),
+                e,
+            )
+        })
     }
 
     fn update_container(&self, init: bool, index: usize, change: impl FnOnce(&mut ContainerState)) {
         {
-            let mut states = if init { self.init.lock() } else { self.containers.lock() };
+            let mut states = if init {
+                self.init.lock()
+            } else {
+                self.containers.lock()
+            };
             if let Some(state) = states.get_mut(index) {
                 change(state);
             }
@@ -703,22 +822,36 @@ impl PodRuntime {
             }
             status
         };
-        let initialized = init.iter().all(|c| c.state.get("terminated").is_some_and(|t| t["exitCode"] == json!(0)));
+        let initialized = init.iter().all(|c| {
+            c.state
+                .get("terminated")
+                .is_some_and(|t| t["exitCode"] == json!(0))
+        });
         let all_ready = !containers.is_empty() && containers.iter().all(|c| c.ready);
         let terminated: Vec<i64> = containers
             .iter()
             .filter_map(|c| c.state["terminated"]["exitCode"].as_i64())
             .collect();
         let phase = if terminated.len() == containers.len() && !containers.is_empty() {
-            if terminated.iter().all(|c| *c == 0) { "Succeeded" } else { "Failed" }
-        } else if initialized && containers.iter().any(|c| c.state.get("running").is_some() || c.restart_count > 0) {
+            if terminated.iter().all(|c| *c == 0) {
+                "Succeeded"
+            } else {
+                "Failed"
+            }
+        } else if initialized
+            && containers
+                .iter()
+                .any(|c| c.state.get("running").is_some() || c.restart_count > 0)
+        {
             "Running"
         } else {
             "Pending"
         };
         let condition = |kind: &'static str, value: bool| {
             let mut conditions = self.conditions.lock();
-            let entry = conditions.entry(kind).or_insert_with(|| (value, now_rfc3339()));
+            let entry = conditions
+                .entry(kind)
+                .or_insert_with(|| (value, now_rfc3339()));
             if entry.0 != value {
                 *entry = (value, now_rfc3339());
             }
@@ -806,12 +939,20 @@ impl Probe {
     }
 }
 
-async fn check(probe: &Value, ip: Ipv4Addr, container: &Value, runtime: &PodRuntime, mapping_env: &[(String, String)]) -> bool {
+async fn check(
+    probe: &Value,
+    ip: Ipv4Addr,
+    container: &Value,
+    runtime: &PodRuntime,
+    mapping_env: &[(String, String)],
+) -> bool {
     let timeout = Duration::from_secs(probe["timeoutSeconds"].as_u64().unwrap_or(1).max(1));
     let port_of = |port: &Value| -> Option<u16> {
         match port {
             Value::Number(n) => n.as_u64().map(|p| p as u16),
-            Value::String(name) => container["ports"].as_array()?.iter()
+            Value::String(name) => container["ports"]
+                .as_array()?
+                .iter()
                 .find(|p| p["name"].as_str() == Some(name))
                 .and_then(|p| p["containerPort"].as_u64())
                 .map(|p| p as u16)
@@ -821,13 +962,18 @@ async fn check(probe: &Value, ip: Ipv4Addr, container: &Value, runtime: &PodRunt
     };
     let attempt = async {
         if let Some(http) = probe.get("httpGet") {
-            let host = http["host"].as_str().map(str::to_string).unwrap_or_else(|| ip.to_string());
+            let host = http["host"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| ip.to_string());
             let port = port_of(&http["port"])?;
             let path = http["path"].as_str().unwrap_or("/");
-            let mut stream = tokio::net::TcpStream::connect((host.as_str(), port)).await.ok()?;
-            let request = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\nConnection: close\r\n\r\n");
+            let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .ok()?;
+            let request = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.32\r\nAccept: */*\r\nConnection: close\r\n\r\n");
             stream.write_all(request.as_bytes()).await.ok()?;
-            let mut buffer = vec![0u8; 64];
+            let mut buffer = [0u8; 64];
             let mut read = 0;
             while read < 12 {
                 let n = stream.read(&mut buffer[read..]).await.ok()?;
@@ -840,12 +986,22 @@ async fn check(probe: &Value, ip: Ipv4Addr, container: &Value, runtime: &PodRunt
             let code: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some((200..400).contains(&code))
         } else if let Some(tcp) = probe.get("tcpSocket").or_else(|| probe.get("grpc")) {
-            let host = tcp["host"].as_str().map(str::to_string).unwrap_or_else(|| ip.to_string());
+            let host = tcp["host"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| ip.to_string());
             let port = port_of(&tcp["port"])?;
-            Some(tokio::net::TcpStream::connect((host.as_str(), port)).await.is_ok())
+            Some(
+                tokio::net::TcpStream::connect((host.as_str(), port))
+                    .await
+                    .is_ok(),
+            )
         } else if let Some(exec) = probe.get("exec") {
-            let command: Vec<String> = exec["command"].as_array()?.iter()
-                .map(|s| expand(s.as_str().unwrap_or_default(), mapping_env)).collect();
+            let command: Vec<String> = exec["command"]
+                .as_array()?
+                .iter()
+                .map(|s| expand(s.as_str().unwrap_or_default(), mapping_env))
+                .collect();
             let (program, args) = command.split_first()?;
             let status = tokio::process::Command::new(program)
                 .args(args)
@@ -893,8 +1049,15 @@ async fn run_container(
     init: bool,
     mut stop: watch::Receiver<Option<Duration>>,
 ) -> Outcome {
-    let restart_policy = runtime.pod["spec"]["restartPolicy"].as_str().unwrap_or("Always").to_string();
-    let termination_grace = Duration::from_secs(runtime.pod["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30));
+    let restart_policy = runtime.pod["spec"]["restartPolicy"]
+        .as_str()
+        .unwrap_or("Always")
+        .to_string();
+    let termination_grace = Duration::from_secs(
+        runtime.pod["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap_or(30),
+    );
     let mut backoff = Duration::from_secs(1);
     loop {
         if stop.borrow().is_some() {
@@ -910,7 +1073,11 @@ async fn run_container(
         let (exit_code, reason) = match runtime.spawn_process(&container) {
             Err(e) => {
                 tracing::warn!(pod = %runtime.name, error = %e, "container failed to start");
-                let reason = if matches!(e, Error::UnmappedImage(_)) { "ErrImagePull" } else { "RunContainerError" };
+                let reason = if matches!(e, Error::UnmappedImage(_)) {
+                    "ErrImagePull"
+                } else {
+                    "RunContainerError"
+                };
                 runtime.update_container(init, index, |s| {
                     s.state = json!({"waiting": {"reason": reason, "message": e.to_string()}});
                 });
@@ -1023,7 +1190,11 @@ async fn run_container(
             _ => true,
         };
         if !restart {
-            return if succeeded { Outcome::Completed } else { Outcome::Failed };
+            return if succeeded {
+                Outcome::Completed
+            } else {
+                Outcome::Failed
+            };
         }
         runtime.update_container(init, index, |s| {
             if s.state.get("terminated").is_some() {
@@ -1048,17 +1219,38 @@ mod tests {
     #[test]
     fn expands_variables_like_kubernetes() {
         let env = vec![("POD_IP".to_string(), "127.1.0.1".to_string())];
-        assert_eq!(expand("--addr=$(POD_IP):8080", &env), "--addr=127.1.0.1:8080");
-        assert_eq!(expand("$$(POD_IP) $(MISSING)", &env), "$(POD_IP) $(MISSING)");
+        assert_eq!(
+            expand("--addr=$(POD_IP):8080", &env),
+            "--addr=127.1.0.1:8080"
+        );
+        assert_eq!(
+            expand("$$(POD_IP) $(MISSING)", &env),
+            "$(POD_IP) $(MISSING)"
+        );
     }
 
     #[test]
     fn rewrites_paths_under_mounts() {
-        let mounts = vec![("/var/lib/raftkv".to_string(), PathBuf::from("/tmp/pvc/data-0"))];
-        assert_eq!(rewrite_mounts("/var/lib/raftkv", &mounts), "/tmp/pvc/data-0");
-        assert_eq!(rewrite_mounts("/var/lib/raftkv/wal", &mounts), "/tmp/pvc/data-0/wal");
-        assert_eq!(rewrite_mounts("--data-dir=/var/lib/raftkv", &mounts), "--data-dir=/tmp/pvc/data-0");
-        assert_eq!(rewrite_mounts("/var/lib/raftkvx", &mounts), "/var/lib/raftkvx");
+        let mounts = vec![(
+            "/var/lib/raftkv".to_string(),
+            PathBuf::from("/tmp/pvc/data-0"),
+        )];
+        assert_eq!(
+            rewrite_mounts("/var/lib/raftkv", &mounts),
+            "/tmp/pvc/data-0"
+        );
+        assert_eq!(
+            rewrite_mounts("/var/lib/raftkv/wal", &mounts),
+            "/tmp/pvc/data-0/wal"
+        );
+        assert_eq!(
+            rewrite_mounts("--data-dir=/var/lib/raftkv", &mounts),
+            "--data-dir=/tmp/pvc/data-0"
+        );
+        assert_eq!(
+            rewrite_mounts("/var/lib/raftkvx", &mounts),
+            "/var/lib/raftkvx"
+        );
     }
 
     #[test]
@@ -1067,17 +1259,33 @@ mod tests {
         table.insert("raftkv/*", ImageMapping::new("/bin/any"));
         table.insert("raftkv/node:*", ImageMapping::new("/bin/node"));
         table.insert("raftkv/node:dev", ImageMapping::new("/bin/dev"));
-        assert_eq!(table.resolve("raftkv/node:1.0").unwrap().program, PathBuf::from("/bin/node"));
-        assert_eq!(table.resolve("raftkv/node:dev").unwrap().program, PathBuf::from("/bin/dev"));
-        assert_eq!(table.resolve("raftkv/operator:1").unwrap().program, PathBuf::from("/bin/any"));
+        assert_eq!(
+            table.resolve("raftkv/node:1.0").unwrap().program,
+            PathBuf::from("/bin/node")
+        );
+        assert_eq!(
+            table.resolve("raftkv/node:dev").unwrap().program,
+            PathBuf::from("/bin/dev")
+        );
+        assert_eq!(
+            table.resolve("raftkv/operator:1").unwrap().program,
+            PathBuf::from("/bin/any")
+        );
         assert!(table.resolve("nginx").is_none());
     }
 
     #[test]
     fn commands_naming_the_entrypoint_map_to_the_host_binary() {
-        let mapping = ImageMapping::new("/build/raftkv-node").binary("/usr/local/bin/helper", "/build/helper");
-        assert_eq!(mapping.resolve_command("/usr/bin/raftkv-node"), PathBuf::from("/build/raftkv-node"));
-        assert_eq!(mapping.resolve_command("/usr/local/bin/helper"), PathBuf::from("/build/helper"));
+        let mapping = ImageMapping::new("/build/raftkv-node")
+            .binary("/usr/local/bin/helper", "/build/helper");
+        assert_eq!(
+            mapping.resolve_command("/usr/bin/raftkv-node"),
+            PathBuf::from("/build/raftkv-node")
+        );
+        assert_eq!(
+            mapping.resolve_command("/usr/local/bin/helper"),
+            PathBuf::from("/build/helper")
+        );
         assert_eq!(mapping.resolve_command("python3"), PathBuf::from("python3"));
     }
 }

@@ -28,6 +28,7 @@
 //! - [`store`]: objects, resourceVersions, watch history, deletion and garbage collection.
 //! - [`resources`]: the served kinds, built-in and from CRDs.
 //! - [`discovery`] and [`table`]: discovery and OpenAPI documents, `kubectl get` tables.
+//! - [`protobuf`]: request bodies in Kubernetes protobuf, as kubectl's typed clients send.
 //! - [`patch`], [`selector`], [`jsonpath`]: patch flavours, selectors, printer-column paths.
 //! - [`controllers`]: StatefulSet, Deployment and ReplicaSet controllers.
 //! - [`kubelet`]: pods as host processes: images, env, volumes, probes, restarts, logs.
@@ -41,11 +42,12 @@ pub mod error;
 pub mod jsonpath;
 pub mod kubelet;
 pub mod patch;
+pub mod protobuf;
 pub mod resources;
 pub mod selector;
 pub mod store;
 pub mod table;
 
-pub use cluster::{ServiceEndpoint, SimCluster, SimClusterBuilder};
+pub use cluster::{eventually, ServiceEndpoint, SimCluster, SimClusterBuilder};
 pub use error::{ApiError, Error, Result};
 pub use kubelet::{ImageMapping, ImageTable};

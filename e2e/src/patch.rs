@@ -34,7 +34,9 @@ impl PatchType {
             "application/merge-patch+json" => Some(PatchType::Merge),
             "application/json-patch+json" => Some(PatchType::Json),
             "application/strategic-merge-patch+json" => Some(PatchType::StrategicMerge),
-            "application/apply-patch+yaml" | "application/apply-patch+json" => Some(PatchType::Apply),
+            "application/apply-patch+yaml" | "application/apply-patch+json" => {
+                Some(PatchType::Apply)
+            }
             _ => None,
         }
     }
@@ -86,8 +88,13 @@ pub fn apply(
 /// The key list items of field `field` merge by, given one of the items.
 fn merge_key(field: &str, sample: &Value) -> Option<&'static str> {
     match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes"
-        | "imagePullSecrets" | "hostAliases" => Some("name"),
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+        | "hostAliases" => Some("name"),
         "volumeMounts" | "volumeDevices" => Some("mountPath"),
         "ports" if sample.get("containerPort").is_some() => Some("containerPort"),
         "ports" if sample.get("port").is_some() => Some("port"),
@@ -151,7 +158,9 @@ fn strategic_merge(target: &mut Value, patch: &Value, merge_lists: bool) {
 fn merge_list(existing: &mut Vec<Value>, patch_items: &[Value], key: &str, merge_lists: bool) {
     for item in patch_items {
         let id = item.get(key);
-        let position = existing.iter().position(|e| id.is_some() && e.get(key) == id);
+        let position = existing
+            .iter()
+            .position(|e| id.is_some() && e.get(key) == id);
         let delete = item.get("$patch").and_then(Value::as_str) == Some("delete");
         match (position, delete) {
             (Some(i), true) => {
@@ -192,8 +201,11 @@ mod tests {
             {"name": "b", "$patch": "delete"}],
             "$setElementOrder/containers": [{"name": "a"}]}});
         apply(&mut pod, PatchType::StrategicMerge, &patch, false).unwrap();
-        assert_eq!(pod, json!({"spec": {"containers": [{"name": "a", "image": "x:2",
-            "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}]}}));
+        assert_eq!(
+            pod,
+            json!({"spec": {"containers": [{"name": "a", "image": "x:2",
+            "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}]}})
+        );
     }
 
     #[test]
@@ -201,7 +213,10 @@ mod tests {
         let mut obj = json!({"spec": {"replicas": 3, "image": "a"}, "status": {"conditions": [{"type": "A"}]}});
         let applied = json!({"spec": {"replicas": 5}, "status": {"conditions": [{"type": "B"}]}});
         apply(&mut obj, PatchType::Apply, &applied, true).unwrap();
-        assert_eq!(obj, json!({"spec": {"replicas": 5, "image": "a"}, "status": {"conditions": [{"type": "B"}]}}));
+        assert_eq!(
+            obj,
+            json!({"spec": {"replicas": 5, "image": "a"}, "status": {"conditions": [{"type": "B"}]}})
+        );
     }
 
     #[test]
@@ -212,6 +227,9 @@ mod tests {
 
     #[test]
     fn yaml_bodies_decode() {
-        assert_eq!(decode_body(b"a: 1\nb: [x]\n").unwrap(), json!({"a": 1, "b": ["x"]}));
+        assert_eq!(
+            decode_body(b"a: 1\nb: [x]\n").unwrap(),
+            json!({"a": 1, "b": ["x"]})
+        );
     }
 }

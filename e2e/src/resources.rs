@@ -308,29 +308,121 @@ const BUILTINS: &[Builtin] = &[
     b("", "v1", "Namespace", "namespaces", false, &["ns"]).status(),
     b("", "v1", "Node", "nodes", false, &["no"]).status(),
     b("", "v1", "Pod", "pods", true, &["po"]).status().in_all(),
-    b("", "v1", "Service", "services", true, &["svc"]).status().in_all(),
+    b("", "v1", "Service", "services", true, &["svc"])
+        .status()
+        .in_all(),
     b("", "v1", "Endpoints", "endpoints", true, &["ep"]),
     b("", "v1", "ConfigMap", "configmaps", true, &["cm"]),
     b("", "v1", "Secret", "secrets", true, &[]),
     b("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"]),
     b("", "v1", "Event", "events", true, &["ev"]),
-    b("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", true, &["pvc"]).status(),
-    b("", "v1", "PersistentVolume", "persistentvolumes", false, &["pv"]).status(),
-    b("apps", "v1", "StatefulSet", "statefulsets", true, &["sts"]).status().scale().in_all(),
-    b("apps", "v1", "Deployment", "deployments", true, &["deploy"]).status().scale().in_all(),
-    b("apps", "v1", "ReplicaSet", "replicasets", true, &["rs"]).status().scale().in_all(),
-    b("apps", "v1", "ControllerRevision", "controllerrevisions", true, &[]),
+    b(
+        "",
+        "v1",
+        "PersistentVolumeClaim",
+        "persistentvolumeclaims",
+        true,
+        &["pvc"],
+    )
+    .status(),
+    b(
+        "",
+        "v1",
+        "PersistentVolume",
+        "persistentvolumes",
+        false,
+        &["pv"],
+    )
+    .status(),
+    b("apps", "v1", "StatefulSet", "statefulsets", true, &["sts"])
+        .status()
+        .scale()
+        .in_all(),
+    b("apps", "v1", "Deployment", "deployments", true, &["deploy"])
+        .status()
+        .scale()
+        .in_all(),
+    b("apps", "v1", "ReplicaSet", "replicasets", true, &["rs"])
+        .status()
+        .scale()
+        .in_all(),
+    b(
+        "apps",
+        "v1",
+        "ControllerRevision",
+        "controllerrevisions",
+        true,
+        &[],
+    ),
     b("batch", "v1", "Job", "jobs", true, &[]).status().in_all(),
-    b("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", true, &["pdb"]).status(),
+    b(
+        "policy",
+        "v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        true,
+        &["pdb"],
+    )
+    .status(),
     b("coordination.k8s.io", "v1", "Lease", "leases", true, &[]),
     b("events.k8s.io", "v1", "Event", "events", true, &["ev"]),
-    b("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", true, &[]),
-    b("storage.k8s.io", "v1", "StorageClass", "storageclasses", false, &["sc"]),
-    b("rbac.authorization.k8s.io", "v1", "Role", "roles", true, &[]),
-    b("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", false, &[]),
-    b("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", true, &[]),
-    b("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", false, &[]),
-    b("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", false, &["crd", "crds"]).status(),
+    b(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        true,
+        &[],
+    ),
+    b(
+        "storage.k8s.io",
+        "v1",
+        "StorageClass",
+        "storageclasses",
+        false,
+        &["sc"],
+    ),
+    b(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "Role",
+        "roles",
+        true,
+        &[],
+    ),
+    b(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRole",
+        "clusterroles",
+        false,
+        &[],
+    ),
+    b(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "RoleBinding",
+        "rolebindings",
+        true,
+        &[],
+    ),
+    b(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        false,
+        &[],
+    ),
+    b(
+        "apiextensions.k8s.io",
+        "v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        false,
+        &["crd", "crds"],
+    )
+    .status(),
 ];
 
 fn builtin_columns(group: &str, plural: &str) -> Vec<PrinterColumn> {
@@ -424,6 +516,9 @@ mod tests {
         assert_eq!(defs.len(), 1);
         assert_eq!(defs[0].singular, "raftcluster");
         assert!(defs[0].status_subresource);
-        assert_eq!(defs[0].scale.as_ref().unwrap().spec_replicas, ".spec.replicas");
+        assert_eq!(
+            defs[0].scale.as_ref().unwrap().spec_replicas,
+            ".spec.replicas"
+        );
     }
 }

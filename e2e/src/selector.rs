@@ -26,8 +26,12 @@ struct Requirement {
 impl Requirement {
     fn matches(&self, value: Option<&str>) -> bool {
         match self.operator {
-            Operator::Equals | Operator::In => value.is_some_and(|v| self.values.iter().any(|x| x == v)),
-            Operator::NotEquals | Operator::NotIn => !value.is_some_and(|v| self.values.iter().any(|x| x == v)),
+            Operator::Equals | Operator::In => {
+                value.is_some_and(|v| self.values.iter().any(|x| x == v))
+            }
+            Operator::NotEquals | Operator::NotIn => {
+                !value.is_some_and(|v| self.values.iter().any(|x| x == v))
+            }
             Operator::Exists => value.is_some(),
             Operator::DoesNotExist => value.is_none(),
         }
@@ -56,7 +60,11 @@ fn split_terms(s: &str) -> Vec<&str> {
         }
     }
     terms.push(&s[start..]);
-    terms.into_iter().map(str::trim).filter(|t| !t.is_empty()).collect()
+    terms
+        .into_iter()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 fn parse_set(values: &str) -> Result<Vec<String>, ApiError> {
@@ -79,11 +87,25 @@ impl LabelSelector {
         let mut requirements = Vec::new();
         for term in split_terms(s) {
             let requirement = if let Some(key) = term.strip_prefix('!') {
-                Requirement { key: key.trim().to_string(), operator: Operator::DoesNotExist, values: vec![] }
+                Requirement {
+                    key: key.trim().to_string(),
+                    operator: Operator::DoesNotExist,
+                    values: vec![],
+                }
             } else if let Some((key, value)) = term.split_once("!=") {
-                Requirement { key: key.trim().to_string(), operator: Operator::NotEquals, values: vec![value.trim().to_string()] }
-            } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
-                Requirement { key: key.trim().to_string(), operator: Operator::Equals, values: vec![value.trim().to_string()] }
+                Requirement {
+                    key: key.trim().to_string(),
+                    operator: Operator::NotEquals,
+                    values: vec![value.trim().to_string()],
+                }
+            } else if let Some((key, value)) =
+                term.split_once("==").or_else(|| term.split_once('='))
+            {
+                Requirement {
+                    key: key.trim().to_string(),
+                    operator: Operator::Equals,
+                    values: vec![value.trim().to_string()],
+                }
             } else if let Some((key, rest)) = term.split_once(char::is_whitespace) {
                 let rest = rest.trim_start();
                 let (operator, values) = if let Some(v) = rest.strip_prefix("notin") {
@@ -91,14 +113,26 @@ impl LabelSelector {
                 } else if let Some(v) = rest.strip_prefix("in") {
                     (Operator::In, v)
                 } else {
-                    return Err(ApiError::bad_request(format!("invalid label selector term {term:?}")));
+                    return Err(ApiError::bad_request(format!(
+                        "invalid label selector term {term:?}"
+                    )));
                 };
-                Requirement { key: key.to_string(), operator, values: parse_set(values)? }
+                Requirement {
+                    key: key.to_string(),
+                    operator,
+                    values: parse_set(values)?,
+                }
             } else {
-                Requirement { key: term.to_string(), operator: Operator::Exists, values: vec![] }
+                Requirement {
+                    key: term.to_string(),
+                    operator: Operator::Exists,
+                    values: vec![],
+                }
             };
             if requirement.key.is_empty() {
-                return Err(ApiError::bad_request(format!("invalid label selector term {term:?}")));
+                return Err(ApiError::bad_request(format!(
+                    "invalid label selector term {term:?}"
+                )));
             }
             requirements.push(requirement);
         }
@@ -119,7 +153,11 @@ impl LabelSelector {
                 });
             }
         }
-        for expr in selector["matchExpressions"].as_array().into_iter().flatten() {
+        for expr in selector["matchExpressions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let operator = match expr["operator"].as_str() {
                 Some("In") => Operator::In,
                 Some("NotIn") => Operator::NotIn,
@@ -200,7 +238,9 @@ impl FieldSelector {
             } else if let Some((p, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 (p, true, v)
             } else {
-                return Err(ApiError::bad_request(format!("invalid field selector term {term:?}")));
+                return Err(ApiError::bad_request(format!(
+                    "invalid field selector term {term:?}"
+                )));
             };
             terms.push((format!(".{}", path.trim()), equal, value.trim().to_string()));
         }
@@ -210,7 +250,9 @@ impl FieldSelector {
     /// Whether the object matches every term; an absent field reads as the empty string.
     pub fn matches(&self, object: &Value) -> bool {
         self.terms.iter().all(|(path, equal, value)| {
-            let actual = jsonpath::get(object, path).map(jsonpath::display).unwrap_or_default();
+            let actual = jsonpath::get(object, path)
+                .map(jsonpath::display)
+                .unwrap_or_default();
             (actual == *value) == *equal
         })
     }
@@ -240,7 +282,11 @@ mod tests {
             ("missing!=x", true),
             ("", true),
         ] {
-            assert_eq!(LabelSelector::parse(selector).unwrap().matches(&obj), expected, "{selector}");
+            assert_eq!(
+                LabelSelector::parse(selector).unwrap().matches(&obj),
+                expected,
+                "{selector}"
+            );
         }
     }
 
@@ -255,8 +301,14 @@ mod tests {
     #[test]
     fn field_selector_reads_metadata_fields() {
         let obj = labelled(json!({}));
-        assert!(FieldSelector::parse("metadata.name=x").unwrap().matches(&obj));
-        assert!(FieldSelector::parse("metadata.namespace!=other").unwrap().matches(&obj));
-        assert!(!FieldSelector::parse("metadata.name=y").unwrap().matches(&obj));
+        assert!(FieldSelector::parse("metadata.name=x")
+            .unwrap()
+            .matches(&obj));
+        assert!(FieldSelector::parse("metadata.namespace!=other")
+            .unwrap()
+            .matches(&obj));
+        assert!(!FieldSelector::parse("metadata.name=y")
+            .unwrap()
+            .matches(&obj));
     }
 }

@@ -252,8 +252,13 @@ impl Store {
                 "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
             "provisioner": "raftkv.dev/host-directory", "reclaimPolicy": "Delete",
             "volumeBindingMode": "Immediate"});
-        self.create(&self.builtin("storage.k8s.io", "storageclasses"), "", class, false)
-            .expect("seeding the storage class");
+        self.create(
+            &self.builtin("storage.k8s.io", "storageclasses"),
+            "",
+            class,
+            false,
+        )
+        .expect("seeding the storage class");
     }
 
     /// A snapshot of the served resources.
@@ -313,7 +318,9 @@ impl Store {
         let mut x = self.uid_counter.fetch_add(1, Ordering::Relaxed) ^ self.uid_seed;
         (0..5)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 NAME_SUFFIX_ALPHABET[(x >> 33) as usize % NAME_SUFFIX_ALPHABET.len()] as char
             })
             .collect()
@@ -370,13 +377,20 @@ impl Store {
         dry_run: bool,
     ) -> Result<Value, ApiError> {
         if !object.is_object() {
-            return Err(ApiError::bad_request("the request body is not a JSON object"));
+            return Err(ApiError::bad_request(
+                "the request body is not a JSON object",
+            ));
         }
         let mut name = meta(&object, "name");
         if name.is_empty() {
             let prefix = meta(&object, "generateName");
             if prefix.is_empty() {
-                return Err(ApiError::invalid(&res.group, &res.plural, "", "metadata.name: Required value: name or generateName is required"));
+                return Err(ApiError::invalid(
+                    &res.group,
+                    &res.plural,
+                    "",
+                    "metadata.name: Required value: name or generateName is required",
+                ));
             }
             name = format!("{prefix}{}", self.random_suffix());
         }
@@ -385,10 +399,15 @@ impl Store {
             if !body_ns.is_empty() && body_ns != ns {
                 return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
             }
-            match inner.objects.get(&(NAMESPACES.to_string(), String::new(), ns.to_string())) {
+            match inner
+                .objects
+                .get(&(NAMESPACES.to_string(), String::new(), ns.to_string()))
+            {
                 None => return Err(ApiError::not_found("", "namespaces", ns)),
                 Some(n) if is_deleting(n) => {
-                    return Err(ApiError::forbidden(format!("unable to create new content in namespace {ns} because it is being terminated")))
+                    return Err(ApiError::forbidden(format!(
+                    "unable to create new content in namespace {ns} because it is being terminated"
+                )))
                 }
                 Some(_) => {}
             }
@@ -425,7 +444,13 @@ impl Store {
         let created = inner.commit(&self.events, res, ns, &name, object, None);
         if res.storage_key() == NAMESPACES {
             let sa = self.builtin_locked(inner, "", "serviceaccounts");
-            let _ = self.create_locked(inner, &sa, &name, json!({"metadata": {"name": "default"}}), false);
+            let _ = self.create_locked(
+                inner,
+                &sa,
+                &name,
+                json!({"metadata": {"name": "default"}}),
+                false,
+            );
         }
         Ok(with_version(created, res))
     }
@@ -485,7 +510,9 @@ impl Store {
                 meta_mut(&mut patched).remove("resourceVersion");
             }
         }
-        self.replace_locked(&mut inner, res, ns, name, existing, patched, target, dry_run)
+        self.replace_locked(
+            &mut inner, res, ns, name, existing, patched, target, dry_run,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -501,7 +528,9 @@ impl Store {
         dry_run: bool,
     ) -> Result<Value, ApiError> {
         if !new.is_object() {
-            return Err(ApiError::bad_request("the request body is not a JSON object"));
+            return Err(ApiError::bad_request(
+                "the request body is not a JSON object",
+            ));
         }
         let existing_rv = meta(&existing, "resourceVersion");
         let given_rv = meta(&new, "resourceVersion");
@@ -606,7 +635,12 @@ impl Store {
             .ok_or_else(|| ApiError::not_found(&res.group, &res.plural, name))?;
         if let Some(uid) = &options.precondition_uid {
             if *uid != meta(&existing, "uid") {
-                return Err(ApiError::conflict(&res.group, &res.plural, name, "Precondition failed: UID in precondition does not match the UID in the object"));
+                return Err(ApiError::conflict(
+                    &res.group,
+                    &res.plural,
+                    name,
+                    "Precondition failed: UID in precondition does not match the UID in the object",
+                ));
             }
         }
         if let Some(rv) = &options.precondition_rv {
@@ -632,7 +666,9 @@ impl Store {
         }
         let graceful_pod = is_pod
             && !force
-            && existing["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
+            && existing["spec"]["nodeName"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty());
         let is_namespace = storage == NAMESPACES;
         if graceful_pod || has_finalizers(&existing) || is_namespace {
             let mut marked = existing.clone();
@@ -739,8 +775,13 @@ fn with_version(mut object: Value, res: &ResourceDef) -> Value {
 /// Pods on a node stay until the kubelet has stopped their processes.
 fn awaits_kubelet(object: &Value, res: &ResourceDef) -> bool {
     res.storage_key() == PODS
-        && object["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty())
-        && object["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) > 0
+        && object["spec"]["nodeName"]
+            .as_str()
+            .is_some_and(|n| !n.is_empty())
+        && object["metadata"]["deletionGracePeriodSeconds"]
+            .as_i64()
+            .unwrap_or(0)
+            > 0
 }
 
 fn validate_crd(crd: &Value, name: &str) -> Result<(), ApiError> {
@@ -771,12 +812,19 @@ fn validate_crd(crd: &Value, name: &str) -> Result<(), ApiError> {
         .filter(|v| v["storage"] == json!(true))
         .count();
     if versions == 0 || storage != 1 {
-        return invalid("spec.versions: must have exactly one version marked as storage version".into());
+        return invalid(
+            "spec.versions: must have exactly one version marked as storage version".into(),
+        );
     }
     Ok(())
 }
 
-fn apply_defaults(inner: &mut Inner, res: &ResourceDef, object: &mut Value, existing: Option<&Value>) {
+fn apply_defaults(
+    inner: &mut Inner,
+    res: &ResourceDef,
+    object: &mut Value,
+    existing: Option<&Value>,
+) {
     fn default(object: &mut Value, path: &[&str], value: Value) {
         let mut current = object;
         for (i, field) in path.iter().enumerate() {
@@ -797,13 +845,25 @@ fn apply_defaults(inner: &mut Inner, res: &ResourceDef, object: &mut Value, exis
         NAMESPACES => {
             let name = meta(object, "name");
             default(object, &["status", "phase"], json!("Active"));
-            default(object, &["metadata", "labels", "kubernetes.io/metadata.name"], json!(name));
+            default(
+                object,
+                &["metadata", "labels", "kubernetes.io/metadata.name"],
+                json!(name),
+            );
         }
         PODS => {
             default(object, &["spec", "restartPolicy"], json!("Always"));
-            default(object, &["spec", "terminationGracePeriodSeconds"], json!(30));
+            default(
+                object,
+                &["spec", "terminationGracePeriodSeconds"],
+                json!(30),
+            );
             default(object, &["spec", "serviceAccountName"], json!("default"));
-            default(object, &["spec", "schedulerName"], json!("default-scheduler"));
+            default(
+                object,
+                &["spec", "schedulerName"],
+                json!("default-scheduler"),
+            );
             default(object, &["status", "phase"], json!("Pending"));
         }
         "/services" => {
@@ -812,7 +872,10 @@ fn apply_defaults(inner: &mut Inner, res: &ResourceDef, object: &mut Value, exis
             if let Some(ip) = existing.and_then(|e| e["spec"].get("clusterIP")) {
                 default(object, &["spec", "clusterIP"], ip.clone());
             }
-            if object["spec"]["clusterIP"].as_str().is_none_or(str::is_empty) {
+            if object["spec"]["clusterIP"]
+                .as_str()
+                .is_none_or(str::is_empty)
+            {
                 let n = inner.next_cluster_ip;
                 inner.next_cluster_ip += 1;
                 object["spec"]["clusterIP"] = json!(format!("10.96.{}.{}", n / 250, n % 250 + 1));
@@ -840,18 +903,46 @@ fn apply_defaults(inner: &mut Inner, res: &ResourceDef, object: &mut Value, exis
         }
         "apps/statefulsets" => {
             default(object, &["spec", "replicas"], json!(1));
-            default(object, &["spec", "podManagementPolicy"], json!("OrderedReady"));
-            default(object, &["spec", "updateStrategy", "type"], json!("RollingUpdate"));
+            default(
+                object,
+                &["spec", "podManagementPolicy"],
+                json!("OrderedReady"),
+            );
+            default(
+                object,
+                &["spec", "updateStrategy", "type"],
+                json!("RollingUpdate"),
+            );
             if object["spec"]["updateStrategy"]["type"] == json!("RollingUpdate") {
-                default(object, &["spec", "updateStrategy", "rollingUpdate", "partition"], json!(0));
+                default(
+                    object,
+                    &["spec", "updateStrategy", "rollingUpdate", "partition"],
+                    json!(0),
+                );
             }
             default(object, &["spec", "revisionHistoryLimit"], json!(10));
-            default(object, &["spec", "persistentVolumeClaimRetentionPolicy", "whenDeleted"], json!("Retain"));
-            default(object, &["spec", "persistentVolumeClaimRetentionPolicy", "whenScaled"], json!("Retain"));
+            default(
+                object,
+                &[
+                    "spec",
+                    "persistentVolumeClaimRetentionPolicy",
+                    "whenDeleted",
+                ],
+                json!("Retain"),
+            );
+            default(
+                object,
+                &["spec", "persistentVolumeClaimRetentionPolicy", "whenScaled"],
+                json!("Retain"),
+            );
         }
         "apps/deployments" => {
             default(object, &["spec", "replicas"], json!(1));
-            default(object, &["spec", "strategy", "type"], json!("RollingUpdate"));
+            default(
+                object,
+                &["spec", "strategy", "type"],
+                json!("RollingUpdate"),
+            );
             default(object, &["spec", "revisionHistoryLimit"], json!(10));
             default(object, &["spec", "progressDeadlineSeconds"], json!(600));
         }
@@ -972,9 +1063,14 @@ impl Inner {
         );
         if storage == CRDS {
             let group = object["spec"]["group"].as_str().unwrap_or_default();
-            let plural = object["spec"]["names"]["plural"].as_str().unwrap_or_default();
+            let plural = object["spec"]["names"]["plural"]
+                .as_str()
+                .unwrap_or_default();
             let instances = format!("{group}/{plural}");
-            let keys: Vec<ObjectKey> = self.in_storage(&instances).map(|(k, _)| k.clone()).collect();
+            let keys: Vec<ObjectKey> = self
+                .in_storage(&instances)
+                .map(|(k, _)| k.clone())
+                .collect();
             for (s, n, name) in keys {
                 self.remove(events, &s, &n, &name);
             }
@@ -1044,11 +1140,15 @@ impl Inner {
         existing: Value,
     ) {
         let running_pod = res.storage_key() == PODS
-            && existing["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
+            && existing["spec"]["nodeName"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty());
         if running_pod || has_finalizers(&existing) {
             let mut marked = existing.clone();
             let grace = if running_pod {
-                existing["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30)
+                existing["spec"]["terminationGracePeriodSeconds"]
+                    .as_i64()
+                    .unwrap_or(30)
             } else {
                 0
             };
@@ -1098,7 +1198,11 @@ impl Inner {
     }
 
     /// Removes a terminating namespace once it is empty.
-    fn finalize_namespace(&mut self, events: &broadcast::Sender<Arc<WatchEvent>>, ns: &str) -> Option<Value> {
+    fn finalize_namespace(
+        &mut self,
+        events: &broadcast::Sender<Arc<WatchEvent>>,
+        ns: &str,
+    ) -> Option<Value> {
         let ns_key = (NAMESPACES.to_string(), String::new(), ns.to_string());
         let terminating = self.objects.get(&ns_key).is_some_and(is_deleting);
         if !terminating || self.objects.keys().any(|(_, n, _)| n == ns) {
@@ -1109,7 +1213,10 @@ impl Inner {
 }
 
 /// Decodes the options of a DELETE from its query and body.
-pub fn delete_options(query: &BTreeMap<String, String>, body: &[u8]) -> Result<DeleteOptions, ApiError> {
+pub fn delete_options(
+    query: &BTreeMap<String, String>,
+    body: &[u8],
+) -> Result<DeleteOptions, ApiError> {
     let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
@@ -1118,10 +1225,15 @@ pub fn delete_options(query: &BTreeMap<String, String>, body: &[u8]) -> Result<D
     let propagation = body["propagationPolicy"]
         .as_str()
         .or(query.get("propagationPolicy").map(String::as_str))
-        .or(match body["orphanDependents"].as_bool().or(query.get("orphanDependents").map(|v| v == "true")) {
-            Some(true) => Some("Orphan"),
-            _ => None,
-        });
+        .or(
+            match body["orphanDependents"]
+                .as_bool()
+                .or(query.get("orphanDependents").map(|v| v == "true"))
+            {
+                Some(true) => Some("Orphan"),
+                _ => None,
+            },
+        );
     let propagation = match propagation {
         Some("Orphan") => Propagation::Orphan,
         Some("Foreground") => Propagation::Foreground,
@@ -1152,13 +1264,21 @@ mod tests {
         let store = Store::new(100);
         let cm = configmaps(&store);
         let created = store
-            .create(&cm, "default", json!({"metadata": {"name": "a"}, "data": {"k": "v"}}), false)
+            .create(
+                &cm,
+                "default",
+                json!({"metadata": {"name": "a"}, "data": {"k": "v"}}),
+                false,
+            )
             .unwrap();
         let rv = store.current_rv();
         let same = store
             .update(&cm, "default", "a", created.clone(), Target::Main, false)
             .unwrap();
-        assert_eq!(same["metadata"]["resourceVersion"], created["metadata"]["resourceVersion"]);
+        assert_eq!(
+            same["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
         assert_eq!(store.current_rv(), rv);
     }
 
@@ -1167,18 +1287,33 @@ mod tests {
         let store = Store::new(100);
         let sts = store.builtin("apps", "statefulsets");
         let created = store
-            .create(&sts, "default", json!({"metadata": {"name": "s"}, "spec": {"replicas": 1}}), false)
+            .create(
+                &sts,
+                "default",
+                json!({"metadata": {"name": "s"}, "spec": {"replicas": 1}}),
+                false,
+            )
             .unwrap();
         let mut labelled = created.clone();
         labelled["metadata"]["labels"] = json!({"a": "b"});
-        let labelled = store.update(&sts, "default", "s", labelled, Target::Main, false).unwrap();
+        let labelled = store
+            .update(&sts, "default", "s", labelled, Target::Main, false)
+            .unwrap();
         assert_eq!(labelled["metadata"]["generation"], json!(1));
         let err = store
             .update(&sts, "default", "s", created, Target::Main, false)
             .unwrap_err();
         assert_eq!(err.code, 409);
         let scaled = store
-            .patch(&sts, "default", "s", PatchType::Merge, &json!({"spec": {"replicas": 2}}), Target::Main, false)
+            .patch(
+                &sts,
+                "default",
+                "s",
+                PatchType::Merge,
+                &json!({"spec": {"replicas": 2}}),
+                Target::Main,
+                false,
+            )
             .unwrap();
         assert_eq!(scaled["metadata"]["generation"], json!(2));
     }
@@ -1188,12 +1323,27 @@ mod tests {
         let store = Store::new(100);
         let cm = configmaps(&store);
         store
-            .create(&cm, "default", json!({"metadata": {"name": "f", "finalizers": ["x/y"]}}), false)
+            .create(
+                &cm,
+                "default",
+                json!({"metadata": {"name": "f", "finalizers": ["x/y"]}}),
+                false,
+            )
             .unwrap();
-        let held = store.delete(&cm, "default", "f", &DeleteOptions::default(), false).unwrap();
+        let held = store
+            .delete(&cm, "default", "f", &DeleteOptions::default(), false)
+            .unwrap();
         assert!(!held["metadata"]["deletionTimestamp"].is_null());
         store
-            .patch(&cm, "default", "f", PatchType::Merge, &json!({"metadata": {"finalizers": null}}), Target::Main, false)
+            .patch(
+                &cm,
+                "default",
+                "f",
+                PatchType::Merge,
+                &json!({"metadata": {"finalizers": null}}),
+                Target::Main,
+                false,
+            )
             .unwrap();
         assert_eq!(store.get(&cm, "default", "f").unwrap_err().code, 404);
     }
@@ -1202,13 +1352,27 @@ mod tests {
     fn owner_deletion_cascades_to_dependents() {
         let store = Store::new(100);
         let cm = configmaps(&store);
-        let owner = store.create(&cm, "default", json!({"metadata": {"name": "owner"}}), false).unwrap();
+        let owner = store
+            .create(
+                &cm,
+                "default",
+                json!({"metadata": {"name": "owner"}}),
+                false,
+            )
+            .unwrap();
         let owner_ref = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
             "uid": owner["metadata"]["uid"]}]);
         store
-            .create(&cm, "default", json!({"metadata": {"name": "dep", "ownerReferences": owner_ref}}), false)
+            .create(
+                &cm,
+                "default",
+                json!({"metadata": {"name": "dep", "ownerReferences": owner_ref}}),
+                false,
+            )
             .unwrap();
-        store.delete(&cm, "default", "owner", &DeleteOptions::default(), false).unwrap();
+        store
+            .delete(&cm, "default", "owner", &DeleteOptions::default(), false)
+            .unwrap();
         assert_eq!(store.get(&cm, "default", "dep").unwrap_err().code, 404);
     }
 
@@ -1217,10 +1381,26 @@ mod tests {
         let store = Store::new(2);
         let cm = configmaps(&store);
         for i in 0..5 {
-            store.create(&cm, "default", json!({"metadata": {"name": format!("c{i}")}}), false).unwrap();
+            store
+                .create(
+                    &cm,
+                    "default",
+                    json!({"metadata": {"name": format!("c{i}")}}),
+                    false,
+                )
+                .unwrap();
         }
-        assert_eq!(store.watch(&cm, None, WatchStart::After(1)).err().map(|e| e.code), Some(410));
-        let recent = store.watch(&cm, None, WatchStart::After(store.current_rv() - 1)).ok().unwrap();
+        assert_eq!(
+            store
+                .watch(&cm, None, WatchStart::After(1))
+                .err()
+                .map(|e| e.code),
+            Some(410)
+        );
+        let recent = store
+            .watch(&cm, None, WatchStart::After(store.current_rv() - 1))
+            .ok()
+            .unwrap();
         assert_eq!(recent.initial.len(), 1);
     }
 }

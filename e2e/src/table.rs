@@ -49,7 +49,10 @@ fn computed_cell(res: &ResourceDef, column: &str, object: &Value) -> Value {
             let ready = statuses
                 .map(|s| s.iter().filter(|c| c["ready"] == json!(true)).count())
                 .unwrap_or(0);
-            let total = object["spec"]["containers"].as_array().map(Vec::len).unwrap_or(0);
+            let total = object["spec"]["containers"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0);
             json!(format!("{ready}/{total}"))
         }
         ("pods", "Restarts") => json!(object["status"]["containerStatuses"]

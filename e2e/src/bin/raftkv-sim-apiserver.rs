@@ -1,7 +1,7 @@
 //! `raftkv-sim-apiserver`: the simulated Kubernetes control plane as a standalone process.
 //!
 //! Serves the API on 127.0.0.1, writes a kubeconfig for kubectl, Helm or an operator under
-//! development, runs the controllers and the kubelet, and stops every pod on Ctrl-C.
+//! development, runs the controllers and the kubelet, and stops every pod on Ctrl-C or SIGTERM.
 
 use std::path::PathBuf;
 
@@ -52,9 +52,18 @@ async fn main() -> anyhow::Result<()> {
         };
         builder = builder.image(pattern, ImageMapping::new(program));
     }
-    let cluster = builder.start().await.context("starting the simulated cluster")?;
-    println!("serving {} ; kubeconfig {}", cluster.url(), args.kubeconfig.display());
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    let cluster = builder
+        .start()
+        .await
+        .context("starting the simulated cluster")?;
+    println!(
+        "serving {} ; kubeconfig {}",
+        cluster.url(),
+        args.kubeconfig.display()
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     cluster.shutdown().await;
     Ok(())
 }
