@@ -1,0 +1,53 @@
+//! raftkv's end-to-end suite: a simulated Kubernetes control plane that real clients drive.
+//!
+//! These machines have no cluster, no container engine and no network beyond package
+//! registries, so the suite brings its own control plane: an in-memory API server that the real
+//! `kubectl` and kube-rs talk to over HTTP, workload controllers, and a kubelet that runs every
+//! pod as real host processes. See `e2e/README.md` for what it does and every way it differs
+//! from a real cluster.
+//!
+//! ```no_run
+//! # async fn demo() -> raftkv_e2e::Result<()> {
+//! use raftkv_e2e::{ImageMapping, SimCluster};
+//! let cluster = SimCluster::builder()
+//!     .image("raftkv/node:*", ImageMapping::new("target/debug/raftkv-node"))
+//!     .start()
+//!     .await?;
+//! let client = cluster.kube_client().await?;
+//! let status = cluster.kubectl().args(["get", "pods"]).status();
+//! let endpoints = cluster.service_endpoints("default", "demo")?;
+//! println!("{}", cluster.report());
+//! cluster.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`cluster`]: [`SimCluster`], starting and stopping everything, kubeconfig, kubectl and
+//!   kube-rs clients, pod logs, Service endpoints, failure reports.
+//! - [`apiserver`]: HTTP routing of Kubernetes REST paths, watches, subresources.
+//! - [`store`]: objects, resourceVersions, watch history, deletion and garbage collection.
+//! - [`resources`]: the served kinds, built-in and from CRDs.
+//! - [`discovery`] and [`table`]: discovery and OpenAPI documents, `kubectl get` tables.
+//! - [`protobuf`]: request bodies in Kubernetes protobuf, as kubectl's typed clients send.
+//! - [`patch`], [`selector`], [`jsonpath`]: patch flavours, selectors, printer-column paths.
+//! - [`controllers`]: StatefulSet, Deployment and ReplicaSet controllers.
+//! - [`kubelet`]: pods as host processes: images, env, volumes, probes, restarts, logs.
+//! - [`error`]: [`Error`] and [`ApiError`].
+
+pub mod apiserver;
+pub mod cluster;
+pub mod controllers;
+pub mod discovery;
+pub mod error;
+pub mod jsonpath;
+pub mod kubelet;
+pub mod patch;
+pub mod protobuf;
+pub mod resources;
+pub mod selector;
+pub mod store;
+pub mod table;
+
+pub use cluster::{eventually, ServiceEndpoint, SimCluster, SimClusterBuilder};
+pub use error::{ApiError, Error, Result};
+pub use kubelet::{ImageMapping, ImageTable};
