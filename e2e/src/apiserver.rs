@@ -52,10 +52,7 @@ pub struct ApiServer {
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    server: Arc<ApiServer>,
-) -> std::io::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, server: Arc<ApiServer>) -> std::io::Result<()> {
     let shutdown = server.shutdown.clone();
     let app = Router::new().fallback(handle).with_state(server);
     axum::serve(listener, app)
@@ -67,10 +64,9 @@ type Query = BTreeMap<String, String>;
 
 fn json_response(code: StatusCode, body: &Value) -> Response {
     let mut response = (code, body.to_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
@@ -90,12 +86,7 @@ struct ResourcePath {
     subresource: Option<String>,
 }
 
-fn parse_resource_path(
-    store: &Store,
-    group: &str,
-    version: &str,
-    rest: &[&str],
-) -> Option<ResourcePath> {
+fn parse_resource_path(store: &Store, group: &str, version: &str, rest: &[&str]) -> Option<ResourcePath> {
     let build = |namespace: Option<&str>, plural: &str, name: Option<&&str>, sub: Option<&&str>| {
         Some(ResourcePath {
             group: group.to_string(),
@@ -108,10 +99,7 @@ fn parse_resource_path(
     };
     match rest {
         ["namespaces", ns, plural, tail @ ..]
-            if tail.len() <= 2
-                && store
-                    .resolve(group, version, plural)
-                    .is_some_and(|r| r.namespaced) =>
+            if tail.len() <= 2 && store.resolve(group, version, plural).is_some_and(|r| r.namespaced) =>
         {
             build(Some(ns), plural, tail.first(), tail.get(1))
         }
@@ -128,10 +116,9 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().trim_end_matches('/').to_string();
-    let query: Query =
-        serde_urlencoded::from_str::<Vec<(String, String)>>(uri.query().unwrap_or(""))
-            .map(|pairs| pairs.into_iter().collect())
-            .unwrap_or_default();
+    let query: Query = serde_urlencoded::from_str::<Vec<(String, String)>>(uri.query().unwrap_or(""))
+        .map(|pairs| pairs.into_iter().collect())
+        .unwrap_or_default();
     let response = route(&server, &method, &path, &query, &headers, body).await;
     tracing::debug!(%method, %uri, status = response.status().as_u16(), "api request");
     response
@@ -153,16 +140,11 @@ async fn route(
         ["healthz"] | ["livez"] | ["readyz"] => (StatusCode::OK, "ok").into_response(),
         ["api"] => ok(discovery::core_versions(&server.address.to_string())),
         ["apis"] => ok(discovery::group_list(&registry)),
-        ["openapi", "v3"] => ok(discovery::openapi_v3_index(
-            &registry,
-            registry_generation(&registry),
-        )),
-        ["openapi", "v3", rest @ ..] => {
-            match discovery::openapi_v3_group_version(&registry, &rest.join("/")) {
-                Some(doc) => ok(doc),
-                None => error_response(&ApiError::no_route(path)),
-            }
-        }
+        ["openapi", "v3"] => ok(discovery::openapi_v3_index(&registry, registry_generation(&registry))),
+        ["openapi", "v3", rest @ ..] => match discovery::openapi_v3_group_version(&registry, &rest.join("/")) {
+            Some(doc) => ok(doc),
+            None => error_response(&ApiError::no_route(path)),
+        },
         ["api", version] => match discovery::resource_list(&registry, "", version) {
             Some(doc) => ok(doc),
             None => error_response(&ApiError::no_route(path)),
@@ -270,24 +252,13 @@ async fn resource_request(
     };
     let result = match (&p.name, &p.subresource) {
         (None, _) => {
-            if method == Method::GET && query.get("watch").is_some_and(|w| w == "true" || w == "1")
-            {
+            if method == Method::GET && query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 return watch(server, res, p.namespace.clone(), query, headers).await;
             }
-            collection(
-                server,
-                &res,
-                p.namespace.as_deref(),
-                method,
-                query,
-                headers,
-                &body,
-            )
+            collection(server, &res, p.namespace.as_deref(), method, query, headers, &body)
         }
         (Some(name), None) => object(server, &res, &ns, name, method, query, headers, &body),
-        (Some(name), Some(sub)) => {
-            subresource(server, &res, &ns, name, sub, method, query, headers, &body)
-        }
+        (Some(name), Some(sub)) => subresource(server, &res, &ns, name, sub, method, query, headers, &body),
     };
     match result {
         Ok(response) => response,
@@ -324,10 +295,7 @@ fn collection(
             let (items, rv) = store.list(res, ns, &labels, &fields);
             let (items, metadata) = paginate(items, rv, query)?;
             if wants_table(headers) {
-                let include = query
-                    .get("includeObject")
-                    .map(String::as_str)
-                    .unwrap_or("Metadata");
+                let include = query.get("includeObject").map(String::as_str).unwrap_or("Metadata");
                 return Ok(json_response(
                     StatusCode::OK,
                     &table::table(res, &items, metadata, include),
@@ -342,9 +310,7 @@ fn collection(
         Method::POST => {
             let ns = ns.unwrap_or_default();
             if res.namespaced && ns.is_empty() {
-                return Err(ApiError::bad_request(
-                    "a namespace is required to create this resource",
-                ));
+                return Err(ApiError::bad_request("a namespace is required to create this resource"));
             }
             let created = store.create(res, ns, decode(body)?, is_dry_run(query))?;
             Ok(json_response(StatusCode::CREATED, &created))
@@ -355,14 +321,8 @@ fn collection(
             let (items, rv) = store.list(res, ns, &labels, &fields);
             let mut deleted = Vec::new();
             for item in items {
-                let item_ns = item["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let name = item["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
+                let item_ns = item["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
+                let name = item["metadata"]["name"].as_str().unwrap_or_default().to_string();
                 deleted.push(store.delete(res, &item_ns, &name, &options, is_dry_run(query))?);
             }
             Ok(json_response(
@@ -382,14 +342,8 @@ fn paginate(items: Vec<Value>, rv: u64, query: &Query) -> Result<(Vec<Value>, Va
     let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let position = |o: &Value| {
         (
-            o["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            o["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
+            o["metadata"]["namespace"].as_str().unwrap_or_default().to_string(),
+            o["metadata"]["name"].as_str().unwrap_or_default().to_string(),
         )
     };
     let mut items = items;
@@ -421,10 +375,7 @@ fn paginate(items: Vec<Value>, rv: u64, query: &Query) -> Result<(Vec<Value>, Va
 
 fn single(res: &ResourceDef, object: Value, headers: &HeaderMap, query: &Query) -> Response {
     if wants_table(headers) {
-        let include = query
-            .get("includeObject")
-            .map(String::as_str)
-            .unwrap_or("Metadata");
+        let include = query.get("includeObject").map(String::as_str).unwrap_or("Metadata");
         let rv = object["metadata"]["resourceVersion"].clone();
         return json_response(
             StatusCode::OK,
@@ -455,17 +406,8 @@ fn object(
         }
         Method::PATCH => {
             let ct = content_type(headers);
-            let patch_type = PatchType::from_content_type(&ct)
-                .ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
-            let patched = store.patch(
-                res,
-                ns,
-                name,
-                patch_type,
-                &decode(body)?,
-                Target::Main,
-                dry_run,
-            )?;
+            let patch_type = PatchType::from_content_type(&ct).ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
+            let patched = store.patch(res, ns, name, patch_type, &decode(body)?, Target::Main, dry_run)?;
             Ok(json_response(StatusCode::OK, &patched))
         }
         Method::DELETE => {
@@ -494,41 +436,24 @@ fn subresource(
     let store = &server.store;
     let dry_run = is_dry_run(query);
     match (sub, method.clone()) {
-        ("status", Method::GET) if res.status_subresource => {
-            Ok(single(res, store.get(res, ns, name)?, headers, query))
-        }
+        ("status", Method::GET) if res.status_subresource => Ok(single(res, store.get(res, ns, name)?, headers, query)),
         ("status", Method::PUT) if res.status_subresource => {
             let updated = store.update(res, ns, name, decode(body)?, Target::Status, dry_run)?;
             Ok(json_response(StatusCode::OK, &updated))
         }
         ("status", Method::PATCH) if res.status_subresource => {
             let ct = content_type(headers);
-            let patch_type = PatchType::from_content_type(&ct)
-                .ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
-            let patched = store.patch(
-                res,
-                ns,
-                name,
-                patch_type,
-                &decode(body)?,
-                Target::Status,
-                dry_run,
-            )?;
+            let patch_type = PatchType::from_content_type(&ct).ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
+            let patched = store.patch(res, ns, name, patch_type, &decode(body)?, Target::Status, dry_run)?;
             Ok(json_response(StatusCode::OK, &patched))
         }
-        ("scale", _) if res.scale.is_some() => {
-            scale(server, res, ns, name, method, headers, body, dry_run)
-        }
+        ("scale", _) if res.scale.is_some() => scale(server, res, ns, name, method, headers, body, dry_run),
         ("log", Method::GET) if res.storage_key() == store::PODS => {
             let pod = store.get(res, ns, name)?;
             let container = query
                 .get("container")
                 .cloned()
-                .or_else(|| {
-                    pod["spec"]["containers"][0]["name"]
-                        .as_str()
-                        .map(str::to_string)
-                })
+                .or_else(|| pod["spec"]["containers"][0]["name"].as_str().map(str::to_string))
                 .unwrap_or_default();
             let path = kubelet::log_path(&server.log_root, ns, name, &container);
             let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -545,10 +470,7 @@ fn subresource(
         }
         ("eviction", Method::POST) if res.storage_key() == store::PODS => {
             let eviction = decode(body)?;
-            let options = store::delete_options(
-                &Query::new(),
-                eviction["deleteOptions"].to_string().as_bytes(),
-            )?;
+            let options = store::delete_options(&Query::new(), eviction["deleteOptions"].to_string().as_bytes())?;
             store.delete(res, ns, name, &options, dry_run)?;
             Ok(json_response(
                 StatusCode::CREATED,
@@ -561,15 +483,8 @@ fn subresource(
 
 /// The `autoscaling/v1 Scale` view of an object.
 fn scale_of(res: &ResourceDef, object: &Value) -> Value {
-    let paths = res
-        .scale
-        .as_ref()
-        .expect("callers check for a scale subresource");
-    let replicas = |path: &str| {
-        jsonpath::get(object, path)
-            .and_then(Value::as_i64)
-            .unwrap_or(0)
-    };
+    let paths = res.scale.as_ref().expect("callers check for a scale subresource");
+    let replicas = |path: &str| jsonpath::get(object, path).and_then(Value::as_i64).unwrap_or(0);
     let selector = paths
         .label_selector
         .as_deref()
@@ -608,27 +523,19 @@ fn scale(
     dry_run: bool,
 ) -> Result<Response, ApiError> {
     let store = &server.store;
-    let paths = res
-        .scale
-        .as_ref()
-        .expect("callers check for a scale subresource");
+    let paths = res.scale.as_ref().expect("callers check for a scale subresource");
     let current = store.get(res, ns, name)?;
     let desired = match *method {
         Method::GET => return Ok(json_response(StatusCode::OK, &scale_of(res, &current))),
         Method::PUT => decode(body)?,
         Method::PATCH => {
             let ct = content_type(headers);
-            let patch_type = PatchType::from_content_type(&ct)
-                .ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
+            let patch_type = PatchType::from_content_type(&ct).ok_or_else(|| ApiError::unsupported_media_type(&ct))?;
             let mut scale = scale_of(res, &current);
             patch::apply(&mut scale, patch_type, &decode(body)?, false)?;
             scale
         }
-        _ => {
-            return Err(ApiError::method_not_allowed(
-                "scale supports get, update and patch",
-            ))
-        }
+        _ => return Err(ApiError::method_not_allowed("scale supports get, update and patch")),
     };
     let Some(replicas) = desired["spec"]["replicas"].as_i64() else {
         return Err(ApiError::invalid(
@@ -653,18 +560,13 @@ fn scale(
 }
 
 fn event_line(event_type: &str, object: &Value) -> Bytes {
-    let mut line =
-        serde_json::to_vec(&json!({"type": event_type, "object": object})).unwrap_or_default();
+    let mut line = serde_json::to_vec(&json!({"type": event_type, "object": object})).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
 }
 
 /// The event a selector-filtered watcher should see for a change, if any.
-fn filtered(
-    event: &WatchEvent,
-    labels: &LabelSelector,
-    fields: &FieldSelector,
-) -> Option<EventType> {
+fn filtered(event: &WatchEvent, labels: &LabelSelector, fields: &FieldSelector) -> Option<EventType> {
     let matches = |o: &Value| labels.matches(o) && fields.matches(o);
     let now = matches(&event.object);
     match event.event_type {
@@ -698,16 +600,10 @@ async fn watch(
         None | Some("") | Some("0") => WatchStart::Now,
         Some(rv) => match rv.parse::<u64>() {
             Ok(rv) => WatchStart::After(rv),
-            Err(_) => {
-                return error_response(&ApiError::bad_request(format!(
-                    "invalid resourceVersion {rv:?}"
-                )))
-            }
+            Err(_) => return error_response(&ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))),
         },
     };
-    let bookmarks = query
-        .get("allowWatchBookmarks")
-        .is_some_and(|v| v == "true");
+    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let timeout = query
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
@@ -719,10 +615,9 @@ async fn watch(
         rx.recv().await.map(|line| (Ok::<_, Infallible>(line), rx))
     }));
     let mut response = Response::new(body);
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
 
     let stream = match server.store.watch(&res, ns.as_deref(), start) {
         Ok(stream) => stream,
@@ -757,11 +652,7 @@ async fn watch(
         };
         for event in &stream.initial {
             if let Some(t) = filtered(event, &labels, &fields) {
-                if tx
-                    .send(event_line(t.as_str(), &render(&event.object)))
-                    .await
-                    .is_err()
-                {
+                if tx.send(event_line(t.as_str(), &render(&event.object))).await.is_err() {
                     return;
                 }
             }

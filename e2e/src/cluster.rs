@@ -83,8 +83,7 @@ impl SimClusterBuilder {
                 (dir.path().to_path_buf(), Some(dir))
             }
         };
-        std::fs::create_dir_all(&root)
-            .map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
+        std::fs::create_dir_all(&root).map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
             .await
             .map_err(|e| Error::io("binding the API server", e))?;
@@ -167,8 +166,7 @@ fn write_kubeconfig(path: &Path, server: &str) -> Result<()> {
          cluster: raftkv-sim\n    user: raftkv-sim\n    namespace: default\ncurrent-context: raftkv-sim\n"
     );
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
     std::fs::write(path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
@@ -220,10 +218,7 @@ impl SimCluster {
     pub async fn kubectl_output<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<String> {
         let mut command = tokio::process::Command::from(self.kubectl());
         command.args(args).kill_on_drop(true);
-        let output = command
-            .output()
-            .await
-            .map_err(|e| Error::io("running kubectl", e))?;
+        let output = command.output().await.map_err(|e| Error::io("running kubectl", e))?;
         if !output.status.success() {
             return Err(Error::Kubectl {
                 args: args
@@ -240,10 +235,7 @@ impl SimCluster {
 
     /// A kube-rs client for this cluster (default namespace `default`).
     pub async fn kube_client(&self) -> Result<kube::Client> {
-        let url = self
-            .url()
-            .parse()
-            .map_err(|e| Error::Kube(format!("{e}")))?;
+        let url = self.url().parse().map_err(|e| Error::Kube(format!("{e}")))?;
         let config = kube::Config::new(url);
         kube::Client::try_from(config).map_err(|e| Error::Kube(e.to_string()))
     }
@@ -284,11 +276,7 @@ impl SimCluster {
 
     /// The ready endpoints of a Service: the ready pods its selector picks (all of them when
     /// `publishNotReadyAddresses` is set), with target ports resolved (named ports included).
-    pub fn service_endpoints(
-        &self,
-        namespace: &str,
-        service: &str,
-    ) -> Result<Vec<ServiceEndpoint>> {
+    pub fn service_endpoints(&self, namespace: &str, service: &str) -> Result<Vec<ServiceEndpoint>> {
         let svc = self
             .store
             .get(&self.store.builtin("", "services"), namespace, service)?;
@@ -300,10 +288,7 @@ impl SimCluster {
         let mut endpoints = Vec::new();
         for pod in self.store.objects_of(store::PODS) {
             let m = &pod["metadata"];
-            if m["namespace"] != namespace
-                || !m["deletionTimestamp"].is_null()
-                || !selector.matches(&pod)
-            {
+            if m["namespace"] != namespace || !m["deletionTimestamp"].is_null() || !selector.matches(&pod) {
                 continue;
             }
             let ready = pod["status"]["conditions"]
@@ -311,10 +296,7 @@ impl SimCluster {
                 .into_iter()
                 .flatten()
                 .any(|c| c["type"] == "Ready" && c["status"] == "True");
-            let Some(ip) = pod["status"]["podIP"]
-                .as_str()
-                .and_then(|ip| ip.parse().ok())
-            else {
+            let Some(ip) = pod["status"]["podIP"].as_str().and_then(|ip| ip.parse().ok()) else {
                 continue;
             };
             if !ready && !include_unready {

@@ -131,10 +131,7 @@ fn owner_reference(owner: &Value, kind: &str, controller: bool) -> Value {
 }
 
 fn labels_of(object: &Value) -> Map<String, Value> {
-    object["metadata"]["labels"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default()
+    object["metadata"]["labels"].as_object().cloned().unwrap_or_default()
 }
 
 /// A pod from a workload's template.
@@ -212,14 +209,8 @@ impl Controllers {
         log_failure(
             "writing workload status",
             name_of(object),
-            self.store.update(
-                res,
-                ns_of(object),
-                name_of(object),
-                updated,
-                Target::Status,
-                false,
-            ),
+            self.store
+                .update(res, ns_of(object), name_of(object), updated, Target::Status, false),
         );
     }
 
@@ -227,13 +218,8 @@ impl Controllers {
         log_failure(
             "deleting pod",
             name_of(pod),
-            self.store.delete(
-                &self.pods,
-                ns_of(pod),
-                name_of(pod),
-                &DeleteOptions::default(),
-                false,
-            ),
+            self.store
+                .delete(&self.pods, ns_of(pod), name_of(pod), &DeleteOptions::default(), false),
         );
     }
 
@@ -246,29 +232,17 @@ impl Controllers {
         let replicas = spec["replicas"].as_i64().unwrap_or(1).max(0);
         let template = &spec["template"];
         let revision = format!("{name}-{}", template_hash(template));
-        let claims: Vec<Value> = spec["volumeClaimTemplates"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let claims: Vec<Value> = spec["volumeClaimTemplates"].as_array().cloned().unwrap_or_default();
         let retention = &spec["persistentVolumeClaimRetentionPolicy"];
         let delete_claims_with_set = retention["whenDeleted"] == "Delete";
         let delete_claims_on_scale = retention["whenScaled"] == "Delete";
-        let selector_labels = spec["selector"]["matchLabels"]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
+        let selector_labels = spec["selector"]["matchLabels"].as_object().cloned().unwrap_or_default();
 
         let pods = self.owned_pods(sts);
-        let ordinal_of = |pod: &Value| -> Option<i64> {
-            name_of(pod)
-                .strip_prefix(name)?
-                .strip_prefix('-')?
-                .parse()
-                .ok()
-        };
+        let ordinal_of =
+            |pod: &Value| -> Option<i64> { name_of(pod).strip_prefix(name)?.strip_prefix('-')?.parse().ok() };
         let pod_at = |ordinal: i64| pods.iter().find(|p| ordinal_of(p) == Some(ordinal));
-        let claim_name =
-            |template: &Value, ordinal: i64| format!("{}-{name}-{ordinal}", name_of(template));
+        let claim_name = |template: &Value, ordinal: i64| format!("{}-{name}-{ordinal}", name_of(template));
 
         for ordinal in 0..replicas {
             for claim in &claims {
@@ -283,8 +257,7 @@ impl Controllers {
                     pvc["metadata"]["annotations"] = annotations.clone();
                 }
                 if delete_claims_with_set {
-                    pvc["metadata"]["ownerReferences"] =
-                        json!([owner_reference(sts, "StatefulSet", false)]);
+                    pvc["metadata"]["ownerReferences"] = json!([owner_reference(sts, "StatefulSet", false)]);
                 }
                 log_failure(
                     "creating PVC",
@@ -297,10 +270,7 @@ impl Controllers {
                 let mut extra = Map::new();
                 extra.insert("statefulset.kubernetes.io/pod-name".into(), json!(pod_name));
                 extra.insert("controller-revision-hash".into(), json!(revision));
-                extra.insert(
-                    "apps.kubernetes.io/pod-index".into(),
-                    json!(ordinal.to_string()),
-                );
+                extra.insert("apps.kubernetes.io/pod-index".into(), json!(ordinal.to_string()));
                 let mut pod = pod_from_template(
                     template,
                     Some(&pod_name),
@@ -315,9 +285,7 @@ impl Controllers {
                 if !pod["spec"]["volumes"].is_array() {
                     pod["spec"]["volumes"] = json!([]);
                 }
-                let volumes = pod["spec"]["volumes"]
-                    .as_array_mut()
-                    .expect("made an array");
+                let volumes = pod["spec"]["volumes"].as_array_mut().expect("made an array");
                 for claim in &claims {
                     let volume_name = name_of(claim);
                     if !volumes.iter().any(|v| v["name"] == volume_name) {
@@ -326,11 +294,7 @@ impl Controllers {
                     }
                 }
                 tracing::info!(statefulset = name, pod = %pod_name, "creating pod");
-                log_failure(
-                    "creating pod",
-                    &pod_name,
-                    self.store.create(&self.pods, ns, pod, false),
-                );
+                log_failure("creating pod", &pod_name, self.store.create(&self.pods, ns, pod, false));
             }
         }
         for pod in &pods {
@@ -338,11 +302,7 @@ impl Controllers {
                 Some(ordinal) if ordinal < replicas => {}
                 _ if deleting(pod) => {}
                 _ => {
-                    tracing::info!(
-                        statefulset = name,
-                        pod = name_of(pod),
-                        "scaling down: deleting pod"
-                    );
+                    tracing::info!(statefulset = name, pod = name_of(pod), "scaling down: deleting pod");
                     self.delete_pod(pod);
                 }
             }
@@ -362,13 +322,8 @@ impl Controllers {
                     log_failure(
                         "deleting PVC",
                         name_of(&pvc),
-                        self.store.delete(
-                            &self.pvcs,
-                            ns,
-                            name_of(&pvc),
-                            &DeleteOptions::default(),
-                            false,
-                        ),
+                        self.store
+                            .delete(&self.pvcs, ns, name_of(&pvc), &DeleteOptions::default(), false),
                     );
                 }
             }
@@ -381,8 +336,7 @@ impl Controllers {
         let strategy = &spec["updateStrategy"];
         if strategy["type"].as_str().unwrap_or("RollingUpdate") == "RollingUpdate" {
             let partition = strategy["rollingUpdate"]["partition"].as_i64().unwrap_or(0);
-            let settled =
-                (0..replicas).all(|o| pod_at(o).is_some_and(|p| !deleting(p) && is_ready(p)));
+            let settled = (0..replicas).all(|o| pod_at(o).is_some_and(|p| !deleting(p) && is_ready(p)));
             if settled {
                 let outdated = pods
                     .iter()
@@ -444,11 +398,7 @@ impl Controllers {
                 Map::new(),
                 owner_reference(rs, "ReplicaSet", true),
             );
-            log_failure(
-                "creating pod",
-                name,
-                self.store.create(&self.pods, ns, pod, false),
-            );
+            log_failure("creating pod", name, self.store.create(&self.pods, ns, pod, false));
         }
         if active.len() > replicas {
             active.sort_by_key(|p| {
@@ -581,12 +531,9 @@ impl Controllers {
         let condition = |kind: &str, ok: bool, reason: &str, message: String| {
             let status = if ok { "True" } else { "False" };
             let previous = existing_conditions.iter().find(|c| c["type"] == kind);
-            let unchanged =
-                previous.is_some_and(|c| c["status"] == status && c["reason"] == reason);
+            let unchanged = previous.is_some_and(|c| c["status"] == status && c["reason"] == reason);
             let (transition, update) = match previous {
-                Some(c) if unchanged => {
-                    (c["lastTransitionTime"].clone(), c["lastUpdateTime"].clone())
-                }
+                Some(c) if unchanged => (c["lastTransitionTime"].clone(), c["lastUpdateTime"].clone()),
                 _ => (json!(now_rfc3339()), json!(now_rfc3339())),
             };
             json!({"type": kind, "status": status, "reason": reason, "message": message,

@@ -93,27 +93,19 @@ fn resource_entries(r: &ResourceDef) -> Vec<Value> {
     }
     let mut entries = vec![main];
     if r.status_subresource {
-        entries.push(
-            json!({"name": format!("{}/status", r.plural), "singularName": "",
-            "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}),
-        );
+        entries.push(json!({"name": format!("{}/status", r.plural), "singularName": "",
+            "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
     }
     if r.scale.is_some() {
-        entries.push(
-            json!({"name": format!("{}/scale", r.plural), "singularName": "",
+        entries.push(json!({"name": format!("{}/scale", r.plural), "singularName": "",
             "namespaced": r.namespaced, "group": "autoscaling", "version": "v1", "kind": "Scale",
-            "verbs": ["get", "patch", "update"]}),
-        );
+            "verbs": ["get", "patch", "update"]}));
     }
     if r.group.is_empty() && r.plural == "pods" {
-        entries.push(
-            json!({"name": "pods/log", "singularName": "", "namespaced": true,
-            "kind": "Pod", "verbs": ["get"]}),
-        );
-        entries.push(
-            json!({"name": "pods/eviction", "singularName": "", "namespaced": true,
-            "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]}),
-        );
+        entries.push(json!({"name": "pods/log", "singularName": "", "namespaced": true,
+            "kind": "Pod", "verbs": ["get"]}));
+        entries.push(json!({"name": "pods/eviction", "singularName": "", "namespaced": true,
+            "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]}));
     }
     entries
 }
@@ -168,10 +160,7 @@ pub fn openapi_v3_group_version(registry: &Registry, path: &str) -> Option<Value
         _ => return None,
     };
     let mut paths = serde_json::Map::new();
-    for r in registry
-        .all()
-        .filter(|r| r.group == group && r.version == version)
-    {
+    for r in registry.all().filter(|r| r.group == group && r.version == version) {
         let prefix = format!("/{}", gv_path(&group, &version));
         let item = if r.namespaced {
             format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
@@ -232,12 +221,8 @@ mod tests {
     fn openapi_documents_every_patchable_kind_with_field_validation() {
         let registry = Registry::with_builtins();
         let doc = openapi_v3_group_version(&registry, "apis/apps/v1").unwrap();
-        let patch =
-            &doc["paths"]["/apis/apps/v1/namespaces/{namespace}/statefulsets/{name}"]["patch"];
-        assert_eq!(
-            patch["x-kubernetes-group-version-kind"]["kind"],
-            "StatefulSet"
-        );
+        let patch = &doc["paths"]["/apis/apps/v1/namespaces/{namespace}/statefulsets/{name}"]["patch"];
+        assert_eq!(patch["x-kubernetes-group-version-kind"]["kind"], "StatefulSet");
         assert!(patch["parameters"]
             .as_array()
             .unwrap()

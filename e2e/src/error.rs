@@ -131,11 +131,7 @@ impl ApiError {
 
     /// 410: a watch or list asked for a resourceVersion older than the retained history.
     pub fn gone(rv: u64, oldest: u64) -> Self {
-        Self::new(
-            410,
-            "Expired",
-            format!("too old resource version: {rv} ({oldest})"),
-        )
+        Self::new(410, "Expired", format!("too old resource version: {rv} ({oldest})"))
     }
 
     /// 400: the request is malformed.
@@ -148,10 +144,7 @@ impl ApiError {
         Self::new(
             422,
             "Invalid",
-            format!(
-                "{} \"{name}\" is invalid: {why}",
-                qualified(group, resource)
-            ),
+            format!("{} \"{name}\" is invalid: {why}", qualified(group, resource)),
         )
         .with_details(group, resource, name)
     }

@@ -34,8 +34,7 @@ fn parse(path: &str) -> Option<Vec<Step>> {
                     field: field.trim().to_string(),
                     value: value.to_string(),
                 });
-            } else if let Some(quoted) = inner.strip_prefix('\'').and_then(|q| q.strip_suffix('\''))
-            {
+            } else if let Some(quoted) = inner.strip_prefix('\'').and_then(|q| q.strip_suffix('\'')) {
                 steps.push(Step::Field(quoted.to_string()));
             } else {
                 steps.push(Step::Index(inner.parse().ok()?));
@@ -57,9 +56,7 @@ pub fn get<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
         current = match step {
             Step::Field(f) => current.get(&f)?,
             Step::Index(i) => current.get(i)?,
-            Step::Filter { field, value } => current.as_array()?.iter().find(|item| match item
-                .get(&field)
-            {
+            Step::Filter { field, value } => current.as_array()?.iter().find(|item| match item.get(&field) {
                 Some(Value::String(s)) => *s == value,
                 Some(other) => display(other) == value,
                 None => false,
@@ -115,10 +112,7 @@ mod tests {
         let obj = json!({"spec": {"replicas": 3}, "status": {"conditions": [
             {"type": "Progressing", "status": "False"}, {"type": "Available", "status": "True"}]}});
         assert_eq!(get(&obj, ".spec.replicas"), Some(&json!(3)));
-        assert_eq!(
-            get(&obj, ".status.conditions[1].type"),
-            Some(&json!("Available"))
-        );
+        assert_eq!(get(&obj, ".status.conditions[1].type"), Some(&json!("Available")));
         assert_eq!(
             get(&obj, ".status.conditions[?(@.type==\"Available\")].status"),
             Some(&json!("True"))

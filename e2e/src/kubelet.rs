@@ -184,9 +184,7 @@ impl Addresses {
         let next = assigned.len() as u32;
         *assigned
             .entry((ns.to_string(), name.to_string()))
-            .or_insert_with(|| {
-                Ipv4Addr::new(127, self.octet, (next / 254) as u8, (next % 254 + 1) as u8)
-            })
+            .or_insert_with(|| Ipv4Addr::new(127, self.octet, (next / 254) as u8, (next % 254 + 1) as u8))
     }
 }
 
@@ -233,15 +231,7 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             let (ns, name) = ns_name(pod);
             if pod["spec"]["nodeName"].as_str().is_none_or(str::is_empty) {
                 let binding = json!({"spec": {"nodeName": NODE_NAME}});
-                if let Err(e) = store.patch(
-                    &pods_res,
-                    &ns,
-                    &name,
-                    PatchType::Merge,
-                    &binding,
-                    Target::Main,
-                    false,
-                ) {
+                if let Err(e) = store.patch(&pods_res, &ns, &name, PatchType::Merge, &binding, Target::Main, false) {
                     tracing::warn!(pod = %name, error = %e, "binding pod");
                 }
                 continue;
@@ -249,9 +239,7 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             let deleting = !pod["metadata"]["deletionTimestamp"].is_null();
             match workers.get(&uid(pod)) {
                 Some(worker) if deleting => {
-                    let grace = pod["metadata"]["deletionGracePeriodSeconds"]
-                        .as_u64()
-                        .unwrap_or(30);
+                    let grace = pod["metadata"]["deletionGracePeriodSeconds"].as_u64().unwrap_or(30);
                     worker.stop.send_if_modified(|stop| {
                         let changed = stop.is_none();
                         stop.get_or_insert(Duration::from_secs(grace));
@@ -302,10 +290,7 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 fn uid(object: &Value) -> String {
-    object["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    object["metadata"]["uid"].as_str().unwrap_or_default().to_string()
 }
 
 fn ns_name(object: &Value) -> (String, String) {
@@ -372,8 +357,7 @@ async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Opti
             BTreeMap::new()
         }
     };
-    let list =
-        |field: &str| -> Vec<Value> { pod["spec"][field].as_array().cloned().unwrap_or_default() };
+    let list = |field: &str| -> Vec<Value> { pod["spec"][field].as_array().cloned().unwrap_or_default() };
     let init_specs = list("initContainers");
     let specs = list("containers");
     let runtime = Arc::new(PodRuntime {
@@ -403,15 +387,7 @@ async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Opti
         let tasks: Vec<_> = specs
             .iter()
             .enumerate()
-            .map(|(i, spec)| {
-                tokio::spawn(run_container(
-                    runtime.clone(),
-                    spec.clone(),
-                    i,
-                    false,
-                    stop.clone(),
-                ))
-            })
+            .map(|(i, spec)| tokio::spawn(run_container(runtime.clone(), spec.clone(), i, false, stop.clone())))
             .collect();
         for task in tasks {
             let _ = task.await;
@@ -425,8 +401,7 @@ async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Opti
     let store = &shared.config.store;
     let pods_res = store.builtin("", "pods");
     if let Ok(current) = store.get(&pods_res, &ns, &name) {
-        if uid(&current) == uid(&runtime.pod) && !current["metadata"]["deletionTimestamp"].is_null()
-        {
+        if uid(&current) == uid(&runtime.pod) && !current["metadata"]["deletionTimestamp"].is_null() {
             let force = DeleteOptions {
                 grace_period_seconds: Some(0),
                 ..Default::default()
@@ -437,16 +412,10 @@ async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Opti
     tracing::info!(pod = %name, namespace = %ns, "pod stopped");
 }
 
-fn prepare_volumes(
-    shared: &Shared,
-    pod: &Value,
-    ns: &str,
-    scratch: &Path,
-) -> Result<BTreeMap<String, PathBuf>> {
+fn prepare_volumes(shared: &Shared, pod: &Value, ns: &str, scratch: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let store = &shared.config.store;
     let mut dirs = BTreeMap::new();
-    std::fs::create_dir_all(scratch)
-        .map_err(|e| Error::io(format!("creating {}", scratch.display()), e))?;
+    std::fs::create_dir_all(scratch).map_err(|e| Error::io(format!("creating {}", scratch.display()), e))?;
     for volume in pod["spec"]["volumes"].as_array().into_iter().flatten() {
         let name = volume["name"].as_str().unwrap_or_default().to_string();
         let dir = if let Some(claim) = volume["persistentVolumeClaim"]["claimName"].as_str() {
@@ -456,8 +425,7 @@ fn prepare_volumes(
         } else {
             scratch.join("volumes").join(&name)
         };
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let files = if let Some(cm) = volume["configMap"]["name"].as_str() {
             store
                 .get(&store.builtin("", "configmaps"), ns, cm)
@@ -466,12 +434,7 @@ fn prepare_volumes(
                         .as_object()
                         .into_iter()
                         .flatten()
-                        .map(|(k, v)| {
-                            (
-                                k.clone(),
-                                v.as_str().unwrap_or_default().as_bytes().to_vec(),
-                            )
-                        })
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().as_bytes().to_vec()))
                         .collect::<Vec<_>>()
                 })
                 .unwrap_or_default()
@@ -485,8 +448,7 @@ fn prepare_volumes(
         };
         for (file, bytes) in files {
             let path = dir.join(file);
-            std::fs::write(&path, bytes)
-                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            std::fs::write(&path, bytes).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         }
         dirs.insert(name, dir);
     }
@@ -502,9 +464,7 @@ fn secret_data(secret: &Value) -> Vec<(String, Vec<u8>)> {
         .map(|(k, v)| {
             (
                 k.clone(),
-                engine
-                    .decode(v.as_str().unwrap_or_default())
-                    .unwrap_or_default(),
+                engine.decode(v.as_str().unwrap_or_default()).unwrap_or_default(),
             )
         })
         .collect();
@@ -513,12 +473,7 @@ fn secret_data(secret: &Value) -> Vec<(String, Vec<u8>)> {
             .as_object()
             .into_iter()
             .flatten()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.as_str().unwrap_or_default().as_bytes().to_vec(),
-                )
-            }),
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().as_bytes().to_vec())),
     );
     data
 }
@@ -608,9 +563,7 @@ impl PodRuntime {
             "status.podIP" | "status.podIPs" => self.ip.to_string(),
             "status.hostIP" | "status.hostIPs" => "127.0.0.1".to_string(),
             p if p.starts_with("metadata.labels['") => keyed(&m["labels"], "metadata.labels['"),
-            p if p.starts_with("metadata.annotations['") => {
-                keyed(&m["annotations"], "metadata.annotations['")
-            }
+            p if p.starts_with("metadata.annotations['") => keyed(&m["annotations"], "metadata.annotations['"),
             _ => String::new(),
         }
     }
@@ -624,10 +577,7 @@ impl PodRuntime {
             ),
             ("HOME".into(), self.scratch.display().to_string()),
             ("HOSTNAME".into(), self.name.clone()),
-            (
-                "KUBECONFIG".into(),
-                self.shared.config.kubeconfig.display().to_string(),
-            ),
+            ("KUBECONFIG".into(), self.shared.config.kubeconfig.display().to_string()),
         ];
         for passthrough in ["RUST_LOG", "RUST_BACKTRACE"] {
             if let Ok(v) = std::env::var(passthrough) {
@@ -635,8 +585,7 @@ impl PodRuntime {
             }
         }
         env.extend(mapping.env.iter().cloned());
-        let read_object =
-            |plural: &str, name: &str| store.get(&store.builtin("", plural), &self.ns, name).ok();
+        let read_object = |plural: &str, name: &str| store.get(&store.builtin("", plural), &self.ns, name).ok();
         for source in container["envFrom"].as_array().into_iter().flatten() {
             let prefix = source["prefix"].as_str().unwrap_or_default();
             if let Some(cm) = source["configMapRef"]["name"]
@@ -644,10 +593,7 @@ impl PodRuntime {
                 .and_then(|n| read_object("configmaps", n))
             {
                 for (k, v) in cm["data"].as_object().into_iter().flatten() {
-                    env.push((
-                        format!("{prefix}{k}"),
-                        v.as_str().unwrap_or_default().to_string(),
-                    ));
+                    env.push((format!("{prefix}{k}"), v.as_str().unwrap_or_default().to_string()));
                 }
             }
             if let Some(secret) = source["secretRef"]["name"]
@@ -655,10 +601,7 @@ impl PodRuntime {
                 .and_then(|n| read_object("secrets", n))
             {
                 for (k, v) in secret_data(&secret) {
-                    env.push((
-                        format!("{prefix}{k}"),
-                        String::from_utf8_lossy(&v).into_owned(),
-                    ));
+                    env.push((format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned()));
                 }
             }
         }
@@ -702,10 +645,7 @@ impl PodRuntime {
                     None => dir.clone(),
                 };
                 let _ = std::fs::create_dir_all(&dir);
-                Some((
-                    m["mountPath"].as_str()?.trim_end_matches('/').to_string(),
-                    dir,
-                ))
+                Some((m["mountPath"].as_str()?.trim_end_matches('/').to_string(), dir))
             })
             .collect();
         mounts.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
@@ -723,11 +663,8 @@ impl PodRuntime {
         let env = self.environment(container, mapping);
         let mounts = self.mounts(container);
         let strings = |v: &Value| -> Option<Vec<String>> {
-            v.as_array().map(|a| {
-                a.iter()
-                    .map(|s| s.as_str().unwrap_or_default().to_string())
-                    .collect()
-            })
+            v.as_array()
+                .map(|a| a.iter().map(|s| s.as_str().unwrap_or_default().to_string()).collect())
         };
         let (program, mut args) = match strings(&container["command"]).filter(|c| !c.is_empty()) {
             Some(command) => (
@@ -744,19 +681,14 @@ impl PodRuntime {
                     .entrypoint_args
                     .iter()
                     .cloned()
-                    .chain(
-                        strings(&container["args"]).unwrap_or_else(|| mapping.default_args.clone()),
-                    )
+                    .chain(strings(&container["args"]).unwrap_or_else(|| mapping.default_args.clone()))
                     .collect(),
             ),
         };
         for arg in &mut args {
             *arg = rewrite_mounts(&expand(arg, &env), &mounts);
         }
-        let env: Vec<(String, String)> = env
-            .into_iter()
-            .map(|(k, v)| (k, rewrite_mounts(&v, &mounts)))
-            .collect();
+        let env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k, rewrite_mounts(&v, &mounts))).collect();
         let workdir = container["workingDir"]
             .as_str()
             .map(|w| PathBuf::from(rewrite_mounts(w, &mounts)))
@@ -764,8 +696,7 @@ impl PodRuntime {
         let name = container["name"].as_str().unwrap_or_default();
         let log = log_path(&self.shared.config.root, &self.ns, &self.name, name);
         if let Some(dir) = log.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let stdout = std::fs::OpenOptions::new()
             .create(true)
@@ -787,21 +718,14 @@ impl PodRuntime {
             .stderr(Stdio::from(stderr))
             .process_group(0)
             .kill_on_drop(true);
-        command.spawn().map_err(|e| {
-            Error::io(
-                format!("starting {} for pod {}", program.display(), self.name),
-                e,
-            )
-        })
+        command
+            .spawn()
+            .map_err(|e| Error::io(format!("starting {} for pod {}", program.display(), self.name), e))
     }
 
     fn update_container(&self, init: bool, index: usize, change: impl FnOnce(&mut ContainerState)) {
         {
-            let mut states = if init {
-                self.init.lock()
-            } else {
-                self.containers.lock()
-            };
+            let mut states = if init { self.init.lock() } else { self.containers.lock() };
             if let Some(state) = states.get_mut(index) {
                 change(state);
             }
@@ -822,11 +746,9 @@ impl PodRuntime {
             }
             status
         };
-        let initialized = init.iter().all(|c| {
-            c.state
-                .get("terminated")
-                .is_some_and(|t| t["exitCode"] == json!(0))
-        });
+        let initialized = init
+            .iter()
+            .all(|c| c.state.get("terminated").is_some_and(|t| t["exitCode"] == json!(0)));
         let all_ready = !containers.is_empty() && containers.iter().all(|c| c.ready);
         let terminated: Vec<i64> = containers
             .iter()
@@ -849,9 +771,7 @@ impl PodRuntime {
         };
         let condition = |kind: &'static str, value: bool| {
             let mut conditions = self.conditions.lock();
-            let entry = conditions
-                .entry(kind)
-                .or_insert_with(|| (value, now_rfc3339()));
+            let entry = conditions.entry(kind).or_insert_with(|| (value, now_rfc3339()));
             if entry.0 != value {
                 *entry = (value, now_rfc3339());
             }
@@ -968,9 +888,7 @@ async fn check(
                 .unwrap_or_else(|| ip.to_string());
             let port = port_of(&http["port"])?;
             let path = http["path"].as_str().unwrap_or("/");
-            let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
-                .await
-                .ok()?;
+            let mut stream = tokio::net::TcpStream::connect((host.as_str(), port)).await.ok()?;
             let request = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.32\r\nAccept: */*\r\nConnection: close\r\n\r\n");
             stream.write_all(request.as_bytes()).await.ok()?;
             let mut buffer = [0u8; 64];
@@ -991,11 +909,7 @@ async fn check(
                 .map(str::to_string)
                 .unwrap_or_else(|| ip.to_string());
             let port = port_of(&tcp["port"])?;
-            Some(
-                tokio::net::TcpStream::connect((host.as_str(), port))
-                    .await
-                    .is_ok(),
-            )
+            Some(tokio::net::TcpStream::connect((host.as_str(), port)).await.is_ok())
         } else if let Some(exec) = probe.get("exec") {
             let command: Vec<String> = exec["command"]
                 .as_array()?
@@ -1190,11 +1104,7 @@ async fn run_container(
             _ => true,
         };
         if !restart {
-            return if succeeded {
-                Outcome::Completed
-            } else {
-                Outcome::Failed
-            };
+            return if succeeded { Outcome::Completed } else { Outcome::Failed };
         }
         runtime.update_container(init, index, |s| {
             if s.state.get("terminated").is_some() {
@@ -1219,38 +1129,20 @@ mod tests {
     #[test]
     fn expands_variables_like_kubernetes() {
         let env = vec![("POD_IP".to_string(), "127.1.0.1".to_string())];
-        assert_eq!(
-            expand("--addr=$(POD_IP):8080", &env),
-            "--addr=127.1.0.1:8080"
-        );
-        assert_eq!(
-            expand("$$(POD_IP) $(MISSING)", &env),
-            "$(POD_IP) $(MISSING)"
-        );
+        assert_eq!(expand("--addr=$(POD_IP):8080", &env), "--addr=127.1.0.1:8080");
+        assert_eq!(expand("$$(POD_IP) $(MISSING)", &env), "$(POD_IP) $(MISSING)");
     }
 
     #[test]
     fn rewrites_paths_under_mounts() {
-        let mounts = vec![(
-            "/var/lib/raftkv".to_string(),
-            PathBuf::from("/tmp/pvc/data-0"),
-        )];
-        assert_eq!(
-            rewrite_mounts("/var/lib/raftkv", &mounts),
-            "/tmp/pvc/data-0"
-        );
-        assert_eq!(
-            rewrite_mounts("/var/lib/raftkv/wal", &mounts),
-            "/tmp/pvc/data-0/wal"
-        );
+        let mounts = vec![("/var/lib/raftkv".to_string(), PathBuf::from("/tmp/pvc/data-0"))];
+        assert_eq!(rewrite_mounts("/var/lib/raftkv", &mounts), "/tmp/pvc/data-0");
+        assert_eq!(rewrite_mounts("/var/lib/raftkv/wal", &mounts), "/tmp/pvc/data-0/wal");
         assert_eq!(
             rewrite_mounts("--data-dir=/var/lib/raftkv", &mounts),
             "--data-dir=/tmp/pvc/data-0"
         );
-        assert_eq!(
-            rewrite_mounts("/var/lib/raftkvx", &mounts),
-            "/var/lib/raftkvx"
-        );
+        assert_eq!(rewrite_mounts("/var/lib/raftkvx", &mounts), "/var/lib/raftkvx");
     }
 
     #[test]
@@ -1276,8 +1168,7 @@ mod tests {
 
     #[test]
     fn commands_naming_the_entrypoint_map_to_the_host_binary() {
-        let mapping = ImageMapping::new("/build/raftkv-node")
-            .binary("/usr/local/bin/helper", "/build/helper");
+        let mapping = ImageMapping::new("/build/raftkv-node").binary("/usr/local/bin/helper", "/build/helper");
         assert_eq!(
             mapping.resolve_command("/usr/bin/raftkv-node"),
             PathBuf::from("/build/raftkv-node")

@@ -34,9 +34,7 @@ impl PatchType {
             "application/merge-patch+json" => Some(PatchType::Merge),
             "application/json-patch+json" => Some(PatchType::Json),
             "application/strategic-merge-patch+json" => Some(PatchType::StrategicMerge),
-            "application/apply-patch+yaml" | "application/apply-patch+json" => {
-                Some(PatchType::Apply)
-            }
+            "application/apply-patch+yaml" | "application/apply-patch+json" => Some(PatchType::Apply),
             _ => None,
         }
     }
@@ -47,19 +45,13 @@ pub fn decode_body(body: &[u8]) -> Result<Value, ApiError> {
     if let Ok(value) = serde_json::from_slice::<Value>(body) {
         return Ok(value);
     }
-    let text = std::str::from_utf8(body)
-        .map_err(|_| ApiError::bad_request("request body is neither JSON nor UTF-8 YAML"))?;
-    serde_saphyr::from_str::<Value>(text)
-        .map_err(|e| ApiError::bad_request(format!("decoding request body: {e}")))
+    let text =
+        std::str::from_utf8(body).map_err(|_| ApiError::bad_request("request body is neither JSON nor UTF-8 YAML"))?;
+    serde_saphyr::from_str::<Value>(text).map_err(|e| ApiError::bad_request(format!("decoding request body: {e}")))
 }
 
 /// Applies a patch of type `patch_type` to `target`; `custom` is true for custom resources.
-pub fn apply(
-    target: &mut Value,
-    patch_type: PatchType,
-    patch: &Value,
-    custom: bool,
-) -> Result<(), ApiError> {
+pub fn apply(target: &mut Value, patch_type: PatchType, patch: &Value, custom: bool) -> Result<(), ApiError> {
     match patch_type {
         PatchType::Merge => {
             json_patch::merge(target, patch);
@@ -158,9 +150,7 @@ fn strategic_merge(target: &mut Value, patch: &Value, merge_lists: bool) {
 fn merge_list(existing: &mut Vec<Value>, patch_items: &[Value], key: &str, merge_lists: bool) {
     for item in patch_items {
         let id = item.get(key);
-        let position = existing
-            .iter()
-            .position(|e| id.is_some() && e.get(key) == id);
+        let position = existing.iter().position(|e| id.is_some() && e.get(key) == id);
         let delete = item.get("$patch").and_then(Value::as_str) == Some("delete");
         match (position, delete) {
             (Some(i), true) => {
@@ -227,9 +217,6 @@ mod tests {
 
     #[test]
     fn yaml_bodies_decode() {
-        assert_eq!(
-            decode_body(b"a: 1\nb: [x]\n").unwrap(),
-            json!({"a": 1, "b": ["x"]})
-        );
+        assert_eq!(decode_body(b"a: 1\nb: [x]\n").unwrap(), json!({"a": 1, "b": ["x"]}));
     }
 }

@@ -53,11 +53,7 @@ const OBJECT_META: &[Field] = &[
     Field(10, "deletionGracePeriodSeconds", Kind::Int),
     Field(11, "labels", Kind::MapStrings),
     Field(12, "annotations", Kind::MapStrings),
-    Field(
-        13,
-        "ownerReferences",
-        Kind::RepeatedMessages(OWNER_REFERENCE),
-    ),
+    Field(13, "ownerReferences", Kind::RepeatedMessages(OWNER_REFERENCE)),
     Field(14, "finalizers", Kind::RepeatedStrings),
 ];
 
@@ -96,10 +92,7 @@ const DELETE_OPTIONS: &[Field] = &[
     Field(
         2,
         "preconditions",
-        Kind::Message(&[
-            Field(1, "uid", Kind::Str),
-            Field(2, "resourceVersion", Kind::Str),
-        ]),
+        Kind::Message(&[Field(1, "uid", Kind::Str), Field(2, "resourceVersion", Kind::Str)]),
     ),
     Field(3, "orphanDependents", Kind::Bool),
     Field(4, "propagationPolicy", Kind::Str),
@@ -110,10 +103,7 @@ const UNKNOWN: &[Field] = &[
     Field(
         1,
         "typeMeta",
-        Kind::Message(&[
-            Field(1, "apiVersion", Kind::Str),
-            Field(2, "kind", Kind::Str),
-        ]),
+        Kind::Message(&[Field(1, "apiVersion", Kind::Str), Field(2, "kind", Kind::Str)]),
     ),
     Field(2, "raw", Kind::Bytes),
 ];
@@ -168,10 +158,7 @@ fn time(bytes: &[u8]) -> Result<Value, ApiError> {
 }
 
 fn map_entry(bytes: &[u8], value_kind: Kind) -> Result<(String, Value), ApiError> {
-    let entry = decode_message(
-        bytes,
-        &[Field(1, "key", Kind::Str), Field(2, "value", value_kind)],
-    )?;
+    let entry = decode_message(bytes, &[Field(1, "key", Kind::Str), Field(2, "value", value_kind)])?;
     let key = entry["key"].as_str().unwrap_or_default().to_string();
     let value = match (&entry["value"], value_kind) {
         (Value::Null, Kind::Bytes) | (Value::Null, Kind::Str) => json!(""),
@@ -267,10 +254,7 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let kind = envelope["typeMeta"]["kind"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let kind = envelope["typeMeta"]["kind"].as_str().unwrap_or_default().to_string();
     let raw = base64::engine::general_purpose::STANDARD
         .decode(envelope["raw"].as_str().unwrap_or_default())
         .map_err(|_| malformed())?;

@@ -189,11 +189,7 @@ pub fn resources_of_crd(crd: &Value) -> Vec<ResourceDef> {
     let names = &spec["names"];
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
             .unwrap_or_default()
     };
     let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
@@ -308,9 +304,7 @@ const BUILTINS: &[Builtin] = &[
     b("", "v1", "Namespace", "namespaces", false, &["ns"]).status(),
     b("", "v1", "Node", "nodes", false, &["no"]).status(),
     b("", "v1", "Pod", "pods", true, &["po"]).status().in_all(),
-    b("", "v1", "Service", "services", true, &["svc"])
-        .status()
-        .in_all(),
+    b("", "v1", "Service", "services", true, &["svc"]).status().in_all(),
     b("", "v1", "Endpoints", "endpoints", true, &["ep"]),
     b("", "v1", "ConfigMap", "configmaps", true, &["cm"]),
     b("", "v1", "Secret", "secrets", true, &[]),
@@ -325,15 +319,7 @@ const BUILTINS: &[Builtin] = &[
         &["pvc"],
     )
     .status(),
-    b(
-        "",
-        "v1",
-        "PersistentVolume",
-        "persistentvolumes",
-        false,
-        &["pv"],
-    )
-    .status(),
+    b("", "v1", "PersistentVolume", "persistentvolumes", false, &["pv"]).status(),
     b("apps", "v1", "StatefulSet", "statefulsets", true, &["sts"])
         .status()
         .scale()
@@ -346,14 +332,7 @@ const BUILTINS: &[Builtin] = &[
         .status()
         .scale()
         .in_all(),
-    b(
-        "apps",
-        "v1",
-        "ControllerRevision",
-        "controllerrevisions",
-        true,
-        &[],
-    ),
+    b("apps", "v1", "ControllerRevision", "controllerrevisions", true, &[]),
     b("batch", "v1", "Job", "jobs", true, &[]).status().in_all(),
     b(
         "policy",
@@ -366,30 +345,9 @@ const BUILTINS: &[Builtin] = &[
     .status(),
     b("coordination.k8s.io", "v1", "Lease", "leases", true, &[]),
     b("events.k8s.io", "v1", "Event", "events", true, &["ev"]),
-    b(
-        "discovery.k8s.io",
-        "v1",
-        "EndpointSlice",
-        "endpointslices",
-        true,
-        &[],
-    ),
-    b(
-        "storage.k8s.io",
-        "v1",
-        "StorageClass",
-        "storageclasses",
-        false,
-        &["sc"],
-    ),
-    b(
-        "rbac.authorization.k8s.io",
-        "v1",
-        "Role",
-        "roles",
-        true,
-        &[],
-    ),
+    b("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", true, &[]),
+    b("storage.k8s.io", "v1", "StorageClass", "storageclasses", false, &["sc"]),
+    b("rbac.authorization.k8s.io", "v1", "Role", "roles", true, &[]),
     b(
         "rbac.authorization.k8s.io",
         "v1",
@@ -474,11 +432,7 @@ fn builtin_resources() -> Vec<ResourceDef> {
             singular: b.kind.to_lowercase(),
             namespaced: b.namespaced,
             short_names: b.short_names.iter().map(|s| s.to_string()).collect(),
-            categories: if b.in_all {
-                vec!["all".to_string()]
-            } else {
-                Vec::new()
-            },
+            categories: if b.in_all { vec!["all".to_string()] } else { Vec::new() },
             status_subresource: b.status,
             scale: b.scale.then(|| ScalePaths {
                 spec_replicas: ".spec.replicas".to_string(),
@@ -516,9 +470,6 @@ mod tests {
         assert_eq!(defs.len(), 1);
         assert_eq!(defs[0].singular, "raftcluster");
         assert!(defs[0].status_subresource);
-        assert_eq!(
-            defs[0].scale.as_ref().unwrap().spec_replicas,
-            ".spec.replicas"
-        );
+        assert_eq!(defs[0].scale.as_ref().unwrap().spec_replicas, ".spec.replicas");
     }
 }

@@ -26,12 +26,8 @@ struct Requirement {
 impl Requirement {
     fn matches(&self, value: Option<&str>) -> bool {
         match self.operator {
-            Operator::Equals | Operator::In => {
-                value.is_some_and(|v| self.values.iter().any(|x| x == v))
-            }
-            Operator::NotEquals | Operator::NotIn => {
-                !value.is_some_and(|v| self.values.iter().any(|x| x == v))
-            }
+            Operator::Equals | Operator::In => value.is_some_and(|v| self.values.iter().any(|x| x == v)),
+            Operator::NotEquals | Operator::NotIn => !value.is_some_and(|v| self.values.iter().any(|x| x == v)),
             Operator::Exists => value.is_some(),
             Operator::DoesNotExist => value.is_none(),
         }
@@ -60,11 +56,7 @@ fn split_terms(s: &str) -> Vec<&str> {
         }
     }
     terms.push(&s[start..]);
-    terms
-        .into_iter()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .collect()
+    terms.into_iter().map(str::trim).filter(|t| !t.is_empty()).collect()
 }
 
 fn parse_set(values: &str) -> Result<Vec<String>, ApiError> {
@@ -98,9 +90,7 @@ impl LabelSelector {
                     operator: Operator::NotEquals,
                     values: vec![value.trim().to_string()],
                 }
-            } else if let Some((key, value)) =
-                term.split_once("==").or_else(|| term.split_once('='))
-            {
+            } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 Requirement {
                     key: key.trim().to_string(),
                     operator: Operator::Equals,
@@ -113,9 +103,7 @@ impl LabelSelector {
                 } else if let Some(v) = rest.strip_prefix("in") {
                     (Operator::In, v)
                 } else {
-                    return Err(ApiError::bad_request(format!(
-                        "invalid label selector term {term:?}"
-                    )));
+                    return Err(ApiError::bad_request(format!("invalid label selector term {term:?}")));
                 };
                 Requirement {
                     key: key.to_string(),
@@ -130,9 +118,7 @@ impl LabelSelector {
                 }
             };
             if requirement.key.is_empty() {
-                return Err(ApiError::bad_request(format!(
-                    "invalid label selector term {term:?}"
-                )));
+                return Err(ApiError::bad_request(format!("invalid label selector term {term:?}")));
             }
             requirements.push(requirement);
         }
@@ -153,11 +139,7 @@ impl LabelSelector {
                 });
             }
         }
-        for expr in selector["matchExpressions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
+        for expr in selector["matchExpressions"].as_array().into_iter().flatten() {
             let operator = match expr["operator"].as_str() {
                 Some("In") => Operator::In,
                 Some("NotIn") => Operator::NotIn,
@@ -238,9 +220,7 @@ impl FieldSelector {
             } else if let Some((p, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 (p, true, v)
             } else {
-                return Err(ApiError::bad_request(format!(
-                    "invalid field selector term {term:?}"
-                )));
+                return Err(ApiError::bad_request(format!("invalid field selector term {term:?}")));
             };
             terms.push((format!(".{}", path.trim()), equal, value.trim().to_string()));
         }
@@ -250,9 +230,7 @@ impl FieldSelector {
     /// Whether the object matches every term; an absent field reads as the empty string.
     pub fn matches(&self, object: &Value) -> bool {
         self.terms.iter().all(|(path, equal, value)| {
-            let actual = jsonpath::get(object, path)
-                .map(jsonpath::display)
-                .unwrap_or_default();
+            let actual = jsonpath::get(object, path).map(jsonpath::display).unwrap_or_default();
             (actual == *value) == *equal
         })
     }
@@ -301,14 +279,8 @@ mod tests {
     #[test]
     fn field_selector_reads_metadata_fields() {
         let obj = labelled(json!({}));
-        assert!(FieldSelector::parse("metadata.name=x")
-            .unwrap()
-            .matches(&obj));
-        assert!(FieldSelector::parse("metadata.namespace!=other")
-            .unwrap()
-            .matches(&obj));
-        assert!(!FieldSelector::parse("metadata.name=y")
-            .unwrap()
-            .matches(&obj));
+        assert!(FieldSelector::parse("metadata.name=x").unwrap().matches(&obj));
+        assert!(FieldSelector::parse("metadata.namespace!=other").unwrap().matches(&obj));
+        assert!(!FieldSelector::parse("metadata.name=y").unwrap().matches(&obj));
     }
 }

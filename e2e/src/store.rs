@@ -156,19 +156,14 @@ pub fn now_rfc3339() -> String {
 }
 
 fn meta(object: &Value, field: &str) -> String {
-    object["metadata"][field]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    object["metadata"][field].as_str().unwrap_or_default().to_string()
 }
 
 fn meta_mut(object: &mut Value) -> &mut Map<String, Value> {
     if !object["metadata"].is_object() {
         object["metadata"] = json!({});
     }
-    object["metadata"]
-        .as_object_mut()
-        .expect("metadata was made an object")
+    object["metadata"].as_object_mut().expect("metadata was made an object")
 }
 
 fn has_finalizers(object: &Value) -> bool {
@@ -252,13 +247,8 @@ impl Store {
                 "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
             "provisioner": "raftkv.dev/host-directory", "reclaimPolicy": "Delete",
             "volumeBindingMode": "Immediate"});
-        self.create(
-            &self.builtin("storage.k8s.io", "storageclasses"),
-            "",
-            class,
-            false,
-        )
-        .expect("seeding the storage class");
+        self.create(&self.builtin("storage.k8s.io", "storageclasses"), "", class, false)
+            .expect("seeding the storage class");
     }
 
     /// A snapshot of the served resources.
@@ -318,9 +308,7 @@ impl Store {
         let mut x = self.uid_counter.fetch_add(1, Ordering::Relaxed) ^ self.uid_seed;
         (0..5)
             .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 NAME_SUFFIX_ALPHABET[(x >> 33) as usize % NAME_SUFFIX_ALPHABET.len()] as char
             })
             .collect()
@@ -357,13 +345,7 @@ impl Store {
     }
 
     /// Creates an object; `ns` is the namespace from the URL (empty for cluster-scoped kinds).
-    pub fn create(
-        &self,
-        res: &ResourceDef,
-        ns: &str,
-        object: Value,
-        dry_run: bool,
-    ) -> Result<Value, ApiError> {
+    pub fn create(&self, res: &ResourceDef, ns: &str, object: Value, dry_run: bool) -> Result<Value, ApiError> {
         let mut inner = self.inner.lock();
         self.create_locked(&mut inner, res, ns, object, dry_run)
     }
@@ -377,9 +359,7 @@ impl Store {
         dry_run: bool,
     ) -> Result<Value, ApiError> {
         if !object.is_object() {
-            return Err(ApiError::bad_request(
-                "the request body is not a JSON object",
-            ));
+            return Err(ApiError::bad_request("the request body is not a JSON object"));
         }
         let mut name = meta(&object, "name");
         if name.is_empty() {
@@ -397,7 +377,9 @@ impl Store {
         let body_ns = meta(&object, "namespace");
         if res.namespaced {
             if !body_ns.is_empty() && body_ns != ns {
-                return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
             }
             match inner
                 .objects
@@ -406,8 +388,8 @@ impl Store {
                 None => return Err(ApiError::not_found("", "namespaces", ns)),
                 Some(n) if is_deleting(n) => {
                     return Err(ApiError::forbidden(format!(
-                    "unable to create new content in namespace {ns} because it is being terminated"
-                )))
+                        "unable to create new content in namespace {ns} because it is being terminated"
+                    )))
                 }
                 Some(_) => {}
             }
@@ -444,13 +426,7 @@ impl Store {
         let created = inner.commit(&self.events, res, ns, &name, object, None);
         if res.storage_key() == NAMESPACES {
             let sa = self.builtin_locked(inner, "", "serviceaccounts");
-            let _ = self.create_locked(
-                inner,
-                &sa,
-                &name,
-                json!({"metadata": {"name": "default"}}),
-                false,
-            );
+            let _ = self.create_locked(inner, &sa, &name, json!({"metadata": {"name": "default"}}), false);
         }
         Ok(with_version(created, res))
     }
@@ -510,9 +486,7 @@ impl Store {
                 meta_mut(&mut patched).remove("resourceVersion");
             }
         }
-        self.replace_locked(
-            &mut inner, res, ns, name, existing, patched, target, dry_run,
-        )
+        self.replace_locked(&mut inner, res, ns, name, existing, patched, target, dry_run)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -528,9 +502,7 @@ impl Store {
         dry_run: bool,
     ) -> Result<Value, ApiError> {
         if !new.is_object() {
-            return Err(ApiError::bad_request(
-                "the request body is not a JSON object",
-            ));
+            return Err(ApiError::bad_request("the request body is not a JSON object"));
         }
         let existing_rv = meta(&existing, "resourceVersion");
         let given_rv = meta(&new, "resourceVersion");
@@ -645,7 +617,12 @@ impl Store {
         }
         if let Some(rv) = &options.precondition_rv {
             if *rv != meta(&existing, "resourceVersion") {
-                return Err(ApiError::conflict(&res.group, &res.plural, name, "Precondition failed: resourceVersion in precondition does not match the object"));
+                return Err(ApiError::conflict(
+                    &res.group,
+                    &res.plural,
+                    name,
+                    "Precondition failed: resourceVersion in precondition does not match the object",
+                ));
             }
         }
         if dry_run {
@@ -664,11 +641,7 @@ impl Store {
         if options.propagation == Propagation::Orphan {
             inner.orphan_dependents(&self.events, &meta(&existing, "uid"));
         }
-        let graceful_pod = is_pod
-            && !force
-            && existing["spec"]["nodeName"]
-                .as_str()
-                .is_some_and(|n| !n.is_empty());
+        let graceful_pod = is_pod && !force && existing["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
         let is_namespace = storage == NAMESPACES;
         if graceful_pod || has_finalizers(&existing) || is_namespace {
             let mut marked = existing.clone();
@@ -702,12 +675,7 @@ impl Store {
     }
 
     /// Starts a watch on one resource (`ns` = `None` for all namespaces).
-    pub fn watch(
-        &self,
-        res: &ResourceDef,
-        ns: Option<&str>,
-        start: WatchStart,
-    ) -> Result<WatchStream, ApiError> {
+    pub fn watch(&self, res: &ResourceDef, ns: Option<&str>, start: WatchStart) -> Result<WatchStream, ApiError> {
         let inner = self.inner.lock();
         let storage = res.storage_key();
         let live = self.events.subscribe();
@@ -775,13 +743,8 @@ fn with_version(mut object: Value, res: &ResourceDef) -> Value {
 /// Pods on a node stay until the kubelet has stopped their processes.
 fn awaits_kubelet(object: &Value, res: &ResourceDef) -> bool {
     res.storage_key() == PODS
-        && object["spec"]["nodeName"]
-            .as_str()
-            .is_some_and(|n| !n.is_empty())
-        && object["metadata"]["deletionGracePeriodSeconds"]
-            .as_i64()
-            .unwrap_or(0)
-            > 0
+        && object["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty())
+        && object["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) > 0
 }
 
 fn validate_crd(crd: &Value, name: &str) -> Result<(), ApiError> {
@@ -812,19 +775,12 @@ fn validate_crd(crd: &Value, name: &str) -> Result<(), ApiError> {
         .filter(|v| v["storage"] == json!(true))
         .count();
     if versions == 0 || storage != 1 {
-        return invalid(
-            "spec.versions: must have exactly one version marked as storage version".into(),
-        );
+        return invalid("spec.versions: must have exactly one version marked as storage version".into());
     }
     Ok(())
 }
 
-fn apply_defaults(
-    inner: &mut Inner,
-    res: &ResourceDef,
-    object: &mut Value,
-    existing: Option<&Value>,
-) {
+fn apply_defaults(inner: &mut Inner, res: &ResourceDef, object: &mut Value, existing: Option<&Value>) {
     fn default(object: &mut Value, path: &[&str], value: Value) {
         let mut current = object;
         for (i, field) in path.iter().enumerate() {
@@ -853,17 +809,9 @@ fn apply_defaults(
         }
         PODS => {
             default(object, &["spec", "restartPolicy"], json!("Always"));
-            default(
-                object,
-                &["spec", "terminationGracePeriodSeconds"],
-                json!(30),
-            );
+            default(object, &["spec", "terminationGracePeriodSeconds"], json!(30));
             default(object, &["spec", "serviceAccountName"], json!("default"));
-            default(
-                object,
-                &["spec", "schedulerName"],
-                json!("default-scheduler"),
-            );
+            default(object, &["spec", "schedulerName"], json!("default-scheduler"));
             default(object, &["status", "phase"], json!("Pending"));
         }
         "/services" => {
@@ -872,10 +820,7 @@ fn apply_defaults(
             if let Some(ip) = existing.and_then(|e| e["spec"].get("clusterIP")) {
                 default(object, &["spec", "clusterIP"], ip.clone());
             }
-            if object["spec"]["clusterIP"]
-                .as_str()
-                .is_none_or(str::is_empty)
-            {
+            if object["spec"]["clusterIP"].as_str().is_none_or(str::is_empty) {
                 let n = inner.next_cluster_ip;
                 inner.next_cluster_ip += 1;
                 object["spec"]["clusterIP"] = json!(format!("10.96.{}.{}", n / 250, n % 250 + 1));
@@ -903,16 +848,8 @@ fn apply_defaults(
         }
         "apps/statefulsets" => {
             default(object, &["spec", "replicas"], json!(1));
-            default(
-                object,
-                &["spec", "podManagementPolicy"],
-                json!("OrderedReady"),
-            );
-            default(
-                object,
-                &["spec", "updateStrategy", "type"],
-                json!("RollingUpdate"),
-            );
+            default(object, &["spec", "podManagementPolicy"], json!("OrderedReady"));
+            default(object, &["spec", "updateStrategy", "type"], json!("RollingUpdate"));
             if object["spec"]["updateStrategy"]["type"] == json!("RollingUpdate") {
                 default(
                     object,
@@ -923,11 +860,7 @@ fn apply_defaults(
             default(object, &["spec", "revisionHistoryLimit"], json!(10));
             default(
                 object,
-                &[
-                    "spec",
-                    "persistentVolumeClaimRetentionPolicy",
-                    "whenDeleted",
-                ],
+                &["spec", "persistentVolumeClaimRetentionPolicy", "whenDeleted"],
                 json!("Retain"),
             );
             default(
@@ -938,11 +871,7 @@ fn apply_defaults(
         }
         "apps/deployments" => {
             default(object, &["spec", "replicas"], json!(1));
-            default(
-                object,
-                &["spec", "strategy", "type"],
-                json!("RollingUpdate"),
-            );
+            default(object, &["spec", "strategy", "type"], json!("RollingUpdate"));
             default(object, &["spec", "revisionHistoryLimit"], json!(10));
             default(object, &["spec", "progressDeadlineSeconds"], json!(600));
         }
@@ -1063,14 +992,9 @@ impl Inner {
         );
         if storage == CRDS {
             let group = object["spec"]["group"].as_str().unwrap_or_default();
-            let plural = object["spec"]["names"]["plural"]
-                .as_str()
-                .unwrap_or_default();
+            let plural = object["spec"]["names"]["plural"].as_str().unwrap_or_default();
             let instances = format!("{group}/{plural}");
-            let keys: Vec<ObjectKey> = self
-                .in_storage(&instances)
-                .map(|(k, _)| k.clone())
-                .collect();
+            let keys: Vec<ObjectKey> = self.in_storage(&instances).map(|(k, _)| k.clone()).collect();
             for (s, n, name) in keys {
                 self.remove(events, &s, &n, &name);
             }
@@ -1139,16 +1063,12 @@ impl Inner {
         name: &str,
         existing: Value,
     ) {
-        let running_pod = res.storage_key() == PODS
-            && existing["spec"]["nodeName"]
-                .as_str()
-                .is_some_and(|n| !n.is_empty());
+        let running_pod =
+            res.storage_key() == PODS && existing["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
         if running_pod || has_finalizers(&existing) {
             let mut marked = existing.clone();
             let grace = if running_pod {
-                existing["spec"]["terminationGracePeriodSeconds"]
-                    .as_i64()
-                    .unwrap_or(30)
+                existing["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30)
             } else {
                 0
             };
@@ -1178,12 +1098,7 @@ impl Inner {
     }
 
     fn delete_namespace_contents(&mut self, events: &broadcast::Sender<Arc<WatchEvent>>, ns: &str) {
-        let keys: Vec<ObjectKey> = self
-            .objects
-            .keys()
-            .filter(|(_, n, _)| n == ns)
-            .cloned()
-            .collect();
+        let keys: Vec<ObjectKey> = self.objects.keys().filter(|(_, n, _)| n == ns).cloned().collect();
         for k in keys {
             let Some(existing) = self.objects.get(&k).cloned() else {
                 continue;
@@ -1198,11 +1113,7 @@ impl Inner {
     }
 
     /// Removes a terminating namespace once it is empty.
-    fn finalize_namespace(
-        &mut self,
-        events: &broadcast::Sender<Arc<WatchEvent>>,
-        ns: &str,
-    ) -> Option<Value> {
+    fn finalize_namespace(&mut self, events: &broadcast::Sender<Arc<WatchEvent>>, ns: &str) -> Option<Value> {
         let ns_key = (NAMESPACES.to_string(), String::new(), ns.to_string());
         let terminating = self.objects.get(&ns_key).is_some_and(is_deleting);
         if !terminating || self.objects.keys().any(|(_, n, _)| n == ns) {
@@ -1213,10 +1124,7 @@ impl Inner {
 }
 
 /// Decodes the options of a DELETE from its query and body.
-pub fn delete_options(
-    query: &BTreeMap<String, String>,
-    body: &[u8],
-) -> Result<DeleteOptions, ApiError> {
+pub fn delete_options(query: &BTreeMap<String, String>, body: &[u8]) -> Result<DeleteOptions, ApiError> {
     let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
@@ -1353,12 +1261,7 @@ mod tests {
         let store = Store::new(100);
         let cm = configmaps(&store);
         let owner = store
-            .create(
-                &cm,
-                "default",
-                json!({"metadata": {"name": "owner"}}),
-                false,
-            )
+            .create(&cm, "default", json!({"metadata": {"name": "owner"}}), false)
             .unwrap();
         let owner_ref = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
             "uid": owner["metadata"]["uid"]}]);
@@ -1382,19 +1285,11 @@ mod tests {
         let cm = configmaps(&store);
         for i in 0..5 {
             store
-                .create(
-                    &cm,
-                    "default",
-                    json!({"metadata": {"name": format!("c{i}")}}),
-                    false,
-                )
+                .create(&cm, "default", json!({"metadata": {"name": format!("c{i}")}}), false)
                 .unwrap();
         }
         assert_eq!(
-            store
-                .watch(&cm, None, WatchStart::After(1))
-                .err()
-                .map(|e| e.code),
+            store.watch(&cm, None, WatchStart::After(1)).err().map(|e| e.code),
             Some(410)
         );
         let recent = store

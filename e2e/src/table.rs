@@ -32,7 +32,8 @@ fn columns(res: &ResourceDef) -> Vec<PrinterColumn> {
             name: "Age".into(),
             type_: "date".into(),
             format: String::new(),
-            description: "CreationTimestamp is a timestamp representing the server time when this object was created.".into(),
+            description: "CreationTimestamp is a timestamp representing the server time when this object was created."
+                .into(),
             priority: 0,
             json_path: ".metadata.creationTimestamp".into(),
         }]
@@ -49,10 +50,7 @@ fn computed_cell(res: &ResourceDef, column: &str, object: &Value) -> Value {
             let ready = statuses
                 .map(|s| s.iter().filter(|c| c["ready"] == json!(true)).count())
                 .unwrap_or(0);
-            let total = object["spec"]["containers"]
-                .as_array()
-                .map(Vec::len)
-                .unwrap_or(0);
+            let total = object["spec"]["containers"].as_array().map(Vec::len).unwrap_or(0);
             json!(format!("{ready}/{total}"))
         }
         ("pods", "Restarts") => json!(object["status"]["containerStatuses"]
@@ -111,12 +109,7 @@ fn row_object(object: &Value, include_object: &str) -> Value {
 }
 
 /// Renders objects as a Table.
-pub fn table(
-    res: &ResourceDef,
-    objects: &[Value],
-    list_metadata: Value,
-    include_object: &str,
-) -> Value {
+pub fn table(res: &ResourceDef, objects: &[Value], list_metadata: Value, include_object: &str) -> Value {
     let columns = columns(res);
     let mut definitions = vec![json!({"name": "Name", "type": "string", "format": "name",
         "description": "Name must be unique within a namespace.", "priority": 0})];

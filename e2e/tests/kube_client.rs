@@ -6,9 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{
-    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
-};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use raftkv_e2e::{eventually, SimCluster};
 use serde_json::json;
@@ -32,20 +30,12 @@ where
     outcome
 }
 
-fn config_map(
-    name: &str,
-    labels: serde_json::Value,
-    data: serde_json::Value,
-) -> anyhow::Result<ConfigMap> {
-    Ok(serde_json::from_value(
-        json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": name, "labels": labels}, "data": data}),
-    )?)
+fn config_map(name: &str, labels: serde_json::Value, data: serde_json::Value) -> anyhow::Result<ConfigMap> {
+    Ok(serde_json::from_value(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": labels}, "data": data}))?)
 }
 
-async fn next(
-    events: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
-) -> anyhow::Result<(String, String)> {
+async fn next(events: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>) -> anyhow::Result<(String, String)> {
     tokio::time::timeout(WAIT, events.recv())
         .await
         .ok()
@@ -65,11 +55,21 @@ async fn server_side_apply_creates_merges_and_ignores_identical_applies() -> any
         let created = api.patch("ssa", &params, &Patch::Apply(&first)).await?;
         ensure!(created.metadata.uid.is_some() && created.metadata.creation_timestamp.is_some());
         let second = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": {"b": "2"}});
-        let merged = api.patch("ssa", &PatchParams::apply("other"), &Patch::Apply(&second)).await?;
+        let merged = api
+            .patch("ssa", &PatchParams::apply("other"), &Patch::Apply(&second))
+            .await?;
         let data = merged.data.clone().unwrap_or_default();
-        ensure!(data.get("a").map(String::as_str) == Some("1") && data.get("b").map(String::as_str) == Some("2"), "{data:?}");
-        let again = api.patch("ssa", &PatchParams::apply("other"), &Patch::Apply(&second)).await?;
-        ensure!(rv(&again) == rv(&merged), "an identical apply bumped the resourceVersion");
+        ensure!(
+            data.get("a").map(String::as_str) == Some("1") && data.get("b").map(String::as_str) == Some("2"),
+            "{data:?}"
+        );
+        let again = api
+            .patch("ssa", &PatchParams::apply("other"), &Patch::Apply(&second))
+            .await?;
+        ensure!(
+            rv(&again) == rv(&merged),
+            "an identical apply bumped the resourceVersion"
+        );
         Ok(())
     })
     .await
@@ -149,11 +149,7 @@ async fn replace_with_a_stale_resource_version_conflicts() -> anyhow::Result<()>
             other => bail!("expected 409 Conflict, got {other:?}"),
         }
         match api.create(&PostParams::default(), &created).await {
-            Err(kube::Error::Api(status))
-                if status.code == 409 && status.reason == "AlreadyExists" =>
-            {
-                Ok(())
-            }
+            Err(kube::Error::Api(status)) if status.code == 409 && status.reason == "AlreadyExists" => Ok(()),
             other => bail!("expected 409 AlreadyExists, got {other:?}"),
         }
     })
@@ -164,10 +160,7 @@ async fn replace_with_a_stale_resource_version_conflicts() -> anyhow::Result<()>
 async fn watching_from_a_compacted_resource_version_is_gone() -> anyhow::Result<()> {
     scenario(|cluster, api| async move {
         let created = api
-            .create(
-                &PostParams::default(),
-                &config_map("old", json!({}), json!({}))?,
-            )
+            .create(&PostParams::default(), &config_map("old", json!({}), json!({}))?)
             .await?;
         api.patch(
             "old",
@@ -175,18 +168,14 @@ async fn watching_from_a_compacted_resource_version_is_gone() -> anyhow::Result<
             &Patch::Merge(json!({"data": {"k": "v"}})),
         )
         .await?;
-        let recent = api
-            .watch(&WatchParams::default().timeout(5), &rv(&created))
-            .await?;
+        let recent = api.watch(&WatchParams::default().timeout(5), &rv(&created)).await?;
         let replayed = std::pin::pin!(recent)
             .try_next()
             .await?
             .context("an event after the old version")?;
         ensure!(matches!(replayed, WatchEvent::Modified(_)), "{replayed:?}");
         cluster.compact_watch_history();
-        let expired = api
-            .watch(&WatchParams::default().timeout(5), &rv(&created))
-            .await?;
+        let expired = api.watch(&WatchParams::default().timeout(5), &rv(&created)).await?;
         match std::pin::pin!(expired).next().await {
             Some(Ok(WatchEvent::Error(status))) if status.code == 410 => Ok(()),
             Some(Err(kube::Error::Api(status))) if status.code == 410 => Ok(()),
@@ -200,20 +189,15 @@ async fn watching_from_a_compacted_resource_version_is_gone() -> anyhow::Result<
 async fn streaming_list_watchers_finish_their_initial_events() -> anyhow::Result<()> {
     scenario(|_cluster, api| async move {
         for name in ["s1", "s2"] {
-            api.create(
-                &PostParams::default(),
-                &config_map(name, json!({}), json!({}))?,
-            )
-            .await?;
+            api.create(&PostParams::default(), &config_map(name, json!({}), json!({}))?)
+                .await?;
         }
         let stream = watcher(api.clone(), watcher::Config::default().streaming_lists());
         let mut stream = std::pin::pin!(stream);
         let mut initial = Vec::new();
         loop {
             match tokio::time::timeout(WAIT, stream.try_next()).await?? {
-                Some(watcher::Event::InitApply(cm)) => {
-                    initial.push(cm.metadata.name.unwrap_or_default())
-                }
+                Some(watcher::Event::InitApply(cm)) => initial.push(cm.metadata.name.unwrap_or_default()),
                 Some(watcher::Event::InitDone) => break,
                 Some(_) => {}
                 None => bail!("the watch ended before its initial events did"),
@@ -241,18 +225,11 @@ async fn label_selectors_filter_lists() -> anyhow::Result<()> {
             if let Some(tier) = tier {
                 labels["tier"] = json!(tier);
             }
-            api.create(
-                &PostParams::default(),
-                &config_map(name, labels, json!({}))?,
-            )
-            .await?;
+            api.create(&PostParams::default(), &config_map(name, labels, json!({}))?)
+                .await?;
         }
         let names = |list: kube::core::ObjectList<ConfigMap>| {
-            let mut v: Vec<String> = list
-                .items
-                .into_iter()
-                .filter_map(|c| c.metadata.name)
-                .collect();
+            let mut v: Vec<String> = list.items.into_iter().filter_map(|c| c.metadata.name).collect();
             v.sort();
             v
         };
@@ -266,9 +243,7 @@ async fn label_selectors_filter_lists() -> anyhow::Result<()> {
             let got = names(api.list(&ListParams::default().labels(selector)).await?);
             ensure!(got == expected, "{selector}: {got:?}");
         }
-        let page = api
-            .list(&ListParams::default().labels("env").limit(2))
-            .await?;
+        let page = api.list(&ListParams::default().labels("env").limit(2)).await?;
         ensure!(page.items.len() == 2 && page.metadata.continue_.is_some());
         let rest = api
             .list(
@@ -288,10 +263,7 @@ async fn label_selectors_filter_lists() -> anyhow::Result<()> {
 async fn finalizers_hold_deletion_and_owner_deletion_cascades() -> anyhow::Result<()> {
     scenario(|_cluster, api| async move {
         let owner = api
-            .create(
-                &PostParams::default(),
-                &config_map("owner", json!({}), json!({}))?,
-            )
+            .create(&PostParams::default(), &config_map("owner", json!({}), json!({}))?)
             .await?;
         let owner_ref = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
             "uid": owner.metadata.uid, "controller": true}]);
@@ -306,14 +278,7 @@ async fn finalizers_hold_deletion_and_owner_deletion_cascades() -> anyhow::Resul
         api.delete("owner", &DeleteParams::background()).await?;
         eventually(WAIT, "the dependent to be collected", || {
             let api = api.clone();
-            async move {
-                api.get_opt("child")
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_none()
-                    .then_some(())
-            }
+            async move { api.get_opt("child").await.ok().flatten().is_none().then_some(()) }
         })
         .await?;
         let held = api.get("kept").await?;
@@ -333,23 +298,15 @@ async fn finalizers_hold_deletion_and_owner_deletion_cascades() -> anyhow::Resul
         );
 
         let orphan_owner = api
-            .create(
-                &PostParams::default(),
-                &config_map("orphaner", json!({}), json!({}))?,
-            )
+            .create(&PostParams::default(), &config_map("orphaner", json!({}), json!({}))?)
             .await?;
         let mut orphan = config_map("orphan", json!({}), json!({}))?;
-        orphan.metadata.owner_references =
-            Some(serde_json::from_value(json!([{"apiVersion": "v1",
+        orphan.metadata.owner_references = Some(serde_json::from_value(json!([{"apiVersion": "v1",
             "kind": "ConfigMap", "name": "orphaner", "uid": orphan_owner.metadata.uid}]))?);
         api.create(&PostParams::default(), &orphan).await?;
         api.delete("orphaner", &DeleteParams::orphan()).await?;
         let survivor = api.get("orphan").await?;
-        ensure!(survivor
-            .metadata
-            .owner_references
-            .unwrap_or_default()
-            .is_empty());
+        ensure!(survivor.metadata.owner_references.unwrap_or_default().is_empty());
         Ok(())
     })
     .await

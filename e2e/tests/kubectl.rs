@@ -8,10 +8,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use raftkv_e2e::SimCluster;
 use serde_json::json;
 
-const CRD: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/raftcluster-crd.yaml"
-);
+const CRD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/raftcluster-crd.yaml");
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn raftclusters(client: kube::Client) -> Api<DynamicObject> {
@@ -63,10 +60,7 @@ async fn kubectl_discovers_builtin_kinds_and_applied_crds() -> anyhow::Result<()
             "ClusterRoleBinding",
             "CustomResourceDefinition",
         ] {
-            ensure!(
-                before.contains(kind),
-                "api-resources lacks {kind}:\n{before}"
-            );
+            ensure!(before.contains(kind), "api-resources lacks {kind}:\n{before}");
         }
         cluster.kubectl_output(&["apply", "-f", CRD]).await?;
         let after = cluster
@@ -77,9 +71,7 @@ async fn kubectl_discovers_builtin_kinds_and_applied_crds() -> anyhow::Result<()
             .find(|l| l.starts_with("raftclusters"))
             .context("raftclusters listed")?;
         ensure!(
-            line.contains("rc")
-                && line.contains("raftkv.dev/v1alpha1")
-                && line.contains("RaftCluster"),
+            line.contains("rc") && line.contains("raftkv.dev/v1alpha1") && line.contains("RaftCluster"),
             "{line}"
         );
         let raw = cluster
@@ -110,10 +102,7 @@ async fn kubectl_get_prints_the_crd_printer_columns() -> anyhow::Result<()> {
         let table = cluster.kubectl_output(&["get", "rc"]).await?;
         let mut lines = table.lines();
         let header: Vec<&str> = lines.next().context("header")?.split_whitespace().collect();
-        ensure!(
-            header == ["NAME", "REPLICAS", "READY", "PHASE", "AGE"],
-            "{table}"
-        );
+        ensure!(header == ["NAME", "REPLICAS", "READY", "PHASE", "AGE"], "{table}");
         let row: Vec<&str> = lines.next().context("row")?.split_whitespace().collect();
         ensure!(row[..2] == ["demo", "3"], "{table}");
         let all = cluster.kubectl_output(&["get", "all", "-A"]).await?;
@@ -133,11 +122,7 @@ async fn kubectl_scale_writes_through_the_scale_subresource() -> anyhow::Result<
             .kubectl_output(&["scale", "raftcluster", "demo", "--replicas=5"])
             .await?;
         let after = api.get("demo").await?;
-        ensure!(
-            after.data["spec"]["replicas"] == json!(5),
-            "{:?}",
-            after.data
-        );
+        ensure!(after.data["spec"]["replicas"] == json!(5), "{:?}", after.data);
         ensure!(after.metadata.generation == before.metadata.generation.map(|g| g + 1));
         let scale = api.get_scale("demo").await?;
         ensure!(scale.spec.and_then(|s| s.replicas) == Some(5));
@@ -151,7 +136,12 @@ async fn kubectl_wait_sees_conditions_and_jsonpath_set_later() -> anyhow::Result
     scenario(|cluster| async move {
         apply_demo(&cluster).await?;
         let condition = cluster.kubectl_output(&["wait", "rc/demo", "--for=condition=Available", "--timeout=60s"]);
-        let phase = cluster.kubectl_output(&["wait", "rc/demo", "--for=jsonpath={.status.phase}=Running", "--timeout=60s"]);
+        let phase = cluster.kubectl_output(&[
+            "wait",
+            "rc/demo",
+            "--for=jsonpath={.status.phase}=Running",
+            "--timeout=60s",
+        ]);
         let api = raftclusters(cluster.kube_client().await?);
         let writer = async {
             // kubectl wait succeeds whether the status lands before or after its watch starts; one
@@ -160,7 +150,8 @@ async fn kubectl_wait_sees_conditions_and_jsonpath_set_later() -> anyhow::Result
             let status = json!({"apiVersion": "raftkv.dev/v1alpha1", "kind": "RaftCluster",
                 "status": {"phase": "Running", "conditions": [{"type": "Available", "status": "True",
                     "reason": "Quorum", "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z"}]}});
-            api.patch_status("demo", &PatchParams::apply("e2e").force(), &Patch::Apply(status)).await?;
+            api.patch_status("demo", &PatchParams::apply("e2e").force(), &Patch::Apply(status))
+                .await?;
             anyhow::Ok(())
         };
         let (condition, phase, written) = tokio::join!(condition, phase, writer);
@@ -205,14 +196,7 @@ async fn kubectl_selects_objects_by_label() -> anyhow::Result<()> {
         ensure!(selected == ["b", "c"], "{selected:?}");
         let selected = names(
             cluster
-                .kubectl_output(&[
-                    "get",
-                    "cm",
-                    "--field-selector",
-                    "metadata.name=c",
-                    "-o",
-                    "name",
-                ])
+                .kubectl_output(&["get", "cm", "--field-selector", "metadata.name=c", "-o", "name"])
                 .await?,
         );
         ensure!(selected == ["c"], "{selected:?}");

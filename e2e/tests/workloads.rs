@@ -93,8 +93,7 @@ async fn ready_replicas(api: &Api<StatefulSet>, wanted: i32) -> anyhow::Result<(
         async move {
             let sts = api.get("web").await.ok()?;
             let status = sts.status?;
-            (status.ready_replicas.unwrap_or(0) == wanted && status.replicas == wanted)
-                .then_some(())
+            (status.ready_replicas.unwrap_or(0) == wanted && status.replicas == wanted).then_some(())
         }
     })
     .await?;
@@ -108,8 +107,11 @@ async fn statefulset_pods_run_real_processes_and_become_ready() -> anyhow::Resul
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
         sets.create(&PostParams::default(), &statefulset(2)?).await?;
         services
-            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "web"},
-                "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}))?)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "web"},
+                "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}))?,
+            )
             .await?;
         ready_replicas(&sets, 2).await?;
 
@@ -117,29 +119,41 @@ async fn statefulset_pods_run_real_processes_and_become_ready() -> anyhow::Resul
         ensure!(endpoints.len() == 2, "{endpoints:?}");
         ensure!(endpoints[0].ip != endpoints[1].ip, "each pod has its own address");
         for endpoint in &endpoints {
-            std::fs::write(cluster.pvc_dir("default", &format!("data-{}", endpoint.pod)).join("who"), &endpoint.pod)?;
+            std::fs::write(
+                cluster
+                    .pvc_dir("default", &format!("data-{}", endpoint.pod))
+                    .join("who"),
+                &endpoint.pod,
+            )?;
             let addr = endpoint.socket_addr("http").context("the http port resolves")?;
             let body = http_get(addr, "/who").await?;
-            ensure!(body.starts_with("HTTP/1.0 200") && body.ends_with(&endpoint.pod), "{body}");
+            ensure!(
+                body.starts_with("HTTP/1.0 200") && body.ends_with(&endpoint.pod),
+                "{body}"
+            );
         }
         let logs = cluster.kubectl_output(&["logs", "web-0"]).await?;
         ensure!(logs.contains("GET / HTTP/1.1"), "probe requests are logged: {logs}");
         let pods = cluster.kubectl_output(&["get", "pods"]).await?;
-        ensure!(pods.lines().filter(|l| l.contains("1/1") && l.contains("Running")).count() == 2, "{pods}");
+        ensure!(
+            pods.lines()
+                .filter(|l| l.contains("1/1") && l.contains("Running"))
+                .count()
+                == 2,
+            "{pods}"
+        );
         Ok(())
     })
     .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scaling_down_keeps_volumes_and_deleted_pods_return_with_name_and_address(
-) -> anyhow::Result<()> {
+async fn scaling_down_keeps_volumes_and_deleted_pods_return_with_name_and_address() -> anyhow::Result<()> {
     scenario(|cluster, client| async move {
         let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
         let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
-        sets.create(&PostParams::default(), &statefulset(2)?)
-            .await?;
+        sets.create(&PostParams::default(), &statefulset(2)?).await?;
         ready_replicas(&sets, 2).await?;
         let address_of = |pod: Pod| pod.status.and_then(|s| s.pod_ip).unwrap_or_default();
         let first = pods.get("web-1").await?;
@@ -190,10 +204,7 @@ async fn scaling_down_keeps_volumes_and_deleted_pods_return_with_name_and_addres
             "scale-down keeps PVCs: {names:?}"
         );
 
-        std::fs::write(
-            cluster.pvc_dir("default", "data-web-1").join("kept"),
-            "still here",
-        )?;
+        std::fs::write(cluster.pvc_dir("default", "data-web-1").join("kept"), "still here")?;
         sets.patch(
             "web",
             &PatchParams::default(),
@@ -223,9 +234,13 @@ async fn deployments_run_pods_through_a_replicaset() -> anyhow::Result<()> {
             "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "op"}}, "template": template},
         }))?;
         deployments.create(&PostParams::default(), &deployment).await?;
-        let status = cluster.kubectl_output(&["rollout", "status", "deployment/op", "--timeout=60s"]).await?;
+        let status = cluster
+            .kubectl_output(&["rollout", "status", "deployment/op", "--timeout=60s"])
+            .await?;
         ensure!(status.contains("successfully rolled out"), "{status}");
-        let rs = cluster.kubectl_output(&["get", "rs", "-l", "app=op", "-o", "name"]).await?;
+        let rs = cluster
+            .kubectl_output(&["get", "rs", "-l", "app=op", "-o", "name"])
+            .await?;
         ensure!(rs.lines().count() == 1, "{rs}");
         Ok(())
     })

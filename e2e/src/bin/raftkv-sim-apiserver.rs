@@ -52,17 +52,10 @@ async fn main() -> anyhow::Result<()> {
         };
         builder = builder.image(pattern, ImageMapping::new(program));
     }
-    let cluster = builder
-        .start()
-        .await
-        .context("starting the simulated cluster")?;
-    println!(
-        "serving {} ; kubeconfig {}",
-        cluster.url(),
-        args.kubeconfig.display()
-    );
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("listening for SIGTERM")?;
+    let cluster = builder.start().await.context("starting the simulated cluster")?;
+    println!("serving {} ; kubeconfig {}", cluster.url(), args.kubeconfig.display());
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("listening for SIGTERM")?;
     tokio::select! {
         signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
         _ = terminate.recv() => {}
