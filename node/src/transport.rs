@@ -438,6 +438,14 @@ pub async fn receive_stream(State(ctx): State<TransportContext>, headers: Header
             Err(e) => return crate::api::json_error(StatusCode::BAD_REQUEST, "bad_frame", e),
         };
         for msg in msgs {
+            // A stream opened before its sender was removed must end as soon as it is.
+            if ctx.removed.read().contains(&msg.from) {
+                return crate::api::json_error(
+                    StatusCode::GONE,
+                    "member_removed",
+                    format!("member {} was removed from this cluster", msg.from),
+                );
+            }
             if msg.to != ctx.self_id {
                 return crate::api::json_error(
                     StatusCode::BAD_REQUEST,
