@@ -34,6 +34,8 @@ pub mod reconcile;
 pub mod status;
 
 #[cfg(test)]
+mod convergence_tests;
+#[cfg(test)]
 mod model;
 
 pub use error::{Error, Result};

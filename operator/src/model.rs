@@ -513,7 +513,8 @@ impl ClusterEffects for Model {
         world.kube_write()?;
         if let Some(pod) = world.pods.get(&ordinal).cloned() {
             let voters = world.voter_ids();
-            if voters.contains(&pod.member_id) && voters.len() > 1 {
+            // One or two voters tolerate no failure; their rollout restarts are accepted outages.
+            if voters.contains(&pod.member_id) && voters.len() > 2 {
                 let others = voters.iter().filter(|v| **v != pod.member_id);
                 if world.healthy_count(others) < quorum(voters.len()) {
                     world.violations.push(format!(

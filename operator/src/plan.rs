@@ -10,8 +10,8 @@
 //! 2. Without a leader nothing changes.
 //! 3. A member whose pod came back with a new member id (its volume was lost) is removed first,
 //!    so the pod can join again under its new id.
-//! 4. Scale-up raises the StatefulSet first; pods join as learners one at a time and are promoted
-//!    once caught up.
+//! 4. Scale-up raises the StatefulSet first; pods below the target join as learners one at a time
+//!    and are promoted once caught up.
 //! 5. Scale-down removes learners, then followers from the highest ordinal down, then the leader
 //!    after moving leadership away; only then shrinks the StatefulSet and deletes the claims.
 //! 6. Rollouts restart one outdated pod at a time, the leader's last after a transfer, and only
@@ -19,6 +19,8 @@
 //!
 //! Every voter removal, promotion and pod restart is checked against quorum: the step is refused
 //! (and reported as [`Step::Blocked`]) when it would leave fewer healthy voters than a majority.
+//! The one exception is a rollout restart in a cluster of one or two voters, which tolerates no
+//! failure at all: there every restart is an outage, accepted so the pods can be updated at all.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -491,10 +493,13 @@ impl Planner<'_> {
         if let Some(step) = self.settle_learners() {
             return step;
         }
-        if let Some(step) = self.scale_down() {
+        // Pods below the target join before members above it leave: the leader may sit above
+        // the target and need a successor below it, and a replaced member's pod is part of
+        // the final membership either way. Learners never change the quorum.
+        if let Some(step) = self.add_learner() {
             return step;
         }
-        if let Some(step) = self.add_learner() {
+        if let Some(step) = self.scale_down() {
             return step;
         }
         if self.observed.statefulset_replicas > target {
@@ -770,9 +775,10 @@ impl Planner<'_> {
             });
         }
         let step = Step::RestartPod { ordinal: first };
-        if voters.len() == 1 {
-            // A single voter cannot restart without an outage; refusing would mean it never
-            // gets a new template, so the outage is accepted.
+        if voters.len() - quorum(voters.len()) == 0 {
+            // One or two voters tolerate no failure at all: any restart is an outage, and
+            // refusing would mean the cluster never gets a new template. The outage is accepted
+            // (status warns about such replica counts).
             return step;
         }
         let restarting = voters
