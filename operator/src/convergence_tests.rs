@@ -8,63 +8,16 @@ use proptest::prelude::*;
 use crate::config::OperatorConfig;
 use crate::crd::BootstrapState;
 use crate::execute::execute;
-use crate::model::{Model, MAX_LAG};
+use crate::model::{converge, reconcile_once, Model, MAX_LAG};
 use crate::names::ClusterNames;
 use crate::observe::{assemble, endpoints, query_nodes};
 use crate::plan::{plan, Desired, Step};
-
-/// One reconcile's membership half: observe, plan, execute. Errors (injected Kubernetes
-/// failures) end the reconcile like they would in the operator.
-fn reconcile_once(model: &Model, replicas: u32) -> Step {
-    let config = OperatorConfig::default();
-    let (names, facts, claims, statefulset_replicas, bootstrap) = {
-        let w = model.world();
-        (
-            w.names.clone(),
-            w.pod_facts(),
-            w.claim_ordinals(),
-            w.statefulset_replicas,
-            w.bootstrap.clone(),
-        )
-    };
-    let urls = endpoints(&config, &facts);
-    let reports = block_on(query_nodes(model, &urls));
-    let observed = assemble(
-        &names,
-        statefulset_replicas,
-        &facts,
-        claims,
-        &reports,
-        bootstrap,
-    );
-    let desired = Desired {
-        replicas,
-        max_lag: MAX_LAG,
-    };
-    let step = plan(&desired, &observed);
-    let _ = block_on(execute(&step, &urls, model, model));
-    step
-}
 
 fn new_model(replicas: u32) -> Model {
     let model = Model::new(ClusterNames::new("demo", "ns"));
     // The first apply creates the StatefulSet at the desired size.
     model.world().statefulset_replicas = replicas;
     model
-}
-
-/// Ticks and reconciles until the planner reports convergence; returns the reconciles used.
-fn converge(model: &Model, replicas: u32, budget: usize) -> Result<usize, String> {
-    for round in 0..budget {
-        model.world().tick();
-        if reconcile_once(model, replicas) == Step::Converged {
-            return Ok(round);
-        }
-    }
-    let w = model.world();
-    Err(format!(
-        "no convergence to {replicas} within {budget} rounds: {w:#?}"
-    ))
 }
 
 fn assert_converged(model: &Model, replicas: u32) {

@@ -36,6 +36,8 @@ pub mod status;
 #[cfg(test)]
 mod convergence_tests;
 #[cfg(test)]
+mod fixtures;
+#[cfg(test)]
 mod model;
 
 pub use error::{Error, Result};

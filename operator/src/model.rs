@@ -9,14 +9,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use futures::executor::block_on;
+
+use crate::config::OperatorConfig;
 use crate::crd::BootstrapRecord;
-use crate::execute::ClusterEffects;
+use crate::execute::{execute, ClusterEffects};
 use crate::names::ClusterNames;
 use crate::node_client::{
     codes, Bootstrapped, Member, MemberKind, Members, NodeApi, NodeMembership, NodeStatus,
 };
-use crate::observe::PodFacts;
-use crate::plan::quorum;
+use crate::observe::{assemble, endpoints, query_nodes, PodFacts};
+use crate::plan::{plan, quorum, Desired, Step};
 use crate::{Error, Result};
 
 /// Entries the model's leader commits per tick; larger than [`MAX_LAG`], so a new learner is
@@ -543,4 +546,62 @@ impl ClusterEffects for Model {
         self.world().events.push(format!("{reason}: {note}"));
         Ok(())
     }
+}
+
+/// One reconcile's membership half over the model: observe, plan, execute. An error (an
+/// injected Kubernetes failure) ends the reconcile as it would in the operator.
+pub fn reconcile_once(model: &Model, replicas: u32) -> Step {
+    let config = OperatorConfig::default();
+    let (names, facts, claims, statefulset_replicas, bootstrap) = {
+        let w = model.world();
+        (
+            w.names.clone(),
+            w.pod_facts(),
+            w.claim_ordinals(),
+            w.statefulset_replicas,
+            w.bootstrap.clone(),
+        )
+    };
+    let urls = endpoints(&config, &facts);
+    let reports = block_on(query_nodes(model, &urls));
+    let observed = assemble(
+        &names,
+        statefulset_replicas,
+        &facts,
+        claims,
+        &reports,
+        bootstrap,
+    );
+    let desired = Desired {
+        replicas,
+        max_lag: MAX_LAG,
+    };
+    let step = plan(&desired, &observed);
+    let _ = block_on(execute(&step, &urls, model, model));
+    step
+}
+
+/// Ticks and reconciles until the planner reports convergence; returns the rounds used.
+pub fn converge(model: &Model, replicas: u32, budget: usize) -> std::result::Result<usize, String> {
+    for round in 0..budget {
+        model.world().tick();
+        if reconcile_once(model, replicas) == Step::Converged {
+            return Ok(round);
+        }
+    }
+    let w = model.world();
+    Err(format!(
+        "no convergence to {replicas} within {budget} rounds: {w:#?}"
+    ))
+}
+
+/// A model of a converged cluster of `replicas` voters named like the API tests' cluster.
+pub fn converged(names: ClusterNames, replicas: u32) -> Model {
+    let model = Model::new(names);
+    model.world().statefulset_replicas = replicas;
+    if let Err(report) = converge(&model, replicas, 100) {
+        panic!("{report}");
+    }
+    model.world().events.clear();
+    model
 }

@@ -407,3 +407,7 @@ pub async fn run<N: NodeApi + 'static>(
         })
         .await;
 }
+
+#[cfg(test)]
+#[path = "reconcile_tests.rs"]
+mod tests;
