@@ -115,24 +115,21 @@ pub fn validate(cluster: &RaftCluster, config: &OperatorConfig) -> Result<ValidC
 /// A plain-number quantity with an optional binary, decimal or exponent suffix; the same
 /// grammar as the schema's pattern, for API servers that skip schema validation.
 fn is_quantity(value: &str) -> bool {
-    let digits_end = value
+    let value = value.strip_prefix(['+', '-']).unwrap_or(value);
+    let number_end = value
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(value.len());
-    let (number, suffix) = value.split_at(digits_end);
-    let number_ok = !number.is_empty()
-        && number != "."
-        && number.matches('.').count() <= 1
-        && number.chars().any(|c| c.is_ascii_digit());
-    let suffix_ok = matches!(
-        suffix,
-        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "m" | "k" | "M" | "G" | "T" | "P" | "E"
-    ) || (suffix.len() > 1
-        && suffix.starts_with(['e', 'E'])
-        && suffix[1..]
-            .trim_start_matches(['+', '-'])
-            .chars()
-            .all(|c| c.is_ascii_digit())
-        && suffix[1..].trim_start_matches(['+', '-']).len() > 0);
+    let (number, suffix) = value.split_at(number_end);
+    let number_ok = number.matches('.').count() <= 1 && number.chars().any(|c| c.is_ascii_digit());
+    let exponent_ok = |exponent: &str| {
+        let digits = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
+        !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
+    };
+    let suffix_ok = match suffix {
+        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T"
+        | "P" | "E" => true,
+        other => other.strip_prefix(['e', 'E']).is_some_and(exponent_ok),
+    };
     number_ok && suffix_ok
 }
 
@@ -484,4 +481,213 @@ pub fn build_pdb(cluster: &ValidCluster) -> Option<PodDisruptionBudget> {
         }),
         ..PodDisruptionBudget::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Container;
+    use serde::de::DeserializeOwned;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn yaml<T: DeserializeOwned>(text: &str) -> T {
+        serde_saphyr::from_str(text).expect("fixture parses")
+    }
+
+    fn fixture_cluster() -> RaftCluster {
+        yaml(include_str!("../fixtures/raftcluster.yaml"))
+    }
+
+    fn valid(cluster: &RaftCluster) -> ValidCluster {
+        validate(cluster, &OperatorConfig::default()).expect("valid fixture")
+    }
+
+    fn built() -> ClusterObjects {
+        build(&valid(&fixture_cluster()), &OperatorConfig::default(), 3)
+    }
+
+    /// Compares as JSON values, so the fixtures' key order and YAML style do not matter.
+    fn assert_matches_fixture<T: serde::Serialize>(object: &T, fixture: &str) {
+        let expected: Value = yaml(fixture);
+        let actual = serde_json::to_value(object).expect("serialises");
+        assert_eq!(actual, expected);
+    }
+
+    fn node_container(statefulset: &StatefulSet) -> &Container {
+        &statefulset.spec.template.spec.as_ref().unwrap().containers[0]
+    }
+
+    #[test]
+    fn objects_match_their_fixtures() {
+        let objects = built();
+        assert_matches_fixture(
+            &objects.statefulset,
+            include_str!("../fixtures/statefulset.yaml"),
+        );
+        assert_matches_fixture(
+            &objects.peer_service,
+            include_str!("../fixtures/peer-service.yaml"),
+        );
+        assert_matches_fixture(
+            &objects.client_service,
+            include_str!("../fixtures/client-service.yaml"),
+        );
+        assert_matches_fixture(&objects.pdb.unwrap(), include_str!("../fixtures/pdb.yaml"));
+    }
+
+    #[test]
+    fn every_object_is_owned_by_the_raft_cluster() {
+        let objects = built();
+        let metas = [
+            &objects.statefulset.metadata,
+            &objects.peer_service.metadata,
+            &objects.client_service.metadata,
+            &objects.pdb.as_ref().unwrap().metadata,
+        ];
+        for meta in metas {
+            let owners = meta.owner_references.as_ref().unwrap();
+            assert_eq!(owners.len(), 1);
+            assert_eq!(owners[0].kind, "RaftCluster");
+            assert_eq!(owners[0].controller, Some(true));
+            assert_eq!(owners[0].uid, "6c1a2b3d-0000-4000-8000-00000000beef");
+        }
+    }
+
+    #[test]
+    fn the_node_listens_on_named_ports_and_is_probed_on_them() {
+        let objects = built();
+        let container = node_container(&objects.statefulset);
+        let ports: Vec<(Option<&str>, i32)> = container
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.as_deref(), p.container_port))
+            .collect();
+        assert_eq!(ports, [(Some("client"), 8080), (Some("peer"), 8081)]);
+        let readiness = container
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+        assert_eq!(readiness.port, IntOrString::String("client".into()));
+        let liveness = container
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(liveness.path.as_deref(), Some("/healthz"));
+    }
+
+    #[test]
+    fn the_claim_template_requests_the_spec_size_and_class() {
+        let objects = built();
+        let claim = &objects
+            .statefulset
+            .spec
+            .volume_claim_templates
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(claim.metadata.name.as_deref(), Some(DATA_VOLUME));
+        let spec = claim.spec.as_ref().unwrap();
+        assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
+        let requests = spec.resources.as_ref().unwrap().requests.as_ref().unwrap();
+        assert_eq!(requests["storage"].0, "2Gi");
+    }
+
+    #[test]
+    fn the_statefulset_leaves_pacing_to_the_operator() {
+        let spec = built().statefulset.spec;
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(
+            spec.update_strategy.unwrap().type_.as_deref(),
+            Some("OnDelete")
+        );
+        let retention = spec.persistent_volume_claim_retention_policy.unwrap();
+        assert_eq!(retention.when_scaled.as_deref(), Some("Retain"));
+    }
+
+    #[test]
+    fn the_replica_count_comes_from_the_operator_not_the_spec() {
+        let objects = build(&valid(&fixture_cluster()), &OperatorConfig::default(), 5);
+        assert_eq!(objects.statefulset.spec.replicas, Some(5));
+    }
+
+    #[test]
+    fn a_single_replica_gets_no_disruption_budget() {
+        let mut cluster = fixture_cluster();
+        cluster.spec.replicas = 1;
+        assert_eq!(
+            build(&valid(&cluster), &OperatorConfig::default(), 1).pdb,
+            None
+        );
+    }
+
+    #[test]
+    fn pod_ip_addressing_binds_and_advertises_the_pod_ip() {
+        let config = OperatorConfig {
+            peer_addressing: PeerAddressing::PodIp,
+            ..OperatorConfig::default()
+        };
+        let objects = build(&valid(&fixture_cluster()), &config, 3);
+        let args = node_container(&objects.statefulset).args.clone().unwrap();
+        assert!(args.contains(&"$(POD_IP):8080".to_string()), "{args:?}");
+        assert!(
+            args.contains(&"http://$(POD_IP):8081".to_string()),
+            "{args:?}"
+        );
+    }
+
+    #[test]
+    fn the_default_image_fills_in_a_missing_one() {
+        let mut cluster = fixture_cluster();
+        cluster.spec.image = None;
+        let config = OperatorConfig {
+            default_image: Some("raftkv/node:default".into()),
+            ..OperatorConfig::default()
+        };
+        assert_eq!(
+            validate(&cluster, &config).unwrap().image,
+            "raftkv/node:default"
+        );
+        let error = validate(&cluster, &OperatorConfig::default()).unwrap_err();
+        assert!(matches!(error, Error::InvalidSpec(_)), "{error}");
+    }
+
+    #[test]
+    fn invalid_specs_are_rejected_with_a_message() {
+        type Mutation = fn(&mut RaftCluster);
+        let cases: [(&str, Mutation); 3] = [
+            ("between 1 and 9", |c| c.spec.replicas = 10),
+            ("quantity", |c| c.spec.storage.size.0 = "lots".into()),
+            ("heartbeatTicks", |c| {
+                c.spec.raft.heartbeat_ticks = Some(10);
+                c.spec.raft.election_ticks = Some(10);
+            }),
+        ];
+        for (needle, mutate) in cases {
+            let mut cluster = fixture_cluster();
+            mutate(&mut cluster);
+            match validate(&cluster, &OperatorConfig::default()) {
+                Err(Error::InvalidSpec(message)) => assert!(message.contains(needle), "{message}"),
+                other => panic!("expected an invalid spec mentioning {needle}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn quantities_follow_the_api_server_grammar() {
+        for ok in ["1Gi", "500Mi", "1.5G", "100", "1e3", "0.5Ti", "10k"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "Gi", "1GB", "1..5Gi", "lots", "1e", "."] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
 }

@@ -25,6 +25,9 @@ pub const MAX_REPLICAS: i32 = 9;
 
 /// A replicated raftkv key-value store: a StatefulSet of `raftkv-node` pods whose Raft membership
 /// the operator keeps equal to `replicas` voters.
+// Printer columns of the same type repeat `type_ = "..."`, which clippy's attribute lint takes
+// for a duplicated attribute; they are distinct columns.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "raftkv.dev",
@@ -39,37 +42,37 @@ pub const MAX_REPLICAS: i32 = 9;
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
-    ),
-    printcolumn(
-        name = "Replicas",
-        type_ = "integer",
-        json_path = ".spec.replicas",
-        description = "Desired number of Raft voters"
-    ),
-    printcolumn(
-        name = "Ready",
-        type_ = "integer",
-        json_path = ".status.readyReplicas",
-        description = "Voters that are ready and caught up"
-    ),
-    printcolumn(
-        name = "Leader",
-        type_ = "string",
-        json_path = ".status.leader",
-        description = "Pod of the current Raft leader"
-    ),
-    printcolumn(
-        name = "Phase",
-        type_ = "string",
-        json_path = ".status.phase",
-        description = "What the operator is doing"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
     )
 )]
+#[kube(printcolumn(
+    name = "Replicas",
+    type_ = "integer",
+    json_path = ".spec.replicas",
+    description = "Desired number of Raft voters"
+))]
+#[kube(printcolumn(
+    name = "Ready",
+    type_ = "integer",
+    json_path = ".status.readyReplicas",
+    description = "Voters that are ready and caught up"
+))]
+#[kube(printcolumn(
+    name = "Leader",
+    type_ = "string",
+    json_path = ".status.leader",
+    description = "Pod of the current Raft leader"
+))]
+#[kube(printcolumn(
+    name = "Phase",
+    type_ = "string",
+    json_path = ".status.phase",
+    description = "What the operator is doing"
+))]
+#[kube(printcolumn(
+    name = "Age",
+    type_ = "date",
+    json_path = ".metadata.creationTimestamp"
+))]
 #[serde(rename_all = "camelCase")]
 pub struct RaftClusterSpec {
     /// Number of Raft voters, 1 to 9. Odd counts are recommended: an even count tolerates no
