@@ -204,9 +204,14 @@ pub async fn execute<N: NodeApi, K: ClusterEffects>(
     match &execution.outcome {
         Outcome::Applied => {
             info!(step = step.kind(), detail = %step, "membership step applied");
-            cluster
+            // The step is done; an Event that cannot be written (missing RBAC, API hiccup) must
+            // not turn it into a failed reconcile that is retried with backoff.
+            if let Err(error) = cluster
                 .publish_event(step.kind(), &step.to_string(), false)
-                .await?;
+                .await
+            {
+                warn!(step = step.kind(), %error, "could not publish the event");
+            }
         }
         Outcome::Deferred { code, message } => {
             warn!(step = step.kind(), detail = %step, code, message, "membership step deferred");

@@ -363,7 +363,7 @@ impl NodeApi for Model {
         })
     }
 
-    async fn add_learner(&self, node: &str, id: u64, peer: &str) -> Result<Members> {
+    async fn add_learner(&self, node: &str, id: u64, peer: &str) -> Result<Vec<Member>> {
         let mut world = self.world();
         world.via_member(node)?;
         if world.removed.contains(&id) || world.members.contains_key(&id) {
@@ -383,11 +383,7 @@ impl NodeApi for Model {
                 match_index: 0,
             },
         );
-        Ok(Members {
-            cluster_id: world.cluster_id,
-            leader_id: world.leader,
-            members: world.members_view(),
-        })
+        Ok(world.members_view())
     }
 
     async fn promote(&self, node: &str, id: u64) -> Result<()> {

@@ -121,13 +121,13 @@ pub trait NodeApi: Send + Sync {
     fn status(&self, node: &str) -> impl Future<Output = Result<NodeStatus>> + Send;
     /// `GET /v1/members`.
     fn members(&self, node: &str) -> impl Future<Output = Result<Members>> + Send;
-    /// `POST /v1/members` with `learner: true`.
+    /// `POST /v1/members` with `learner: true`; returns the membership with the learner.
     fn add_learner(
         &self,
         node: &str,
         id: u64,
         peer_url: &str,
-    ) -> impl Future<Output = Result<Members>> + Send;
+    ) -> impl Future<Output = Result<Vec<Member>>> + Send;
     /// `POST /v1/members/{id}/promote`.
     fn promote(&self, node: &str, id: u64) -> impl Future<Output = Result<()>> + Send;
     /// `DELETE /v1/members/{id}`.
@@ -184,6 +184,11 @@ struct AddMemberBody<'a> {
 #[derive(Serialize)]
 struct TransferBody {
     id: u64,
+}
+
+#[derive(Deserialize)]
+struct MembersChanged {
+    members: Vec<Member>,
 }
 
 #[derive(Deserialize)]
@@ -276,7 +281,7 @@ impl NodeApi for HttpNodeClient {
         self.call(request, url).await
     }
 
-    async fn add_learner(&self, node: &str, id: u64, peer_url: &str) -> Result<Members> {
+    async fn add_learner(&self, node: &str, id: u64, peer_url: &str) -> Result<Vec<Member>> {
         let url = format!("{node}/v1/members");
         let request = self
             .http
@@ -287,7 +292,9 @@ impl NodeApi for HttpNodeClient {
                 peer_url,
                 learner: true,
             });
-        self.call(request, url).await
+        self.call::<MembersChanged>(request, url)
+            .await
+            .map(|r| r.members)
     }
 
     async fn promote(&self, node: &str, id: u64) -> Result<()> {
