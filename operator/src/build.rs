@@ -1,0 +1,629 @@
+//! Pure builders: a validated `RaftCluster` in, the Kubernetes objects that run it out.
+//!
+//! Nothing here talks to the API server, so every object can be checked in unit tests. The one
+//! input that is not in the spec is the StatefulSet's replica count: the operator, not the user,
+//! decides it, because pods may only come and go in step with the Raft membership.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::config::{OperatorConfig, PeerAddressing};
+use crate::crd::{RaftCluster, RaftClusterSpec, DEFAULT_MAX_LAG, MAX_REPLICAS};
+use crate::names::{ClusterNames, DATA_DIR, DATA_VOLUME, NODE_CONTAINER};
+use crate::{Error, Result};
+
+/// The user and group the node runs as: the conventional unprivileged "nonroot" id of
+/// distroless images, so the data volume is writable through `fsGroup` without root.
+const NODE_UID: i64 = 65532;
+
+/// A `RaftCluster` whose spec was checked and whose defaults were filled in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidCluster {
+    /// Names of the cluster's objects.
+    pub names: ClusterNames,
+    /// The owner reference every object carries, so deleting the `RaftCluster` deletes them.
+    pub owner: OwnerReference,
+    /// The node image, from the spec or the operator's default.
+    pub image: String,
+    /// The spec as written.
+    pub spec: RaftClusterSpec,
+    /// The `metadata.generation` the spec came from.
+    pub generation: Option<i64>,
+}
+
+impl ValidCluster {
+    /// Desired number of voters.
+    pub fn replicas(&self) -> u32 {
+        // validate() guarantees 1..=MAX_REPLICAS.
+        self.spec.replicas as u32
+    }
+
+    /// How far a learner may lag the leader's commit index and still be promoted.
+    pub fn max_lag(&self) -> u64 {
+        self.spec.raft.max_lag.unwrap_or(DEFAULT_MAX_LAG)
+    }
+}
+
+/// Checks what the schema cannot (or what an API server without schema validation let through)
+/// and fills in defaults. The error message is written to status as is.
+pub fn validate(cluster: &RaftCluster, config: &OperatorConfig) -> Result<ValidCluster> {
+    let name = cluster
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::MissingObjectKey("metadata.name"))?;
+    let namespace = cluster
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let owner = cluster
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let spec = &cluster.spec;
+    if !(1..=MAX_REPLICAS).contains(&spec.replicas) {
+        return Err(Error::InvalidSpec(format!(
+            "replicas is {}; it must be between 1 and {MAX_REPLICAS}",
+            spec.replicas
+        )));
+    }
+    let image = match (&spec.image, &config.default_image) {
+        (Some(image), _) if !image.trim().is_empty() => image.clone(),
+        (None, Some(default)) => default.clone(),
+        _ => {
+            return Err(Error::InvalidSpec(
+                "image is empty and the operator has no --default-image".into(),
+            ))
+        }
+    };
+    if !is_quantity(&spec.storage.size.0) {
+        return Err(Error::InvalidSpec(format!(
+            "storage.size {:?} is not a Kubernetes quantity such as 1Gi",
+            spec.storage.size.0
+        )));
+    }
+    if let (Some(heartbeat), Some(election)) = (spec.raft.heartbeat_ticks, spec.raft.election_ticks) {
+        if heartbeat >= election {
+            return Err(Error::InvalidSpec(format!(
+                "raft.heartbeatTicks ({heartbeat}) must be smaller than raft.electionTicks ({election})"
+            )));
+        }
+    }
+    Ok(ValidCluster {
+        names: ClusterNames::new(name, namespace),
+        owner,
+        image,
+        spec: spec.clone(),
+        generation: cluster.metadata.generation,
+    })
+}
+
+/// A plain-number quantity with an optional binary, decimal or exponent suffix; the same
+/// grammar as the schema's pattern, for API servers that skip schema validation.
+fn is_quantity(value: &str) -> bool {
+    let value = value.strip_prefix(['+', '-']).unwrap_or(value);
+    let number_end = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, suffix) = value.split_at(number_end);
+    let number_ok = number.matches('.').count() <= 1 && number.chars().any(|c| c.is_ascii_digit());
+    let exponent_ok = |exponent: &str| {
+        let digits = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
+        !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
+    };
+    let suffix_ok = match suffix {
+        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T" | "P" | "E" => true,
+        other => other.strip_prefix(['e', 'E']).is_some_and(exponent_ok),
+    };
+    number_ok && suffix_ok
+}
+
+/// Everything `apply` sends for one cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterObjects {
+    /// The headless Service giving pods stable DNS names for peer traffic.
+    pub peer_service: Service,
+    /// The Service clients use; only ready (caught-up) members are behind it.
+    pub client_service: Service,
+    /// The StatefulSet running the nodes.
+    pub statefulset: StatefulSet,
+    /// The disruption budget; `None` for a single replica, where any budget would either block
+    /// node drains forever or allow nothing.
+    pub pdb: Option<PodDisruptionBudget>,
+}
+
+/// Builds every object of the cluster, with the StatefulSet at `statefulset_replicas` pods.
+pub fn build(cluster: &ValidCluster, config: &OperatorConfig, statefulset_replicas: u32) -> ClusterObjects {
+    ClusterObjects {
+        peer_service: build_peer_service(cluster, config),
+        client_service: build_client_service(cluster, config),
+        statefulset: build_statefulset(cluster, config, statefulset_replicas),
+        pdb: build_pdb(cluster),
+    }
+}
+
+fn metadata(cluster: &ValidCluster, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(cluster.names.namespace.clone()),
+        labels: Some(cluster.names.labels()),
+        owner_references: Some(vec![cluster.owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn named_port(name: &str, port: u16) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port: i32::from(port),
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    }
+}
+
+/// The headless Service behind the pods' DNS names.
+pub fn build_peer_service(cluster: &ValidCluster, config: &OperatorConfig) -> Service {
+    Service {
+        metadata: metadata(cluster, &cluster.names.peer_service()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            // A learner is not ready until it has caught up, yet it must be reachable by name
+            // to catch up at all.
+            publish_not_ready_addresses: Some(true),
+            selector: Some(cluster.names.selector_labels()),
+            ports: Some(vec![
+                named_port("peer", config.peer_port),
+                named_port("client", config.client_port),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The ClusterIP Service clients connect to.
+pub fn build_client_service(cluster: &ValidCluster, config: &OperatorConfig) -> Service {
+    Service {
+        metadata: metadata(cluster, cluster.names.client_service()),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(cluster.names.selector_labels()),
+            ports: Some(vec![named_port("client", config.client_port)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn value_env(name: &str, value: impl ToString) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.to_string()),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("client".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// The node's command line. Flags rather than environment, so the pod spec shows the whole
+/// configuration; `$(VAR)` is expanded by the kubelet from the downward-API variables.
+fn node_args(cluster: &ValidCluster, config: &OperatorConfig) -> Vec<String> {
+    let (bind_host, advertise_host) = match config.peer_addressing {
+        PeerAddressing::Dns => (
+            "0.0.0.0".to_string(),
+            format!("$(POD_NAME).{}.$(POD_NAMESPACE).svc", cluster.names.peer_service()),
+        ),
+        PeerAddressing::PodIp => ("$(POD_IP)".to_string(), "$(POD_IP)".to_string()),
+    };
+    vec![
+        "--data-dir".into(),
+        DATA_DIR.into(),
+        "--client-addr".into(),
+        format!("{bind_host}:{}", config.client_port),
+        "--peer-addr".into(),
+        format!("{bind_host}:{}", config.peer_port),
+        "--advertise-peer-url".into(),
+        format!("http://{advertise_host}:{}", config.peer_port),
+    ]
+}
+
+fn node_env(cluster: &ValidCluster) -> Vec<EnvVar> {
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+    ];
+    let raft = &cluster.spec.raft;
+    if let Some(v) = raft.snapshot_count {
+        env.push(value_env("RAFTKV_SNAPSHOT_COUNT", v));
+    }
+    if let Some(v) = raft.tick_ms {
+        env.push(value_env("RAFTKV_TICK_MS", v));
+    }
+    if let Some(v) = raft.election_ticks {
+        env.push(value_env("RAFTKV_ELECTION_TICKS", v));
+    }
+    if let Some(v) = raft.heartbeat_ticks {
+        env.push(value_env("RAFTKV_HEARTBEAT_TICKS", v));
+    }
+    if let Some(v) = raft.max_lag {
+        env.push(value_env("RAFTKV_MAX_LAG", v));
+    }
+    env
+}
+
+/// Spread members over nodes when the user did not say otherwise: losing one node should cost
+/// at most one vote. Preferred, not required, so a small test cluster still schedules.
+fn default_affinity(cluster: &ValidCluster) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(cluster.names.selector_labels()),
+                        ..LabelSelector::default()
+                    }),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..PodAffinityTerm::default()
+                },
+            }]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
+/// The StatefulSet running `replicas` nodes.
+pub fn build_statefulset(cluster: &ValidCluster, config: &OperatorConfig, replicas: u32) -> StatefulSet {
+    let names = &cluster.names;
+    let spec = &cluster.spec;
+    let container = Container {
+        name: NODE_CONTAINER.into(),
+        image: Some(cluster.image.clone()),
+        image_pull_policy: spec.image_pull_policy.clone(),
+        args: Some(node_args(cluster, config)),
+        env: Some(node_env(cluster)),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("client".into()),
+                container_port: i32::from(config.client_port),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("peer".into()),
+                container_port: i32::from(config.peer_port),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        // Ready means "a member that knows the leader and has caught up": the Service only
+        // routes to such pods and the operator waits for it between rollout steps.
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        // Liveness only asks whether the process serves at all; a lagging member must not be
+        // restarted for lagging, or it would never catch up.
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(10),
+            ..http_probe("/healthz", 10, 6)
+        }),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: DATA_VOLUME.into(),
+            mount_path: DATA_DIR.into(),
+            ..VolumeMount::default()
+        }]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.into()),
+            labels: Some(names.selector_labels()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), spec.storage.size.clone())])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+    StatefulSet {
+        metadata: metadata(cluster, names.statefulset()),
+        spec: StatefulSetSpec {
+            replicas: Some(replicas as i32),
+            service_name: Some(names.peer_service()),
+            selector: LabelSelector {
+                match_labels: Some(names.selector_labels()),
+                ..LabelSelector::default()
+            },
+            // OrderedReady deadlocks after a full outage: pod 0 waits for a quorum that the
+            // pods it blocks would provide.
+            pod_management_policy: Some("Parallel".into()),
+            // The operator restarts pods itself, one at a time and the leader last, so the
+            // StatefulSet controller must never replace a pod on its own.
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            // Claims outlive scale-down and deletion: the operator deletes a member's claim only
+            // after Raft has removed the member, and a claim deleted too early loses data.
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some("Retain".into()),
+                when_scaled: Some("Retain".into()),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(names.labels()),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(NODE_UID),
+                        run_as_group: Some(NODE_UID),
+                        fs_group: Some(NODE_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    affinity: Some(spec.affinity.clone().unwrap_or_else(|| default_affinity(cluster))),
+                    tolerations: spec.tolerations.clone(),
+                    node_selector: spec.node_selector.clone(),
+                    // The node flushes its WAL and leaves cleanly on SIGTERM; give it time.
+                    termination_grace_period_seconds: Some(30),
+                    enable_service_links: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![claim]),
+            ..StatefulSetSpec::default()
+        },
+        ..StatefulSet::default()
+    }
+}
+
+/// The disruption budget: at most one member down at a time through voluntary disruptions.
+pub fn build_pdb(cluster: &ValidCluster) -> Option<PodDisruptionBudget> {
+    if cluster.replicas() <= 1 {
+        return None;
+    }
+    Some(PodDisruptionBudget {
+        metadata: metadata(cluster, cluster.names.pdb()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(cluster.names.selector_labels()),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Container;
+    use serde::de::DeserializeOwned;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn yaml<T: DeserializeOwned>(text: &str) -> T {
+        serde_saphyr::from_str(text).expect("fixture parses")
+    }
+
+    fn fixture_cluster() -> RaftCluster {
+        yaml(include_str!("../fixtures/raftcluster.yaml"))
+    }
+
+    fn valid(cluster: &RaftCluster) -> ValidCluster {
+        validate(cluster, &OperatorConfig::default()).expect("valid fixture")
+    }
+
+    fn built() -> ClusterObjects {
+        build(&valid(&fixture_cluster()), &OperatorConfig::default(), 3)
+    }
+
+    /// Compares as JSON values, so the fixtures' key order and YAML style do not matter.
+    fn assert_matches_fixture<T: serde::Serialize>(object: &T, fixture: &str) {
+        let expected: Value = yaml(fixture);
+        let actual = serde_json::to_value(object).expect("serialises");
+        assert_eq!(actual, expected);
+    }
+
+    fn node_container(statefulset: &StatefulSet) -> &Container {
+        &statefulset.spec.template.spec.as_ref().unwrap().containers[0]
+    }
+
+    #[test]
+    fn objects_match_their_fixtures() {
+        let objects = built();
+        assert_matches_fixture(&objects.statefulset, include_str!("../fixtures/statefulset.yaml"));
+        assert_matches_fixture(&objects.peer_service, include_str!("../fixtures/peer-service.yaml"));
+        assert_matches_fixture(&objects.client_service, include_str!("../fixtures/client-service.yaml"));
+        assert_matches_fixture(&objects.pdb.unwrap(), include_str!("../fixtures/pdb.yaml"));
+    }
+
+    #[test]
+    fn every_object_is_owned_by_the_raft_cluster() {
+        let objects = built();
+        let metas = [
+            &objects.statefulset.metadata,
+            &objects.peer_service.metadata,
+            &objects.client_service.metadata,
+            &objects.pdb.as_ref().unwrap().metadata,
+        ];
+        for meta in metas {
+            let owners = meta.owner_references.as_ref().unwrap();
+            assert_eq!(owners.len(), 1);
+            assert_eq!(owners[0].kind, "RaftCluster");
+            assert_eq!(owners[0].controller, Some(true));
+            assert_eq!(owners[0].uid, "6c1a2b3d-0000-4000-8000-00000000beef");
+        }
+    }
+
+    #[test]
+    fn the_node_listens_on_named_ports_and_is_probed_on_them() {
+        let objects = built();
+        let container = node_container(&objects.statefulset);
+        let ports: Vec<(Option<&str>, i32)> = container
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.as_deref(), p.container_port))
+            .collect();
+        assert_eq!(ports, [(Some("client"), 8080), (Some("peer"), 8081)]);
+        let readiness = container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+        assert_eq!(readiness.port, IntOrString::String("client".into()));
+        let liveness = container.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(liveness.path.as_deref(), Some("/healthz"));
+    }
+
+    #[test]
+    fn the_claim_template_requests_the_spec_size_and_class() {
+        let objects = built();
+        let claim = &objects.statefulset.spec.volume_claim_templates.as_ref().unwrap()[0];
+        assert_eq!(claim.metadata.name.as_deref(), Some(DATA_VOLUME));
+        let spec = claim.spec.as_ref().unwrap();
+        assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
+        let requests = spec.resources.as_ref().unwrap().requests.as_ref().unwrap();
+        assert_eq!(requests["storage"].0, "2Gi");
+    }
+
+    #[test]
+    fn the_statefulset_leaves_pacing_to_the_operator() {
+        let spec = built().statefulset.spec;
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(spec.update_strategy.unwrap().type_.as_deref(), Some("OnDelete"));
+        let retention = spec.persistent_volume_claim_retention_policy.unwrap();
+        assert_eq!(retention.when_scaled.as_deref(), Some("Retain"));
+    }
+
+    #[test]
+    fn the_replica_count_comes_from_the_operator_not_the_spec() {
+        let objects = build(&valid(&fixture_cluster()), &OperatorConfig::default(), 5);
+        assert_eq!(objects.statefulset.spec.replicas, Some(5));
+    }
+
+    #[test]
+    fn a_single_replica_gets_no_disruption_budget() {
+        let mut cluster = fixture_cluster();
+        cluster.spec.replicas = 1;
+        assert_eq!(build(&valid(&cluster), &OperatorConfig::default(), 1).pdb, None);
+    }
+
+    #[test]
+    fn pod_ip_addressing_binds_and_advertises_the_pod_ip() {
+        let config = OperatorConfig {
+            peer_addressing: PeerAddressing::PodIp,
+            ..OperatorConfig::default()
+        };
+        let objects = build(&valid(&fixture_cluster()), &config, 3);
+        let args = node_container(&objects.statefulset).args.clone().unwrap();
+        assert!(args.contains(&"$(POD_IP):8080".to_string()), "{args:?}");
+        assert!(args.contains(&"http://$(POD_IP):8081".to_string()), "{args:?}");
+    }
+
+    #[test]
+    fn the_default_image_fills_in_a_missing_one() {
+        let mut cluster = fixture_cluster();
+        cluster.spec.image = None;
+        let config = OperatorConfig {
+            default_image: Some("raftkv/node:default".into()),
+            ..OperatorConfig::default()
+        };
+        assert_eq!(validate(&cluster, &config).unwrap().image, "raftkv/node:default");
+        let error = validate(&cluster, &OperatorConfig::default()).unwrap_err();
+        assert!(matches!(error, Error::InvalidSpec(_)), "{error}");
+    }
+
+    #[test]
+    fn invalid_specs_are_rejected_with_a_message() {
+        type Mutation = fn(&mut RaftCluster);
+        let cases: [(&str, Mutation); 3] = [
+            ("between 1 and 9", |c| c.spec.replicas = 10),
+            ("quantity", |c| c.spec.storage.size.0 = "lots".into()),
+            ("heartbeatTicks", |c| {
+                c.spec.raft.heartbeat_ticks = Some(10);
+                c.spec.raft.election_ticks = Some(10);
+            }),
+        ];
+        for (needle, mutate) in cases {
+            let mut cluster = fixture_cluster();
+            mutate(&mut cluster);
+            match validate(&cluster, &OperatorConfig::default()) {
+                Err(Error::InvalidSpec(message)) => assert!(message.contains(needle), "{message}"),
+                other => panic!("expected an invalid spec mentioning {needle}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn quantities_follow_the_api_server_grammar() {
+        for ok in ["1Gi", "500Mi", "1.5G", "100", "1e3", "0.5Ti", "10k"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "Gi", "1GB", "1..5Gi", "lots", "1e", "."] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+}

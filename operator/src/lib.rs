@@ -1,0 +1,43 @@
+//! `raftkv-operator`: reconciles `RaftCluster` objects into a StatefulSet, Services and a
+//! PodDisruptionBudget, and turns replica changes into Raft membership changes, one safe step at
+//! a time.
+//!
+//! # Layout
+//!
+//! - [`crd`]: the `RaftCluster` resource, its schema, and its status.
+//! - [`config`]: operator-wide settings from the command line, and how a pod's node is dialled.
+//! - [`names`]: names and labels of a cluster's objects.
+//! - [`build`]: validation and the pure builders of the Kubernetes objects.
+//! - [`node_client`]: the [`node_client::NodeApi`] trait and its HTTP client for the nodes'
+//!   admin API.
+//! - [`observe`]: pods, claims and node answers turned into the planner's view.
+//! - [`plan`]: the pure membership planner, one step at a time.
+//! - [`execute`]: carrying out a step through `NodeApi` and [`execute::ClusterEffects`].
+//! - [`status`]: the pure status computation (phase, conditions, members).
+//! - [`reconcile`]: the controller: the pipeline, the Kubernetes side effects, error backoff.
+//! - [`leader`]: Lease-based leader election between operator replicas.
+//! - [`metrics`]: Prometheus metrics and the `/metrics` and `/healthz` server.
+//! - [`error`]: the crate's error type.
+
+pub mod build;
+pub mod config;
+pub mod crd;
+pub mod error;
+pub mod execute;
+pub mod leader;
+pub mod metrics;
+pub mod names;
+pub mod node_client;
+pub mod observe;
+pub mod plan;
+pub mod reconcile;
+pub mod status;
+
+#[cfg(test)]
+mod convergence_tests;
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod model;
+
+pub use error::{Error, Result};

@@ -1,0 +1,185 @@
+//! Turning Kubernetes objects and node answers into the planner's [`Observed`].
+//!
+//! Split in three: pure extraction of facts from Pods and claims, the node queries (the only
+//! I/O, and only through [`NodeApi`]), and a pure assembly step that matches members to pods.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use tracing::debug;
+
+use crate::config::OperatorConfig;
+use crate::crd::BootstrapRecord;
+use crate::names::{ClusterNames, REVISION_LABEL};
+use crate::node_client::{Members, NodeApi, NodeMembership, NodeStatus};
+use crate::plan::{MemberObs, MembershipObs, NodeObs, Observed, PodObs};
+
+/// What the operator needs to know about one of the cluster's pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodFacts {
+    /// The pod's ordinal.
+    pub ordinal: u32,
+    /// The pod's name.
+    pub name: String,
+    /// The `Ready` condition is true.
+    pub ready: bool,
+    /// The pod has a deletion timestamp.
+    pub terminating: bool,
+    /// The pod's revision label equals the StatefulSet's update revision.
+    pub up_to_date: bool,
+    /// `status.podIP`, once assigned.
+    pub ip: Option<String>,
+}
+
+/// Facts about `pod`, or `None` when it is not one of this cluster's StatefulSet pods.
+///
+/// Without an update revision (a StatefulSet the controller has not observed yet) every pod
+/// counts as up to date: no rollout is started on a guess.
+pub fn pod_facts(names: &ClusterNames, pod: &Pod, update_revision: Option<&str>) -> Option<PodFacts> {
+    let name = pod.metadata.name.clone()?;
+    let ordinal = names.pod_ordinal(&name)?;
+    let status = pod.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let revision = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(REVISION_LABEL))
+        .map(String::as_str);
+    let up_to_date = match (update_revision, revision) {
+        (Some(wanted), Some(has)) => wanted == has,
+        _ => true,
+    };
+    Some(PodFacts {
+        ordinal,
+        name,
+        ready,
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        up_to_date,
+        ip: status.and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
+    })
+}
+
+/// Ordinals of the cluster's data claims (deleted claims excluded: they are already going).
+pub fn claim_ordinals(names: &ClusterNames, claims: &[PersistentVolumeClaim]) -> BTreeSet<u32> {
+    claims
+        .iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+        .filter_map(|c| names.pvc_ordinal(c.metadata.name.as_deref()?))
+        .collect()
+}
+
+/// The base URL of every pod that has an IP, by ordinal.
+pub fn endpoints(config: &OperatorConfig, pods: &[PodFacts]) -> BTreeMap<u32, String> {
+    pods.iter()
+        .filter_map(|p| Some((p.ordinal, config.node_url(p.ip.as_deref()?))))
+        .collect()
+}
+
+/// What the nodes said.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeReports {
+    /// `GET /v1/status` of every pod that answered, by ordinal.
+    pub statuses: BTreeMap<u32, NodeStatus>,
+    /// `GET /v1/members` from the first member that answered.
+    pub members: Option<Members>,
+}
+
+/// Asks every pod for its status (concurrently), then one member for the membership, trying
+/// the pod that says it leads first, then the other members.
+pub async fn query_nodes<N: NodeApi>(api: &N, endpoints: &BTreeMap<u32, String>) -> NodeReports {
+    let calls = endpoints.iter().map(|(ordinal, url)| async move {
+        match api.status(url).await {
+            Ok(status) => Some((*ordinal, status)),
+            Err(error) => {
+                debug!(ordinal, %error, "node did not report its status");
+                None
+            }
+        }
+    });
+    let statuses: BTreeMap<u32, NodeStatus> = join_all(calls).await.into_iter().flatten().collect();
+
+    let mut candidates: Vec<(&u32, &NodeStatus)> = statuses
+        .iter()
+        .filter(|(_, s)| matches!(s.membership, NodeMembership::Voter | NodeMembership::Learner))
+        .collect();
+    candidates.sort_by_key(|(ordinal, s)| (s.id != s.leader_id, **ordinal));
+    let mut members = None;
+    for (ordinal, _) in candidates {
+        match api.members(&endpoints[ordinal]).await {
+            Ok(m) => {
+                members = Some(m);
+                break;
+            }
+            Err(error) => debug!(ordinal, %error, "member did not report the membership"),
+        }
+    }
+    NodeReports { statuses, members }
+}
+
+/// Joins pods, claims and node reports into the planner's view.
+pub fn assemble(
+    names: &ClusterNames,
+    statefulset_replicas: u32,
+    pods: &[PodFacts],
+    claims: BTreeSet<u32>,
+    reports: &NodeReports,
+    bootstrap: Option<BootstrapRecord>,
+) -> Observed {
+    let pods_obs: BTreeMap<u32, PodObs> = pods
+        .iter()
+        .map(|p| {
+            let node = reports.statuses.get(&p.ordinal).map(|s| NodeObs {
+                id: s.id,
+                cluster_id: s.cluster_id,
+                membership: s.membership,
+                commit_index: s.commit_index,
+                peer_url: s.peer_url.clone(),
+            });
+            let obs = PodObs {
+                ordinal: p.ordinal,
+                ready: p.ready,
+                terminating: p.terminating,
+                up_to_date: p.up_to_date,
+                node,
+            };
+            (p.ordinal, obs)
+        })
+        .collect();
+    let membership = reports.members.as_ref().map(|m| MembershipObs {
+        leader_id: m.leader_id,
+        members: m
+            .members
+            .iter()
+            .map(|member| MemberObs {
+                id: member.id,
+                ordinal: member_ordinal(names, reports, member.id, &member.peer_url),
+                kind: member.role,
+                match_index: member.match_index,
+                healthy: member.healthy,
+            })
+            .collect(),
+    });
+    Observed {
+        statefulset_replicas,
+        pods: pods_obs,
+        claims,
+        membership,
+        bootstrap,
+    }
+}
+
+/// The pod a member lives on: the pod whose node reports that id; else the pod that advertises
+/// the member's peer URL (a pod that came back with a new id under the old address); else the
+/// ordinal named in the URL's DNS form.
+fn member_ordinal(names: &ClusterNames, reports: &NodeReports, id: u64, peer_url: &str) -> Option<u32> {
+    let by_id = reports.statuses.iter().find(|(_, s)| s.id == id);
+    let by_url = || reports.statuses.iter().find(|(_, s)| s.peer_url == peer_url);
+    by_id
+        .or_else(by_url)
+        .map(|(ordinal, _)| *ordinal)
+        .or_else(|| names.ordinal_from_peer_url(peer_url))
+}

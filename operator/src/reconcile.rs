@@ -1,0 +1,379 @@
+//! The reconciler: one `RaftCluster` through the pipeline read, validate, build, apply,
+//! observe, plan, execute, update status.
+//!
+//! Only this module (and the [`KubeEffects`] it hands to the executor) talks to the API server;
+//! every decision is made by the pure functions of [`crate::build`], [`crate::plan`] and
+//! [`crate::status`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, instrument, warn, Span};
+
+use crate::build::{build, build_statefulset, validate, ClusterObjects, ValidCluster};
+use crate::config::{OperatorConfig, FIELD_MANAGER};
+use crate::crd::{BootstrapRecord, RaftCluster, RaftClusterStatus};
+use crate::execute::{execute, ClusterEffects, Outcome};
+use crate::metrics::Metrics;
+use crate::node_client::{HttpNodeClient, NodeApi};
+use crate::observe::{assemble, claim_ordinals, endpoints, pod_facts, query_nodes};
+use crate::plan::{plan, Desired, Step};
+use crate::status::{cluster_status, invalid_status};
+use crate::{Error, Result};
+
+/// How soon to look again after each kind of outcome.
+const REQUEUE_AFTER_STEP: Duration = Duration::from_secs(2);
+const REQUEUE_WAITING: Duration = Duration::from_secs(5);
+const REQUEUE_BLOCKED: Duration = Duration::from_secs(15);
+const REQUEUE_CONVERGED: Duration = Duration::from_secs(60);
+/// Bounds of the error backoff.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Per-object exponential backoff for failing reconciles, reset by a successful one.
+#[derive(Default)]
+pub struct Backoff {
+    failures: Mutex<HashMap<ObjectRef<RaftCluster>, u32>>,
+}
+
+impl Backoff {
+    /// Records a failure and returns how long to wait: 1 s, doubling, at most 5 minutes.
+    pub fn failed(&self, key: ObjectRef<RaftCluster>) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let count = failures.entry(key).or_insert(0);
+        let delay = BACKOFF_MIN.saturating_mul(1u32 << (*count).min(16)).min(BACKOFF_MAX);
+        *count = count.saturating_add(1);
+        delay
+    }
+
+    /// Forgets the failures of a reconcile that succeeded.
+    pub fn succeeded(&self, key: &ObjectRef<RaftCluster>) {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context<N: NodeApi = HttpNodeClient> {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// The nodes' admin API.
+    pub nodes: N,
+    /// Operator-wide settings.
+    pub config: OperatorConfig,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Who publishes Events.
+    pub reporter: Reporter,
+    /// Error backoff per object.
+    pub backoff: Backoff,
+}
+
+impl<N: NodeApi> Context<N> {
+    /// A context with fresh metrics and backoff.
+    pub fn new(client: Client, nodes: N, config: OperatorConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            nodes,
+            config,
+            metrics,
+            reporter: Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+/// Reconciles one `RaftCluster`.
+#[instrument(skip_all, fields(cluster = %cluster.name_any(), namespace = cluster.namespace().unwrap_or_default(), step))]
+pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N>>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started();
+    let namespace = cluster
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let name = cluster.name_any();
+    let clusters: Api<RaftCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    // Validate: an invalid spec is reported once and then waits for the user to change it.
+    let valid = match validate(&cluster, &ctx.config) {
+        Ok(valid) => valid,
+        Err(Error::InvalidSpec(message)) => {
+            warn!(%message, "invalid spec");
+            let names = crate::names::ClusterNames::new(&name, &namespace);
+            let status = invalid_status(
+                &names,
+                cluster.metadata.generation,
+                &message,
+                cluster.status.as_ref(),
+                &now(),
+            );
+            patch_status(&clusters, &name, &status).await?;
+            ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
+            return Ok(Action::await_change());
+        }
+        Err(error) => return Err(error),
+    };
+
+    // Read: the StatefulSet's replica count is the operator's own record of how many pods the
+    // membership has been prepared for; a new StatefulSet starts at the desired count, since an
+    // empty cluster has no membership to keep in step.
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    let existing = statefulsets.get_opt(valid.names.statefulset()).await?;
+    let statefulset_replicas = existing
+        .as_ref()
+        .and_then(|s| s.spec.replicas)
+        .map_or(valid.replicas(), |r| r.max(0) as u32);
+    let update_revision = existing
+        .as_ref()
+        .and_then(|s| s.status.as_ref()?.update_revision.clone());
+
+    // Build and apply.
+    let objects = build(&valid, &ctx.config, statefulset_replicas);
+    apply(&ctx.client, &valid, &objects).await?;
+
+    // Observe.
+    let selector = valid.names.selector_string();
+    let list = ListParams::default().labels(&selector);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pod_list = pods.list(&list).await?;
+    let claim_list = claims.list(&list).await?;
+    let facts: Vec<_> = pod_list
+        .items
+        .iter()
+        .filter_map(|p| pod_facts(&valid.names, p, update_revision.as_deref()))
+        .collect();
+    let node_urls = endpoints(&ctx.config, &facts);
+    let reports = query_nodes(&ctx.nodes, &node_urls).await;
+    let observed = assemble(
+        &valid.names,
+        statefulset_replicas,
+        &facts,
+        claim_ordinals(&valid.names, &claim_list.items),
+        &reports,
+        cluster.status.as_ref().and_then(|s| s.bootstrap.clone()),
+    );
+
+    // Plan and execute one step.
+    let desired = Desired {
+        replicas: valid.replicas(),
+        max_lag: valid.max_lag(),
+    };
+    let step = plan(&desired, &observed);
+    Span::current().record("step", step.kind());
+    let effects = KubeEffects {
+        client: ctx.client.clone(),
+        cluster: &cluster,
+        valid: &valid,
+        config: &ctx.config,
+        recorder: Recorder::new(ctx.client.clone(), ctx.reporter.clone()),
+    };
+    if let Step::Blocked(reason) = &step {
+        warn!(reason = reason.reason(), detail = %reason, "membership step refused");
+    }
+    let execution = execute(&step, &node_urls, &ctx.nodes, &effects).await?;
+    let outcome = match &execution.outcome {
+        Outcome::Applied => "applied",
+        Outcome::Deferred { .. } => "deferred",
+        Outcome::Nothing => "none",
+    };
+    ctx.metrics.step(step.kind(), outcome);
+
+    // Update status.
+    let status = cluster_status(&valid, &observed, &step, &execution, cluster.status.as_ref(), &now());
+    patch_status(&clusters, &name, &status).await?;
+    ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
+
+    let requeue = match (&step, &execution.outcome) {
+        (_, Outcome::Applied) => REQUEUE_AFTER_STEP,
+        (Step::Converged, _) => REQUEUE_CONVERGED,
+        (Step::Blocked(_), _) => REQUEUE_BLOCKED,
+        _ => REQUEUE_WAITING,
+    };
+    Ok(Action::requeue(requeue))
+}
+
+/// Backs off a failing object exponentially and counts the failure.
+pub fn error_policy<N: NodeApi>(cluster: Arc<RaftCluster>, error: &Error, ctx: Arc<Context<N>>) -> Action {
+    ctx.metrics.reconcile_failed(error);
+    let delay = ctx.backoff.failed(ObjectRef::from_obj(&*cluster));
+    warn!(cluster = %cluster.name_any(), %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn patch_status(api: &Api<RaftCluster>, name: &str, status: &RaftClusterStatus) -> Result<()> {
+    let patch = json!({
+        "apiVersion": RaftCluster::api_version(&()),
+        "kind": RaftCluster::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &apply_params(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+/// Server-side applies every object; removes the PDB when the spec no longer wants one.
+async fn apply(client: &Client, cluster: &ValidCluster, objects: &ClusterObjects) -> Result<()> {
+    let ns = &cluster.names.namespace;
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+    let params = apply_params();
+    services
+        .patch(
+            &cluster.names.peer_service(),
+            &params,
+            &Patch::Apply(&objects.peer_service),
+        )
+        .await?;
+    services
+        .patch(
+            cluster.names.client_service(),
+            &params,
+            &Patch::Apply(&objects.client_service),
+        )
+        .await?;
+    statefulsets
+        .patch(
+            cluster.names.statefulset(),
+            &params,
+            &Patch::Apply(&objects.statefulset),
+        )
+        .await?;
+    match &objects.pdb {
+        Some(pdb) => {
+            pdbs.patch(cluster.names.pdb(), &params, &Patch::Apply(pdb)).await?;
+        }
+        None => delete_if_present(&pdbs, cluster.names.pdb()).await?,
+    }
+    Ok(())
+}
+
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// The Kubernetes side of membership steps, for one cluster.
+pub struct KubeEffects<'a> {
+    client: Client,
+    cluster: &'a RaftCluster,
+    valid: &'a ValidCluster,
+    config: &'a OperatorConfig,
+    recorder: Recorder,
+}
+
+impl ClusterEffects for KubeEffects<'_> {
+    async fn scale_statefulset(&self, replicas: u32) -> Result<()> {
+        // The whole object is applied, not just `replicas`: an apply that omitted the other
+        // fields would drop this manager's ownership of them, and so the fields themselves.
+        let statefulset = build_statefulset(self.valid, self.config, replicas);
+        let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.valid.names.namespace);
+        api.patch(
+            self.valid.names.statefulset(),
+            &apply_params(),
+            &Patch::Apply(&statefulset),
+        )
+        .await?;
+        info!(replicas, "statefulset scaled");
+        Ok(())
+    }
+
+    async fn delete_claim(&self, ordinal: u32) -> Result<()> {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.valid.names.namespace);
+        delete_if_present(&api, &self.valid.names.pvc(ordinal)).await
+    }
+
+    async fn delete_pod(&self, ordinal: u32) -> Result<()> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.valid.names.namespace);
+        delete_if_present(&api, &self.valid.names.pod(ordinal)).await
+    }
+
+    async fn record_bootstrap(&self, record: &BootstrapRecord) -> Result<()> {
+        // A merge patch touches only `status.bootstrap`: the rest of the status is applied at
+        // the end of the reconcile, and this write must not wait for it.
+        let api: Api<RaftCluster> = Api::namespaced(self.client.clone(), &self.valid.names.namespace);
+        let patch = json!({ "status": { "bootstrap": record } });
+        api.patch_status(
+            &self.valid.names.cluster,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn publish_event(&self, reason: &str, note: &str, warning: bool) -> Result<()> {
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        self.recorder.publish(&event, &self.cluster.object_ref(&())).await?;
+        Ok(())
+    }
+}
+
+/// Runs the controller until `stop` resolves or a signal arrives.
+pub async fn run<N: NodeApi + 'static>(
+    ctx: Arc<Context<N>>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let clusters: Api<RaftCluster> = Api::all(client.clone());
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=raftkv-operator");
+    // Pods are owned by the StatefulSet, not by the RaftCluster; they are watched so that a pod
+    // turning ready (a learner caught up, a restarted member back) triggers the next step.
+    let pods = watcher::Config::default().labels("app.kubernetes.io/name=raftkv");
+    Controller::new(clusters, watcher::Config::default().any_semantic())
+        .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned)
+        .watches(Api::<Pod>::all(client), pods, |pod: Pod| {
+            let instance = pod.labels().get("app.kubernetes.io/instance")?.clone();
+            let namespace = pod.namespace()?;
+            Some(ObjectRef::<RaftCluster>::new(&instance).within(&namespace))
+        })
+        .graceful_shutdown_on(stop)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                warn!(%error, "controller event");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+#[path = "reconcile_tests.rs"]
+mod tests;

@@ -1,0 +1,227 @@
+//! The reconciler against a mocked API server: the exact requests of a first reconcile, a
+//! scale-up, a scale-down and an invalid spec.
+
+use std::sync::Arc;
+
+use kube::runtime::controller::Action;
+
+use super::*;
+use crate::crd::Phase;
+use crate::fixtures::{bootstrapped, context, raft_cluster, ApiServerVerifier, NAME, NS};
+use crate::model::{converged, Model};
+use crate::names::ClusterNames;
+use crate::status::{DEGRADED, PROGRESSING};
+
+fn names() -> ClusterNames {
+    ClusterNames::new(NAME, NS)
+}
+
+fn condition<'a>(
+    status: &'a RaftClusterStatus,
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status:?}"))
+}
+
+/// Runs one reconcile while `server` answers its requests; returns the action and the verifier.
+async fn run_reconcile<F, Fut>(
+    cluster: RaftCluster,
+    ctx: Arc<Context<Model>>,
+    api: ApiServerVerifier,
+    server: F,
+) -> (Action, ApiServerVerifier)
+where
+    F: FnOnce(ApiServerVerifier) -> Fut,
+    Fut: std::future::Future<Output = ApiServerVerifier> + Send + 'static,
+{
+    let server = tokio::spawn(server(api));
+    let action = reconcile(Arc::new(cluster), ctx).await.expect("reconcile succeeds");
+    let mut api = server.await.expect("the mocked API server's checks pass");
+    api.expect_silence().await;
+    (action, api)
+}
+
+#[tokio::test]
+async fn first_reconcile_applies_services_statefulset_pdb_then_status() {
+    let model = Model::new(names());
+    let (ctx, api) = context(model);
+    let cluster = raft_cluster(3, Some("raftkv/node:test"));
+    let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
+        api.get_statefulset(false).await;
+        let statefulset = api.apply_objects().await;
+        assert_eq!(statefulset["spec"]["replicas"], 3);
+        assert_eq!(statefulset["spec"]["podManagementPolicy"], "Parallel");
+        assert_eq!(statefulset["metadata"]["ownerReferences"][0]["kind"], "RaftCluster");
+        api.list_pods_and_claims().await;
+        let status = api.status().await;
+        assert_eq!(status.phase, Some(Phase::Creating));
+        assert_eq!(
+            status.selector,
+            "app.kubernetes.io/instance=demo,app.kubernetes.io/name=raftkv"
+        );
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(status.bootstrap, None);
+        api
+    })
+    .await;
+    assert_eq!(action, Action::requeue(REQUEUE_WAITING));
+}
+
+#[tokio::test]
+async fn scale_three_to_five_raises_the_statefulset_before_any_member_joins() {
+    let model = converged(names(), 3);
+    let (ctx, api) = context(model.clone());
+    let cluster = bootstrapped(raft_cluster(5, Some("raftkv/node:test")), 101);
+    let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
+        api.get_statefulset(true).await;
+        let statefulset = api.apply_objects().await;
+        // The routine apply keeps the operator's count; only the planned step changes it.
+        assert_eq!(statefulset["spec"]["replicas"], 3);
+        api.list_pods_and_claims().await;
+        let scaled = api.apply("/apis/apps/v1", "statefulsets/demo").await;
+        assert_eq!(scaled["spec"]["replicas"], 5);
+        assert_eq!(
+            scaled["spec"]["template"]["spec"]["containers"][0]["image"],
+            "raftkv/node:test"
+        );
+        api.event("ScaleStatefulSet").await;
+        let status = api.status().await;
+        assert_eq!(status.phase, Some(Phase::Scaling));
+        assert_eq!(status.replicas, 3);
+        assert_eq!(status.ready_replicas, 3);
+        assert_eq!(status.leader.as_deref(), Some("demo-0"));
+        assert_eq!(condition(&status, PROGRESSING).reason, "ScaleStatefulSet");
+        api
+    })
+    .await;
+    assert_eq!(action, Action::requeue(REQUEUE_AFTER_STEP));
+    assert_eq!(model.world().members.len(), 3, "no member joins before its pod exists");
+}
+
+#[tokio::test]
+async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() {
+    let model = converged(names(), 5);
+    let (ctx, mut api) = context(model.clone());
+    let cluster = bootstrapped(raft_cluster(3, Some("raftkv/node:test")), 101);
+
+    // Two reconciles remove the members of ordinals 4 and 3 through the leader; Kubernetes only
+    // hears about it through an Event and the status.
+    for ordinal in [4u32, 3] {
+        let (_, returned) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
+            api.get_statefulset(true).await;
+            let statefulset = api.apply_objects().await;
+            assert_eq!(statefulset["spec"]["replicas"], 5);
+            api.list_pods_and_claims().await;
+            let event = api.event("RemoveMember").await;
+            assert!(event["note"].as_str().unwrap().contains("scale-down"), "{event}");
+            let status = api.status().await;
+            assert_eq!(status.phase, Some(Phase::Scaling));
+            assert_eq!(condition(&status, PROGRESSING).reason, "RemoveMember");
+            api
+        })
+        .await;
+        api = returned;
+        let w = model.world();
+        assert!(w.members.values().all(|m| m.ordinal != ordinal));
+        drop(w);
+        model.world().tick();
+    }
+
+    // Only then does the StatefulSet shrink.
+    let (_, returned) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
+        api.get_statefulset(true).await;
+        api.apply_objects().await;
+        api.list_pods_and_claims().await;
+        let scaled = api.apply("/apis/apps/v1", "statefulsets/demo").await;
+        assert_eq!(scaled["spec"]["replicas"], 3);
+        api.event("ScaleStatefulSet").await;
+        let status = api.status().await;
+        assert_eq!(status.replicas, 3);
+        api
+    })
+    .await;
+    api = returned;
+    model.world().statefulset_replicas = 3;
+    model.world().tick();
+
+    // And the removed members' claims go, highest first, one per reconcile.
+    for ordinal in [4u32, 3] {
+        let (_, returned) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
+            api.get_statefulset(true).await;
+            api.apply_objects().await;
+            api.list_pods_and_claims().await;
+            api.delete(&format!("persistentvolumeclaims/data-demo-{ordinal}")).await;
+            api.event("DeleteClaim").await;
+            api.status().await;
+            api
+        })
+        .await;
+        api = returned;
+        model.world().claims.remove(&ordinal);
+    }
+
+    let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
+        api.get_statefulset(true).await;
+        api.apply_objects().await;
+        api.list_pods_and_claims().await;
+        let status = api.status().await;
+        assert_eq!(status.phase, Some(Phase::Running));
+        assert_eq!(status.members.len(), 3);
+        assert_eq!(condition(&status, PROGRESSING).reason, "Reconciled");
+        assert_eq!(condition(&status, DEGRADED).status, "False");
+        api
+    })
+    .await;
+    assert_eq!(action, Action::requeue(REQUEUE_CONVERGED));
+    assert!(model.world().violations.is_empty());
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_in_status_and_waits_for_a_change() {
+    let (ctx, api) = context(Model::new(names()));
+    // No image in the spec and no --default-image: nothing can be built.
+    let cluster = raft_cluster(3, None);
+    let (action, _) = run_reconcile(cluster, ctx.clone(), api, |mut api| async move {
+        let status = api.status().await;
+        assert_eq!(status.phase, Some(Phase::Invalid));
+        let degraded = condition(&status, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "InvalidSpec")
+        );
+        assert!(degraded.message.contains("--default-image"), "{}", degraded.message);
+        api
+    })
+    .await;
+    assert_eq!(action, Action::await_change());
+    assert!(ctx.metrics.encode().contains("raftkv_operator_reconciles_total 1"));
+}
+
+#[tokio::test]
+async fn an_out_of_range_replica_count_is_invalid_even_without_schema_validation() {
+    let (ctx, api) = context(Model::new(names()));
+    let cluster = raft_cluster(0, Some("raftkv/node:test"));
+    let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
+        let status = api.status().await;
+        assert_eq!(status.phase, Some(Phase::Invalid));
+        assert!(condition(&status, DEGRADED).message.contains("between 1 and 9"));
+        api
+    })
+    .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[test]
+fn failing_reconciles_back_off_exponentially_up_to_five_minutes() {
+    let backoff = Backoff::default();
+    let key = ObjectRef::<RaftCluster>::new(NAME).within(NS);
+    let delays: Vec<u64> = (0..12).map(|_| backoff.failed(key.clone()).as_secs()).collect();
+    assert_eq!(&delays[..5], &[1, 2, 4, 8, 16]);
+    assert_eq!(*delays.last().unwrap(), 300);
+    backoff.succeeded(&key);
+    assert_eq!(backoff.failed(key).as_secs(), 1);
+}

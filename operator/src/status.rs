@@ -1,0 +1,289 @@
+//! Pure computation of the `RaftCluster` status from what was observed and done.
+//!
+//! Conditions follow the Kubernetes convention: `Available` (a leader and a healthy quorum),
+//! `Progressing` (the operator is moving the cluster towards the spec) and `Degraded` (something
+//! needs attention), each with a CamelCase reason and a message. A condition keeps its
+//! `lastTransitionTime` while its status does not change.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::build::ValidCluster;
+use crate::crd::{BootstrapState, MemberRole, MemberStatus, Phase, RaftClusterStatus};
+use crate::execute::{Execution, Outcome};
+use crate::names::ClusterNames;
+use crate::node_client::MemberKind;
+use crate::plan::{quorum, Observed, Step, TransferReason};
+
+/// Condition type: the cluster serves reads and writes.
+pub const AVAILABLE: &str = "Available";
+/// Condition type: the operator is changing the cluster.
+pub const PROGRESSING: &str = "Progressing";
+/// Condition type: something needs attention.
+pub const DEGRADED: &str = "Degraded";
+
+fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Warnings about a spec that works but is probably not what the user wants.
+pub fn spec_warnings(replicas: i32) -> Vec<String> {
+    if replicas > 0 && replicas % 2 == 0 {
+        vec![format!(
+            "replicas is {replicas}: an even number of voters tolerates no more failures than {} and needs one more acknowledgement per write",
+            replicas - 1
+        )]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The status after a reconcile that planned `step` and ended with `execution`.
+pub fn cluster_status(
+    cluster: &ValidCluster,
+    observed: &Observed,
+    step: &Step,
+    execution: &Execution,
+    previous: Option<&RaftClusterStatus>,
+    now: &Time,
+) -> RaftClusterStatus {
+    let names = &cluster.names;
+    let generation = cluster.generation;
+    let previous_conditions = previous.map_or(&[][..], |p| &p.conditions[..]);
+    let bootstrap = execution.bootstrap.clone().or_else(|| observed.bootstrap.clone());
+    let bootstrapped = bootstrap.as_ref().is_some_and(|b| b.state == BootstrapState::Done);
+
+    let members = member_statuses(names, observed);
+    let voters = members.iter().filter(|m| m.role != MemberRole::Learner).count();
+    let healthy_voters = members
+        .iter()
+        .filter(|m| m.role != MemberRole::Learner && m.healthy == Some(true))
+        .count();
+    let ready_voters = members
+        .iter()
+        .filter(|m| m.role != MemberRole::Learner)
+        .filter(|m| pod_ready(names, observed, m.pod.as_deref()))
+        .count();
+    let leader = observed.membership.as_ref().and_then(|m| {
+        let id = m.leader_id;
+        m.members
+            .iter()
+            .find(|x| x.id == id)
+            .and_then(|x| x.ordinal)
+            .map(|o| names.pod(o))
+    });
+
+    let (available, available_reason, available_message) = if !bootstrapped {
+        (
+            false,
+            "NotBootstrapped",
+            "the cluster is not bootstrapped yet".to_string(),
+        )
+    } else if leader.is_none() {
+        (false, "NoLeader", "no member reports a leader".to_string())
+    } else if healthy_voters >= quorum(voters) {
+        (
+            true,
+            "QuorumHealthy",
+            format!("{healthy_voters} of {voters} voters healthy"),
+        )
+    } else {
+        (
+            false,
+            "QuorumLost",
+            format!(
+                "{healthy_voters} of {voters} voters healthy, quorum is {}",
+                quorum(voters)
+            ),
+        )
+    };
+
+    let deferred = match &execution.outcome {
+        Outcome::Deferred { code, message } => Some(format!("{step} deferred: {code}: {message}")),
+        _ => None,
+    };
+    let (progressing, progressing_reason, progressing_message) = match step {
+        Step::Converged => (false, "Reconciled", "the cluster matches the spec".to_string()),
+        Step::Blocked(reason) => (false, reason.reason(), reason.to_string()),
+        Step::Wait(reason) => (true, "Waiting", reason.to_string()),
+        other => (
+            true,
+            other.kind(),
+            deferred.clone().unwrap_or_else(|| other.to_string()),
+        ),
+    };
+
+    let unhealthy: Vec<u64> = members
+        .iter()
+        .filter(|m| m.role != MemberRole::Learner && m.healthy == Some(false))
+        .map(|m| m.id)
+        .collect();
+    let (degraded, degraded_reason, degraded_message) = match step {
+        Step::Blocked(reason) => (true, reason.reason(), reason.to_string()),
+        _ if !unhealthy.is_empty() => (true, "MemberUnhealthy", format!("voters not healthy: {unhealthy:?}")),
+        _ => (false, "AsExpected", "nothing needs attention".to_string()),
+    };
+
+    let phase = if !bootstrapped {
+        match step {
+            Step::Blocked(_) => Phase::Degraded,
+            _ => Phase::Creating,
+        }
+    } else if degraded && matches!(step, Step::Blocked(_)) || !available {
+        Phase::Degraded
+    } else {
+        match step {
+            Step::Converged => Phase::Running,
+            Step::RestartPod { .. }
+            | Step::TransferLeadership {
+                reason: TransferReason::Rollout,
+                ..
+            } => Phase::Updating,
+            Step::Wait(_) if observed.pods.values().any(|p| !p.up_to_date) => Phase::Updating,
+            _ => Phase::Scaling,
+        }
+    };
+
+    RaftClusterStatus {
+        replicas: voters as i32,
+        ready_replicas: ready_voters as i32,
+        selector: names.selector_string(),
+        leader,
+        members,
+        phase: Some(phase),
+        conditions: vec![
+            condition(
+                AVAILABLE,
+                available,
+                available_reason,
+                available_message,
+                generation,
+                previous_conditions,
+                now,
+            ),
+            condition(
+                PROGRESSING,
+                progressing,
+                progressing_reason,
+                progressing_message,
+                generation,
+                previous_conditions,
+                now,
+            ),
+            condition(
+                DEGRADED,
+                degraded,
+                degraded_reason,
+                degraded_message,
+                generation,
+                previous_conditions,
+                now,
+            ),
+        ],
+        warnings: spec_warnings(cluster.spec.replicas),
+        observed_generation: generation,
+        bootstrap,
+    }
+}
+
+/// The status of a `RaftCluster` whose spec cannot be reconciled. Everything observed earlier is
+/// kept; only the phase and conditions say why nothing happens.
+pub fn invalid_status(
+    names: &ClusterNames,
+    generation: Option<i64>,
+    message: &str,
+    previous: Option<&RaftClusterStatus>,
+    now: &Time,
+) -> RaftClusterStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    let previous_conditions = previous.map_or(&[][..], |p| &p.conditions[..]);
+    let available = previous_conditions
+        .iter()
+        .find(|c| c.type_ == AVAILABLE)
+        .cloned()
+        .unwrap_or_else(|| {
+            condition(
+                AVAILABLE,
+                false,
+                "NotBootstrapped",
+                "the cluster is not bootstrapped yet".into(),
+                generation,
+                previous_conditions,
+                now,
+            )
+        });
+    status.selector = names.selector_string();
+    status.phase = Some(Phase::Invalid);
+    status.observed_generation = generation;
+    status.conditions = vec![
+        available,
+        condition(
+            PROGRESSING,
+            false,
+            "InvalidSpec",
+            message.to_string(),
+            generation,
+            previous_conditions,
+            now,
+        ),
+        condition(
+            DEGRADED,
+            true,
+            "InvalidSpec",
+            message.to_string(),
+            generation,
+            previous_conditions,
+            now,
+        ),
+    ];
+    status
+}
+
+fn pod_ready(names: &ClusterNames, observed: &Observed, pod: Option<&str>) -> bool {
+    pod.and_then(|p| names.pod_ordinal(p))
+        .and_then(|o| observed.pods.get(&o))
+        .is_some_and(|p| p.ready)
+}
+
+fn member_statuses(names: &ClusterNames, observed: &Observed) -> Vec<MemberStatus> {
+    let Some(membership) = &observed.membership else {
+        return Vec::new();
+    };
+    let mut members: Vec<MemberStatus> = membership
+        .members
+        .iter()
+        .map(|m| MemberStatus {
+            id: m.id,
+            pod: m.ordinal.map(|o| names.pod(o)),
+            role: match m.kind {
+                MemberKind::Learner => MemberRole::Learner,
+                MemberKind::Voter if m.id == membership.leader_id => MemberRole::Leader,
+                MemberKind::Voter => MemberRole::Voter,
+            },
+            healthy: m
+                .healthy
+                .or_else(|| m.ordinal.and_then(|o| observed.pods.get(&o)).map(|p| p.ready)),
+        })
+        .collect();
+    members.sort_by(|a, b| a.pod.cmp(&b.pod).then(a.id.cmp(&b.id)));
+    members
+}
