@@ -1,0 +1,349 @@
+//! The operator's membership planner and executor driving real `raftkv-node` processes, with no
+//! Kubernetes: pods are processes, the StatefulSet's replica count decides which run, claims are
+//! data directories. A client writes throughout 1 -> 3 -> 5 -> 3 -> 1 replicas; every
+//! acknowledged write must survive and the final membership must be exactly the desired pods.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use parking_lot::Mutex;
+use raftkv_operator::crd::BootstrapRecord;
+use raftkv_operator::execute::{execute, ClusterEffects};
+use raftkv_operator::names::ClusterNames;
+use raftkv_operator::node_client::{HttpNodeClient, NodeClientTimeouts};
+use raftkv_operator::observe::{assemble, query_nodes, PodFacts};
+use raftkv_operator::plan::{plan, Desired, Step};
+use tokio::time::Instant;
+
+/// Builds the node binary once (a no-op when `cargo test --workspace` already did) and returns it.
+fn node_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "raftkv-node", "--bin", "raftkv-node"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building raftkv-node failed");
+        // Test executables live in <target>/debug/deps; binaries in <target>/debug.
+        let exe = std::env::current_exe().expect("test executable path");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .join("raftkv-node");
+        assert!(bin.exists(), "{} is missing", bin.display());
+        bin
+    })
+}
+
+/// One pod: a node process with a data directory that outlives it.
+struct PodProcess {
+    child: Child,
+    url: String,
+}
+
+/// The Kubernetes side of the test: what a StatefulSet, its pods and its claims would do.
+struct ProcessCluster {
+    root: PathBuf,
+    replicas: Mutex<u32>,
+    pods: Mutex<BTreeMap<u32, PodProcess>>,
+    bootstrap: Mutex<Option<BootstrapRecord>>,
+}
+
+impl ProcessCluster {
+    fn data_dir(&self, ordinal: u32) -> PathBuf {
+        self.root.join(format!("data-demo-{ordinal}"))
+    }
+
+    fn start_pod(&self, ordinal: u32) -> anyhow::Result<()> {
+        let dir = self.data_dir(ordinal);
+        let addr_file = self.root.join(format!("pod-{ordinal}.addr.json"));
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join(format!("pod-{ordinal}.log")))?;
+        let child = Command::new(node_binary())
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--client-addr", "127.0.0.1:0", "--peer-addr", "127.0.0.1:0"])
+            .args(["--tick-ms", "50", "--snapshot-count", "200"])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let client = loop {
+            if let Ok(raw) = std::fs::read(&addr_file) {
+                let v: serde_json::Value = serde_json::from_slice(&raw)?;
+                break v["client"].as_str().context("client address")?.to_string();
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("pod {ordinal} did not start");
+            }
+            std::thread::yield_now();
+        };
+        self.pods.lock().insert(
+            ordinal,
+            PodProcess {
+                child,
+                url: format!("http://{client}"),
+            },
+        );
+        Ok(())
+    }
+
+    fn stop_pod(&self, ordinal: u32) {
+        if let Some(mut pod) = self.pods.lock().remove(&ordinal) {
+            let pid = nix::unistd::Pid::from_raw(pod.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = pod.child.wait();
+        }
+    }
+
+    /// The StatefulSet controller: pods 0..replicas run.
+    fn sync_pods(&self) -> anyhow::Result<()> {
+        let replicas = *self.replicas.lock();
+        let running: Vec<u32> = self.pods.lock().keys().copied().collect();
+        for ordinal in running.iter().filter(|o| **o >= replicas) {
+            self.stop_pod(*ordinal);
+        }
+        for ordinal in 0..replicas {
+            if !self.pods.lock().contains_key(&ordinal) {
+                self.start_pod(ordinal)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn claims(&self) -> BTreeSet<u32> {
+        (0..16).filter(|o| self.data_dir(*o).exists()).collect()
+    }
+
+    fn endpoints(&self) -> BTreeMap<u32, String> {
+        self.pods.lock().iter().map(|(o, p)| (*o, p.url.clone())).collect()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for o in 0..8 {
+            if let Ok(text) = std::fs::read_to_string(self.root.join(format!("pod-{o}.log"))) {
+                let lines: Vec<&str> = text.lines().collect();
+                out += &format!(
+                    "===== pod {o} =====\n{}\n",
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                );
+            }
+        }
+        out
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for (_, mut pod) in std::mem::take(&mut *self.pods.lock()) {
+            let _ = pod.child.kill();
+            let _ = pod.child.wait();
+        }
+    }
+}
+
+impl ClusterEffects for ProcessCluster {
+    async fn scale_statefulset(&self, replicas: u32) -> raftkv_operator::Result<()> {
+        *self.replicas.lock() = replicas;
+        Ok(())
+    }
+
+    async fn delete_claim(&self, ordinal: u32) -> raftkv_operator::Result<()> {
+        assert!(
+            !self.pods.lock().contains_key(&ordinal),
+            "claim {ordinal} deleted under a running pod"
+        );
+        let _ = std::fs::remove_dir_all(self.data_dir(ordinal));
+        Ok(())
+    }
+
+    async fn delete_pod(&self, ordinal: u32) -> raftkv_operator::Result<()> {
+        self.stop_pod(ordinal);
+        Ok(())
+    }
+
+    async fn record_bootstrap(&self, record: &BootstrapRecord) -> raftkv_operator::Result<()> {
+        *self.bootstrap.lock() = Some(record.clone());
+        Ok(())
+    }
+
+    async fn publish_event(&self, reason: &str, note: &str, _warning: bool) -> raftkv_operator::Result<()> {
+        eprintln!("event {reason}: {note}");
+        Ok(())
+    }
+}
+
+/// Runs observe -> plan -> execute until the planner reports convergence.
+async fn reconcile_until_converged(
+    cluster: &ProcessCluster,
+    nodes: &HttpNodeClient,
+    replicas: u32,
+) -> anyhow::Result<Vec<String>> {
+    let names = ClusterNames::new("demo", "default");
+    let desired = Desired {
+        replicas,
+        max_lag: 1000,
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut steps = Vec::new();
+    loop {
+        cluster.sync_pods()?;
+        let endpoints = cluster.endpoints();
+        let mut pods = Vec::new();
+        for (&ordinal, url) in &endpoints {
+            let ready = nodes_ready(url).await;
+            pods.push(PodFacts {
+                ordinal,
+                name: format!("demo-{ordinal}"),
+                ready,
+                terminating: false,
+                up_to_date: true,
+                ip: Some(url.clone()),
+            });
+        }
+        let reports = query_nodes(nodes, &endpoints).await;
+        let observed = assemble(
+            &names,
+            *cluster.replicas.lock(),
+            &pods,
+            cluster.claims(),
+            &reports,
+            cluster.bootstrap.lock().clone(),
+        );
+        let step = plan(&desired, &observed);
+        if step == Step::Converged {
+            return Ok(steps);
+        }
+        if step.is_membership_change() || matches!(step, Step::ScaleStatefulSet { .. }) {
+            steps.push(step.kind().to_string());
+        }
+        execute(&step, &endpoints, nodes, cluster).await?;
+        if Instant::now() > deadline {
+            bail!("not converged on {replicas} replicas; last step {step:?}; steps so far {steps:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn nodes_ready(url: &str) -> bool {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    matches!(client.get(format!("{url}/readyz")).send().await, Ok(r) if r.status().is_success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn planner_and_executor_scale_real_nodes_1_3_5_3_1_without_losing_acknowledged_writes() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(ProcessCluster {
+        root: root.path().to_path_buf(),
+        // The operator creates the StatefulSet at the desired size before planning membership.
+        replicas: Mutex::new(1),
+        pods: Mutex::new(BTreeMap::new()),
+        bootstrap: Mutex::new(None),
+    });
+    let nodes = HttpNodeClient::new(NodeClientTimeouts::default()).unwrap();
+
+    // A client writes throughout, to whichever pods run, and remembers what was acknowledged.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let writer = {
+        let (cluster, stop, acked) = (cluster.clone(), stop.clone(), acked.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let endpoints: Vec<String> = cluster.endpoints().into_values().collect();
+                if endpoints.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                n += 1;
+                let (key, value) = (format!("w{n:06}"), format!("value-{n}"));
+                let url = &endpoints[n as usize % endpoints.len()];
+                if let Ok(r) = http.put(format!("{url}/v1/kv/{key}")).body(value.clone()).send().await {
+                    if r.status().is_success() {
+                        acked.lock().insert(key, value);
+                    }
+                }
+            }
+        })
+    };
+
+    let mut journal = Vec::new();
+    for replicas in [1, 3, 5, 3, 1] {
+        let started = Instant::now();
+        let steps = match reconcile_until_converged(&cluster, &nodes, replicas).await {
+            Ok(steps) => steps,
+            Err(e) => panic!("{e:#}\n{}", cluster.logs()),
+        };
+        journal.push(format!("{replicas} replicas in {:?}: {steps:?}", started.elapsed()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    for line in &journal {
+        eprintln!("{line}");
+    }
+
+    // Exactly one member remains, it is pod 0, and it holds every acknowledged write.
+    let endpoints = cluster.endpoints();
+    assert_eq!(endpoints.keys().copied().collect::<Vec<_>>(), vec![0]);
+    let url = &endpoints[&0];
+    let http = reqwest::Client::new();
+    let members: serde_json::Value = http
+        .get(format!("{url}/v1/members"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let members = members["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1, "{members:?}");
+    assert_eq!(members[0]["role"], "voter");
+    assert_eq!(
+        cluster.claims(),
+        BTreeSet::from([0]),
+        "claims of removed members are deleted"
+    );
+    let acked = acked.lock().clone();
+    assert!(acked.len() > 50, "the writer made too little progress: {}", acked.len());
+    let listing: serde_json::Value = http
+        .get(format!("{url}/v1/kv?prefix=w&limit=10000"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stored: BTreeMap<String, String> = listing["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["key"].as_str().unwrap().to_string(),
+                i["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (key, value) in &acked {
+        assert_eq!(stored.get(key), Some(value), "acknowledged write {key} was lost");
+    }
+}
