@@ -69,6 +69,9 @@ pub struct ApiContext {
     pub advertise_peer_url: Option<String>,
     /// Forwards admin calls to the leader's peer port.
     pub forwarder: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    /// Cancelled on shutdown: waiting requests answer at once instead of holding shutdown up
+    /// until their deadline.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Shared handler state.
@@ -83,6 +86,7 @@ impl ApiContext {
         metrics: Arc<Metrics>,
         limits: Limits,
         advertise_peer_url: Option<String>,
+        shutdown: tokio_util::sync::CancellationToken,
     ) -> ApiState {
         Arc::new(ApiContext {
             shared,
@@ -92,6 +96,7 @@ impl ApiContext {
             limits,
             advertise_peer_url,
             forwarder: Client::builder(TokioExecutor::new()).build_http(),
+            shutdown,
         })
     }
 }
@@ -352,6 +357,14 @@ impl ApiContext {
         Instant::now() + self.limits.request_timeout
     }
 
+    /// Awaits `fut` until `deadline`; `None` on timeout or shutdown.
+    async fn bounded<F: std::future::Future>(&self, deadline: Instant, fut: F) -> Option<F::Output> {
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, fut) => r.ok(),
+            _ = self.shutdown.cancelled() => None,
+        }
+    }
+
     async fn wait_for_leader(&self, deadline: Instant) -> ApiResult<()> {
         let mut status = self.status.clone();
         let known = matches!(
@@ -398,8 +411,8 @@ impl ApiContext {
             }
         }
         // From here on the entry may be in the log: any failure to confirm is an unknown outcome.
-        match tokio::time::timeout_at(deadline, applied).await {
-            Ok(Ok(outcome)) => Ok(outcome),
+        match self.bounded(deadline, applied).await {
+            Some(Ok(outcome)) => Ok(outcome),
             _ => Err(ApiError::unknown_outcome()),
         }
     }
@@ -416,17 +429,18 @@ impl ApiContext {
         loop {
             let (tx, rx) = oneshot::channel();
             self.send(RaftInput::ReadIndex { reply: tx }).await?;
-            match tokio::time::timeout_at(deadline, rx).await {
-                Err(_) => return Err(timeout()),
-                Ok(Err(_)) => return Err(ApiError::unavailable("shutting_down", "the member is shutting down")),
-                Ok(Ok(Err(NotProposed::NotMember))) => return Err(not_member()),
-                Ok(Ok(Err(_))) => self.wait_for_leader(deadline).await?,
-                Ok(Ok(Ok(index))) => {
+            match self.bounded(deadline, rx).await {
+                None => return Err(timeout()),
+                Some(Err(_)) => return Err(ApiError::unavailable("shutting_down", "the member is shutting down")),
+                Some(Ok(Err(NotProposed::NotMember))) => return Err(not_member()),
+                Some(Ok(Err(_))) => self.wait_for_leader(deadline).await?,
+                Some(Ok(Ok(index))) => {
                     let mut applied = self.shared.applied.subscribe();
-                    return match tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= index)).await {
-                        Ok(Ok(_)) => Ok(()),
-                        _ => Err(timeout()),
-                    };
+                    let caught_up = matches!(
+                        self.bounded(deadline, applied.wait_for(|a| *a >= index)).await,
+                        Some(Ok(_))
+                    );
+                    return if caught_up { Ok(()) } else { Err(timeout()) };
                 }
             }
         }
@@ -824,7 +838,7 @@ async fn membership_change(
     rx.await
         .map_err(|_| ApiError::unavailable("shutting_down", "the member is shutting down"))??;
     // raft-rs silently drops a conf change it cannot take; confirm from the applied configuration.
-    let confirmed = matches!(tokio::time::timeout_at(deadline, done).await, Ok(Ok(_)));
+    let confirmed = matches!(s.bounded(deadline, done).await, Some(Ok(_)));
     let st = s.status.borrow().clone();
     let membership = s.shared.state.read().membership.clone();
     if confirmed || applied(&membership) {

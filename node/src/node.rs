@@ -170,6 +170,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
             max_ready_lag: cfg.max_lag,
         },
         advertise_peer_url,
+        shutdown.clone(),
     );
     let client_router = api::client_router(api_state.clone());
     let peer_router = Router::new()

@@ -103,7 +103,11 @@ impl ProcessCluster {
         if let Some(mut pod) = self.pods.lock().remove(&ordinal) {
             let pid = nix::unistd::Pid::from_raw(pod.child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let t = std::time::Instant::now();
             let _ = pod.child.wait();
+            if std::env::var_os("RAFTKV_TRACE_STEPS").is_some() {
+                eprintln!("pod {ordinal} stopped in {:?}", t.elapsed());
+            }
         }
     }
 
@@ -229,7 +233,11 @@ async fn reconcile_until_converged(
         if step.is_membership_change() || matches!(step, Step::ScaleStatefulSet { .. }) {
             steps.push(step.kind().to_string());
         }
-        execute(&step, &endpoints, nodes, cluster).await?;
+        let t = Instant::now();
+        let result = execute(&step, &endpoints, nodes, cluster).await?;
+        if std::env::var_os("RAFTKV_TRACE_STEPS").is_some() {
+            eprintln!("{:?} -> {:?} in {:?}", step, result.outcome, t.elapsed());
+        }
         if Instant::now() > deadline {
             bail!("not converged on {replicas} replicas; last step {step:?}; steps so far {steps:?}");
         }
