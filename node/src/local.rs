@@ -12,6 +12,23 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// Prints a line for the user; a closed stdout (a pipe whose reader left) is not an error
+/// worth stopping the cluster for.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// Like `say!`, on stderr.
+macro_rules! warn_user {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Flags of the `local` subcommand.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LocalArgs {
@@ -72,7 +89,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    eprintln!("[node {i}] {line}");
+                    warn_user!("[node {i}] {line}");
                 }
             });
         }
@@ -84,26 +101,26 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .collect();
     match wait_for_leader(&urls, Duration::from_secs(30)).await {
         Ok(leader) => {
-            println!(
+            say!(
                 "raftkv local cluster of {} members is up (leader: member {leader})",
                 args.nodes
             );
             for ((i, _, _), url) in members.iter().zip(&urls) {
-                println!(
+                say!(
                     "  member {i}: {url}   data: {}",
                     args.data_dir.join(format!("node-{i}")).display()
                 );
             }
-            println!("try:  curl -X PUT {}/v1/kv/greeting -d hello", urls[0]);
-            println!("      curl {}/v1/kv/greeting", urls[urls.len() - 1]);
-            println!("Ctrl-C stops every member.");
+            say!("try:  curl -X PUT {}/v1/kv/greeting -d hello", urls[0]);
+            say!("      curl {}/v1/kv/greeting", urls[urls.len() - 1]);
+            say!("Ctrl-C stops every member.");
         }
-        Err(e) => eprintln!("warning: {e:#}"),
+        Err(e) => warn_user!("warning: {e:#}"),
     }
     let exited = wait_any_exit(&mut children);
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => println!("stopping..."),
-        (i, status) = exited => eprintln!("member {i} exited ({status}); stopping the others"),
+        _ = tokio::signal::ctrl_c() => say!("stopping..."),
+        (i, status) = exited => warn_user!("member {i} exited ({status}); stopping the others"),
     }
     stop_all(&mut children).await;
     Ok(())
@@ -135,7 +152,7 @@ async fn stop_all(children: &mut [(u64, Child)]) {
             .await
             .is_err()
         {
-            eprintln!("member {i} did not stop within 10 s; killing it");
+            warn_user!("member {i} did not stop within 10 s; killing it");
             let _ = child.kill().await;
         }
     }
