@@ -291,14 +291,8 @@ impl KvState {
     /// Reads a snapshot, verifying its checksum; errors describe what is wrong.
     pub fn read_snapshot<R: Read>(r: R) -> Result<KvState, String> {
         let mut r = CrcReader { inner: r, crc: 0 };
-        let mut magic = [0u8; 8];
-        r.read_exact(&mut magic).map_err(|e| format!("reading magic: {e}"))?;
-        if &magic != SNAPSHOT_MAGIC {
-            return Err("not a raftkv snapshot (bad magic)".into());
-        }
+        let header = Self::read_snapshot_header(&mut r)?;
         let mut buf = Vec::new();
-        read_frame(&mut r, &mut buf).map_err(|e| format!("reading header: {e}"))?;
-        let header: SnapshotHeader = command::decode(&buf).map_err(|e| format!("decoding header: {e}"))?;
         let mut data = OrdMap::new();
         for n in 0..header.key_count {
             read_frame(&mut r, &mut buf).map_err(|e| format!("reading record {n}: {e}"))?;
