@@ -454,3 +454,37 @@ async fn bad_input_gets_a_clear_4xx_and_the_cluster_stays_healthy() {
     assert_eq!(c.put(2, "fine", "ok").await.unwrap().status, 200);
     c.wait_healthy().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_another_cluster_refuses_its_messages_and_never_joins() {
+    let a = Cluster::start(1, &[]).await.unwrap();
+    let b = Cluster::start(1, &[]).await.unwrap();
+    assert_eq!(b.put(0, "owner", "cluster-b").await.unwrap().status, 200);
+    let b_status = b.status(0).await.unwrap();
+
+    // Cluster A is told to add B's member; B must refuse A's leader (other cluster id), so the
+    // learner never catches up and can never be promoted.
+    let body = json!({"id": b.members[0].id, "peer_url": b.members[0].peer_url()});
+    let added = a.post(0, "/v1/members", Some(body)).await.unwrap();
+    assert_eq!(added.status, 200, "{}", added.text());
+    let promote = a
+        .post(0, &format!("/v1/members/{}/promote", b.members[0].id), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (promote.status, promote.json()["error"].as_str()),
+        (409, Some("learner_lagging"))
+    );
+    let log_path = b.members[0].log.clone();
+    wait_until("B to refuse A's leader", DEADLINE, || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        async move { log.contains("refused a peer of another cluster").then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    let after = b.status(0).await.unwrap();
+    assert_eq!(after["cluster_id"], b_status["cluster_id"]);
+    assert_eq!(after["role"], "leader");
+    assert_eq!(b.get(0, "/v1/kv/owner").await.unwrap().text(), "cluster-b");
+}
