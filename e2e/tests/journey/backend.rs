@@ -116,7 +116,8 @@ impl Backend {
                 })
             }
             Ok("sim") | Err(_) => {
-                let binaries = binaries()?;
+                // Building may take minutes on a fresh clone: off the async workers.
+                let binaries = tokio::task::spawn_blocking(binaries).await??;
                 let cluster = SimCluster::builder()
                     .image("raftkv/node:*", ImageMapping::new(&binaries.node))
                     .image("raftkv/operator:*", ImageMapping::new(&binaries.operator))

@@ -496,11 +496,12 @@ impl Journey {
     /// RaftCluster reports them all as healthy voters for its current generation, and the Raft
     /// membership (the nodes' own `GET /v1/members`) is exactly those pods' members.
     async fn converged(&self, replicas: usize, image: &str) -> anyhow::Result<()> {
+        // A remaining difference is reported as an error, so a timeout names the last one.
         self.wait_for(&format!("{replicas} ready voters on {image}"), || async {
-            Ok(self.convergence_gap(replicas, image).await?.map_or(Some(()), |gap| {
-                tracing::debug!(%gap, "not converged");
-                None
-            }))
+            match self.convergence_gap(replicas, image).await? {
+                None => Ok(Some(())),
+                Some(gap) => Err(anyhow::anyhow!(gap)),
+            }
         })
         .await
         .with_context(|| format!("converging on {replicas} members"))?;
