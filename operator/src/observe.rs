@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use tracing::debug;
 
 use crate::config::OperatorConfig;
-use crate::crd::BootstrapRecord;
+use crate::crd::{BootstrapRecord, MemberStatus};
 use crate::names::{ClusterNames, REVISION_LABEL};
 use crate::node_client::{Members, NodeApi, NodeMembership, NodeStatus};
 use crate::plan::{MemberObs, MembershipObs, NodeObs, Observed, PodObs};
@@ -182,4 +182,74 @@ fn member_ordinal(names: &ClusterNames, reports: &NodeReports, id: u64, peer_url
         .or_else(by_url)
         .map(|(ordinal, _)| *ordinal)
         .or_else(|| names.ordinal_from_peer_url(peer_url))
+}
+
+/// Gives members that no answering pod claims, and whose peer URL names no pod, the pod the
+/// last written status placed them on.
+///
+/// Without cluster DNS (`--peer-addressing pod-ip`) a peer URL is an IP address and names no
+/// ordinal, so while a member's pod restarts (a rollout step, a deleted pod) nothing else ties
+/// the member to its ordinal; the planner would take it for a member beyond the target and
+/// remove it as a scale-down, throwing away a healthy member and its volume.
+pub fn recall_member_pods(names: &ClusterNames, observed: &mut Observed, previous: &[MemberStatus]) {
+    let Some(membership) = observed.membership.as_mut() else {
+        return;
+    };
+    for member in membership.members.iter_mut().filter(|m| m.ordinal.is_none()) {
+        member.ordinal = previous
+            .iter()
+            .find(|p| p.id == member.id)
+            .and_then(|p| p.pod.as_deref())
+            .and_then(|pod| names.pod_ordinal(pod));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::MemberRole;
+    use crate::node_client::MemberKind;
+
+    fn member(id: u64, ordinal: Option<u32>) -> MemberObs {
+        MemberObs {
+            id,
+            ordinal,
+            kind: MemberKind::Voter,
+            match_index: Some(10),
+            healthy: Some(true),
+        }
+    }
+
+    #[test]
+    fn a_restarting_pods_member_keeps_the_ordinal_status_recorded() {
+        let names = ClusterNames::new("demo", "ns");
+        let mut observed = Observed {
+            statefulset_replicas: 3,
+            pods: BTreeMap::new(),
+            claims: BTreeSet::new(),
+            membership: Some(MembershipObs {
+                leader_id: 1,
+                members: vec![member(1, Some(0)), member(2, Some(1)), member(3, None), member(4, None)],
+            }),
+            bootstrap: None,
+        };
+        let previous = vec![
+            MemberStatus {
+                id: 3,
+                pod: Some("demo-2".into()),
+                role: MemberRole::Voter,
+                healthy: Some(true),
+            },
+            MemberStatus {
+                id: 1,
+                pod: Some("demo-5".into()),
+                role: MemberRole::Leader,
+                healthy: Some(true),
+            },
+        ];
+        recall_member_pods(&names, &mut observed, &previous);
+        let ordinals: Vec<_> = observed.membership.unwrap().members.iter().map(|m| m.ordinal).collect();
+        // Known ordinals stay; a member status never placed stays unknown.
+        assert_eq!(ordinals, vec![Some(0), Some(1), Some(2), None]);
+    }
 }

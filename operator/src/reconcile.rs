@@ -30,7 +30,7 @@ use crate::crd::{BootstrapRecord, RaftCluster, RaftClusterStatus};
 use crate::execute::{execute, ClusterEffects, Outcome};
 use crate::metrics::Metrics;
 use crate::node_client::{HttpNodeClient, NodeApi};
-use crate::observe::{assemble, claim_ordinals, endpoints, pod_facts, query_nodes};
+use crate::observe::{assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods};
 use crate::plan::{plan, Desired, Step};
 use crate::status::{cluster_status, invalid_status};
 use crate::{Error, Result};
@@ -168,7 +168,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         .collect();
     let node_urls = endpoints(&ctx.config, &facts);
     let reports = query_nodes(&ctx.nodes, &node_urls).await;
-    let observed = assemble(
+    let mut observed = assemble(
         &valid.names,
         statefulset_replicas,
         &facts,
@@ -176,6 +176,8 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         &reports,
         cluster.status.as_ref().and_then(|s| s.bootstrap.clone()),
     );
+    let previous_members = cluster.status.as_ref().map_or(&[][..], |s| &s.members[..]);
+    recall_member_pods(&valid.names, &mut observed, previous_members);
 
     // Plan and execute one step.
     let desired = Desired {
