@@ -643,6 +643,7 @@ async fn status(State(s): State<ApiState>) -> Json<serde_json::Value> {
         "applied_index": applied,
         "snapshot_index": st.snapshot_index,
         "membership": st.membership,
+        "joint": st.members.is_joint(),
         "peer_url": own_peer_url(&s, &st),
         "ready": ready,
     }))
