@@ -155,7 +155,7 @@ pub fn check_key(ops: &[&Op], value_at: &HashMap<u64, u64>, budget: u64) -> Verd
             return Verdict::Inconclusive;
         }
         let i = entry / 2;
-        if entry % 2 == 0 {
+        if entry.is_multiple_of(2) {
             if let Some(new_state) = step(state, &entries[i].1) {
                 linearized[i / 64] |= 1 << (i % 64);
                 if cache.insert((linearized.clone(), new_state)) {

@@ -39,15 +39,15 @@ struct Answer {
     etag: Option<u64>,
 }
 
-enum Sent {
+enum Reply {
     Answered(Answer),
     /// The connection was refused: the request never left this process.
-    NotSent(String),
+    Refused(String),
     /// Sent, then lost or timed out.
     Lost(String),
 }
 
-async fn send(req: reqwest::RequestBuilder) -> Sent {
+async fn send(req: reqwest::RequestBuilder) -> Reply {
     match req.timeout(CLIENT_TIMEOUT).send().await {
         Ok(resp) => {
             let status = resp.status().as_u16();
@@ -57,16 +57,16 @@ async fn send(req: reqwest::RequestBuilder) -> Sent {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim_matches('"').parse().ok());
             match resp.bytes().await {
-                Ok(body) => Sent::Answered(Answer {
+                Ok(body) => Reply::Answered(Answer {
                     status,
                     body: body.to_vec(),
                     etag,
                 }),
-                Err(e) => Sent::Lost(format!("reading the answer: {e}")),
+                Err(e) => Reply::Lost(format!("reading the answer: {e}")),
             }
         }
-        Err(e) if e.is_connect() => Sent::NotSent(e.to_string()),
-        Err(e) => Sent::Lost(e.to_string()),
+        Err(e) if e.is_connect() => Reply::Refused(e.to_string()),
+        Err(e) => Reply::Lost(e.to_string()),
     }
 }
 
@@ -81,7 +81,7 @@ fn error_code(body: &[u8]) -> String {
 pub async fn read(http: &reqwest::Client, base: &str, key: &str, stale: bool) -> Outcome {
     let url = format!("{base}/v1/kv/{key}{}", if stale { "?stale=true" } else { "" });
     match send(http.get(url)).await {
-        Sent::Answered(a) if a.status == 200 => match std::str::from_utf8(&a.body).ok().and_then(|s| s.parse().ok()) {
+        Reply::Answered(a) if a.status == 200 => match std::str::from_utf8(&a.body).ok().and_then(|s| s.parse().ok()) {
             Some(v) => Outcome::Read {
                 value: Some(v),
                 revision: a.etag.unwrap_or(0),
@@ -90,14 +90,14 @@ pub async fn read(http: &reqwest::Client, base: &str, key: &str, stale: bool) ->
                 reason: format!("unparseable value {:?}", String::from_utf8_lossy(&a.body)),
             },
         },
-        Sent::Answered(a) if a.status == 404 && error_code(&a.body) == "not_found" => Outcome::Read {
+        Reply::Answered(a) if a.status == 404 && error_code(&a.body) == "not_found" => Outcome::Read {
             value: None,
             revision: 0,
         },
-        Sent::Answered(a) => Outcome::Fail {
+        Reply::Answered(a) => Outcome::Fail {
             reason: format!("{} {}", a.status, error_code(&a.body)),
         },
-        Sent::NotSent(e) | Sent::Lost(e) => Outcome::Fail { reason: e },
+        Reply::Refused(e) | Reply::Lost(e) => Outcome::Fail { reason: e },
     }
 }
 
@@ -108,7 +108,7 @@ pub async fn write(http: &reqwest::Client, base: &str, key: &str, value: u64, if
         req = req.header("if-match", format!("\"{rev}\""));
     }
     match send(req).await {
-        Sent::Answered(a) if a.status == 200 => {
+        Reply::Answered(a) if a.status == 200 => {
             let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_default();
             match v["revision"].as_u64() {
                 Some(revision) => Outcome::Written { revision },
@@ -117,13 +117,13 @@ pub async fn write(http: &reqwest::Client, base: &str, key: &str, value: u64, if
                 },
             }
         }
-        Sent::Answered(a) if a.status == 412 && if_match.is_some() => {
+        Reply::Answered(a) if a.status == 412 && if_match.is_some() => {
             let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_default();
             Outcome::CasFailed {
                 current_revision: v["current_revision"].as_u64(),
             }
         }
-        Sent::Answered(a) => {
+        Reply::Answered(a) => {
             let code = error_code(&a.body);
             let reason = format!("{} {code}", a.status);
             if definitely_not_proposed(a.status, &code) {
@@ -132,8 +132,8 @@ pub async fn write(http: &reqwest::Client, base: &str, key: &str, value: u64, if
                 Outcome::Unknown { reason }
             }
         }
-        Sent::NotSent(reason) => Outcome::Fail { reason },
-        Sent::Lost(reason) => Outcome::Unknown { reason },
+        Reply::Refused(reason) => Outcome::Fail { reason },
+        Reply::Lost(reason) => Outcome::Unknown { reason },
     }
 }
 
