@@ -131,12 +131,15 @@ impl FaultCluster {
         body: Option<Value>,
     ) -> Result<Value> {
         let mut attempt = 0usize;
-        wait_until(what, RECOVERY_DEADLINE, || {
+        let last = parking_lot::Mutex::new(String::new());
+        let answered = wait_until(what, RECOVERY_DEADLINE, || {
             attempt += 1;
             let i = via[attempt % via.len()];
-            let (method, body) = (method.clone(), body.clone());
+            let (method, body, last) = (method.clone(), body.clone(), &last);
             async move {
-                let (code, v) = self.request(method, i, path, body).await.ok()?;
+                let answer = self.request(method, i, path, body).await;
+                *last.lock() = format!("{answer:?}");
+                let (code, v) = answer.ok()?;
                 let error = v["error"].as_str().unwrap_or("");
                 let transient = code == 503
                     || code == 504
@@ -145,13 +148,11 @@ impl FaultCluster {
             }
         })
         .await
-        .and_then(|(code, v)| {
-            if code == 200 {
-                Ok(v)
-            } else {
-                bail!("{what}: {code} {v}")
-            }
-        })
+        .with_context(|| format!("last answer: {}", last.lock()))?;
+        match answered {
+            (200, v) => Ok(v),
+            (code, v) => bail!("{what}: {code} {v}"),
+        }
     }
 
     /// Adds member `i` as a learner, then promotes it once it caught up.

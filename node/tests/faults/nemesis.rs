@@ -226,10 +226,16 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
         Fault::PauseLeader => {
             c.members[leader].signal(Signal::SIGSTOP)?;
             let pid = c.members[leader].pid().context("pid")?;
-            let stopped = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('T')))
-                .unwrap_or(false);
+            // The signal is delivered asynchronously: wait for the stopped state.
+            let stopped = wait_until("the member to stop", Duration::from_secs(5), || async move {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('T')))
+                    .unwrap_or(false)
+                    .then_some(())
+            })
+            .await
+            .is_ok();
             let moved = hold_and_watch_leader(c, &others, leader_id).await;
             c.members[leader].signal(Signal::SIGCONT)?;
             if !stopped {
