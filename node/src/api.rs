@@ -72,6 +72,9 @@ pub struct ApiContext {
     /// Cancelled on shutdown: waiting requests answer at once instead of holding shutdown up
     /// until their deadline.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Set once this process has applied up to a commit index confirmed by a leader: until then
+    /// the local copy may be older than what this member served before a restart.
+    caught_up: std::sync::atomic::AtomicBool,
 }
 
 /// Shared handler state.
@@ -97,6 +100,7 @@ impl ApiContext {
             advertise_peer_url,
             forwarder: Client::builder(TokioExecutor::new()).build_http(),
             shutdown,
+            caught_up: Default::default(),
         })
     }
 }
@@ -317,8 +321,9 @@ pub fn parse_precondition(headers: &HeaderMap) -> Result<Precondition, ApiError>
     }
 }
 
-/// Reads a body of at most `limit` bytes, refusing early when `Content-Length` announces more.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> ApiResult<Bytes> {
+/// Reads a body of at most `limit` bytes within the request deadline, refusing early when
+/// `Content-Length` announces more; a body that trickles in past the deadline is cut off (408).
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize, deadline: Duration) -> ApiResult<Bytes> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -336,7 +341,16 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> ApiResult<B
             return Err(too_large());
         }
     }
-    match Limited::new(body, limit).collect().await {
+    let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive before the deadline",
+            )
+        })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
         Err(e) => Err(ApiError::bad_request(
@@ -346,8 +360,8 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> ApiResult<B
     }
 }
 
-async fn read_json<T: for<'de> Deserialize<'de>>(body: Body, headers: &HeaderMap) -> ApiResult<T> {
-    let bytes = read_body(body, headers, MAX_ADMIN_BODY).await?;
+async fn read_json<T: for<'de> Deserialize<'de>>(s: &ApiContext, body: Body, headers: &HeaderMap) -> ApiResult<T> {
+    let bytes = read_body(body, headers, MAX_ADMIN_BODY, s.limits.request_timeout).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed request body: {e}")))
 }
@@ -446,6 +460,19 @@ impl ApiContext {
         }
     }
 
+    /// Before the first stale read of this process: one read-index round. A restarted member
+    /// recovers its snapshot and the commit index last written, which can lie below what it had
+    /// applied and served before the crash; stale reads must not go backwards, so they are served
+    /// once this process has applied up to a commit index the leader confirmed.
+    async fn stale_read_barrier(&self) -> ApiResult<()> {
+        use std::sync::atomic::Ordering;
+        if !self.caught_up.load(Ordering::Relaxed) {
+            self.read_barrier().await?;
+            self.caught_up.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     async fn send(&self, input: RaftInput) -> ApiResult<()> {
         self.inbox
             .send_async(input)
@@ -485,7 +512,9 @@ struct ReadParams {
 async fn get_key(State(s): State<ApiState>, uri: Uri, Query(q): Query<ReadParams>) -> ApiResult {
     let key = parse_key(uri.path())?;
     s.ensure_member()?;
-    if !q.stale {
+    if q.stale {
+        s.stale_read_barrier().await?;
+    } else {
         s.read_barrier().await?;
     }
     let state = s.shared.state.read();
@@ -510,7 +539,7 @@ async fn get_key(State(s): State<ApiState>, uri: Uri, Query(q): Query<ReadParams
 async fn put_key(State(s): State<ApiState>, uri: Uri, headers: HeaderMap, body: Body) -> ApiResult {
     let key = parse_key(uri.path())?;
     let precondition = parse_precondition(&headers)?;
-    let value = read_body(body, &headers, s.limits.max_value_size).await?;
+    let value = read_body(body, &headers, s.limits.max_value_size, s.limits.request_timeout).await?;
     s.ensure_member()?;
     let outcome = s
         .propose(Op::Put {
@@ -601,7 +630,9 @@ async fn list(State(s): State<ApiState>, Query(q): Query<ListParams>) -> ApiResu
         ));
     }
     s.ensure_member()?;
-    if !q.stale {
+    if q.stale {
+        s.stale_read_barrier().await?;
+    } else {
         s.read_barrier().await?;
     }
     let prefix = Bytes::from(q.prefix.into_bytes());
@@ -657,6 +688,7 @@ async fn status(State(s): State<ApiState>) -> Json<serde_json::Value> {
         "applied_index": applied,
         "snapshot_index": st.snapshot_index,
         "membership": st.membership,
+        "joint": st.members.is_joint(),
         "peer_url": own_peer_url(&s, &st),
         "ready": ready,
     }))
@@ -849,7 +881,7 @@ async fn membership_change(
 }
 
 async fn add_member(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
-    let req: AddMemberRequest = read_json(body, &headers).await?;
+    let req: AddMemberRequest = read_json(&s, body, &headers).await?;
     validate_peer_url(&req.peer_url)?;
     let raw = Bytes::from(serde_json::to_vec(&req).expect("serialize request"));
     if let Some(resp) = forward_to_leader(&s, &headers, Method::POST, "/v1/members", raw).await? {
@@ -927,7 +959,7 @@ struct TransferRequest {
 }
 
 async fn transfer_leader(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
-    let req: TransferRequest = read_json(body, &headers).await?;
+    let req: TransferRequest = read_json(&s, body, &headers).await?;
     let raw = Bytes::from(serde_json::to_vec(&req).expect("serialize request"));
     if let Some(resp) = forward_to_leader(&s, &headers, Method::POST, "/v1/leader", raw).await? {
         return Ok(resp);

@@ -40,6 +40,19 @@ async fn main() -> anyhow::Result<()> {
     } else {
         builder.init();
     }
+    // Fault tests: `FAILPOINTS=wal::before_sync=panic` (the fail crate's syntax) arms fail points
+    // in a binary built with the `failpoints` feature; without the feature this does nothing.
+    let _failpoints = fail::FailScenario::setup();
+    #[cfg(feature = "failpoints")]
+    {
+        // A fail point's panic must end the process as a crash would, whichever task it hit.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            std::process::abort();
+        }));
+        tracing::info!("fail points compiled in");
+    }
     match cli.command {
         Some(Command::Local(args)) => local::run(args).await,
         None => {

@@ -5,14 +5,18 @@
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::routing::post;
 use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use raft::prelude::SnapshotMetadata;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiContext, Limits};
 use crate::config::NodeConfig;
@@ -179,13 +183,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         .with_state(transport_ctx)
         .merge(api::admin_routes().with_state(api_state));
     for (listener, router, name) in [(client, client_router, "client"), (peer, peer_router, "peer")] {
-        let token = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await
-                .io_context(|| format!("{name} server"))
-        }));
+        tasks.push(tokio::spawn(serve(listener, router, shutdown.clone(), name)));
     }
     if let Some(path) = &cfg.addr_file {
         let body = serde_json::json!({"id": id, "client": client_addr, "peer": peer_addr});
@@ -201,6 +199,65 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         consensus,
         tasks,
     })
+}
+
+/// Open connections per listener; more are closed on accept (shed) rather than queued.
+const MAX_CONNECTIONS: usize = 1024;
+/// A client must send a request's headers within this time (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for open connections to finish their requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `router` (HTTP/1.1 and h2c) until `shutdown`, with two protections `axum::serve`
+/// does not give: a deadline on reading request headers and a cap on open connections.
+async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken, name: &'static str) -> Result<()> {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, most likely: back off instead of spinning.
+                tracing::warn!(server = name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(server = name, "connection limit reached; closing a new connection");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            builder.http2().timer(TokioTimer::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait()).await.is_err() {
+        tracing::warn!(server = name, "connections still open after the drain timeout");
+    }
+    Ok(())
 }
 
 fn initial_status(id: u64, r: &Recovered) -> RaftStatus {

@@ -194,6 +194,7 @@ impl StateMachine {
                 match c {
                     Committed::Normal { index, term, data } if data.is_empty() => state.apply_noop(index, term),
                     Committed::Normal { index, term, data } => {
+                        fail::fail_point!("apply::before_entry");
                         let (request_id, outcome) = state.apply_proposal(index, term, &data);
                         if let ApplyOutcome::Rejected(reason) = &outcome {
                             tracing::warn!(index, %reason, "entry rejected by the state machine");
@@ -221,6 +222,7 @@ impl StateMachine {
 
     async fn restore(&self, meta: SnapshotMetadata, path: PathBuf) -> Result<()> {
         let started = std::time::Instant::now();
+        fail::fail_point!("snapshot::before_apply");
         let load_path = path.clone();
         let state = tokio::task::spawn_blocking(move || -> Result<KvState> {
             let file = std::fs::File::open(&load_path).io_context(|| format!("open {}", load_path.display()))?;
@@ -242,6 +244,7 @@ impl StateMachine {
         }
         let (applied, keys) = (state.applied_index, state.data.len());
         *self.shared.state.write() = state;
+        fail::fail_point!("snapshot::after_apply");
         self.shared.applied.send_replace(applied);
         self.metrics.applied_index.set(applied as i64);
         self.metrics.keys.set(keys as i64);
@@ -273,7 +276,9 @@ pub fn write_snapshot(snapshots: &SnapshotStore, state: &KvState) -> Result<Snap
     let writer = state
         .write_snapshot(pending.writer)
         .io_context(|| format!("write snapshot {}", tmp.display()))?;
+    fail::fail_point!("snapshot::before_save");
     let path = snapshots.commit(crate::snapshot::PendingSnapshot { writer, ..pending })?;
+    fail::fail_point!("snapshot::after_save");
     let mut meta = SnapshotMetadata::default();
     meta.index = index;
     meta.term = term;

@@ -418,12 +418,19 @@ impl Wal {
             self.rotate()?;
         }
         let path = &self.segments.last().expect("an open log has a segment").path;
+        // Fault tests: crash before the batch reaches the file, or fail the write as a full disk does.
+        fail::fail_point!("wal::before_write", |_| Err(injected_full_disk(
+            "write to segment",
+            path
+        )));
         self.active
             .write_all(&self.buffer)
             .map_err(io_error("write to segment", path))?;
+        fail::fail_point!("wal::before_sync", |_| Err(injected_full_disk("fsync segment", path)));
         // Durability point: no record in this batch may be reported persisted (and so no
         // message depending on it sent) before this fdatasync returns.
         self.active.sync_data().map_err(io_error("fsync segment", path))?;
+        fail::fail_point!("wal::after_sync");
         let written = self.buffer.len() as u64;
         self.active_len += written;
         self.buffer.clear();
@@ -488,6 +495,19 @@ fn ensure_directory(dir: &Path) -> Result<()> {
         sync_directory(parent)?;
     }
     Ok(())
+}
+
+/// The error a fail point returns in place of a real write: what a full disk reports.
+#[cfg(feature = "failpoints")]
+fn injected_full_disk(op: &'static str, path: &Path) -> WalError {
+    WalError::Io {
+        op,
+        path: path.to_path_buf(),
+        source: io::Error::new(
+            io::ErrorKind::StorageFull,
+            "no space left on device (injected by a fail point)",
+        ),
+    }
 }
 
 fn sync_directory(dir: &Path) -> Result<()> {

@@ -55,6 +55,8 @@ pub struct Member {
     pub client_addr: String,
     pub peer_addr: String,
     pub log: PathBuf,
+    /// Extra environment for the next launch (the fault suite arms fail points with `FAILPOINTS`).
+    pub env: Vec<(String, String)>,
     args: Vec<String>,
     child: Option<Child>,
 }
@@ -69,6 +71,7 @@ impl Member {
             dir,
             client_addr: "127.0.0.1:0".into(),
             peer_addr: "127.0.0.1:0".into(),
+            env: Vec::new(),
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -95,17 +98,26 @@ impl Member {
             .arg(&addr_file)
             .args(&self.args)
             .env("RUST_LOG", "info,raft_rs=info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
             .context("spawning raftkv-node")?;
+        let pid = child.id();
         self.child = Some(child);
-        let addrs: Value = wait_until("the member to listen", DEADLINE, || async {
+        let addrs: Option<Value> = wait_until("the member to listen", DEADLINE, || async {
+            // A process that exits before it listens (a refusal, a fail point) ends the wait at once.
+            if process_exited(pid) {
+                return Some(None);
+            }
             let raw = std::fs::read(&addr_file).ok()?;
-            serde_json::from_slice(&raw).ok()
+            serde_json::from_slice(&raw).ok().map(Some)
         })
         .await
         .with_context(|| format!("log:\n{}", self.log_tail()))?;
+        let Some(addrs) = addrs else {
+            bail!("member exited before listening; log:\n{}", self.log_tail());
+        };
         self.id = addrs["id"].as_u64().context("id")?;
         self.client_addr = addrs["client"].as_str().context("client")?.to_string();
         self.peer_addr = addrs["peer"].as_str().context("peer")?.to_string();
@@ -122,6 +134,26 @@ impl Member {
 
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The process id while a process is attached.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to the running process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self.pid().context("no process")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)?;
+        Ok(())
+    }
+
+    /// The exit status of a process that ended on its own (a crash), reaping it; `None` while it
+    /// runs or when no process is attached.
+    pub fn reap_exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
     }
 
     /// SIGKILL without reaping, usable while other tasks share the cluster; `kill` reaps later.
@@ -195,6 +227,17 @@ impl Member {
 impl Drop for Member {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Whether process `pid` has exited (gone, or a zombie not yet reaped).
+pub fn process_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
     }
 }
 
