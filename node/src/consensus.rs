@@ -432,6 +432,7 @@ impl Consensus {
         } = recovered;
         let logger = raft_logger(identity.id);
         let applied = snapshot.index;
+        let log_changes_membership = entries.iter().any(|e| e.get_entry_type() != EntryType::EntryNormal);
         let store = LogStore::new(snapshot, hard_state.clone(), entries);
         let raw = RawNode::new(&raft_config(identity.id, applied, &tuning), store, &logger)?;
         let mut consensus = Consensus {
@@ -459,6 +460,14 @@ impl Consensus {
             removed: false,
         };
         consensus.set_membership(membership);
+        // The only voter of its configuration has nobody to wait for: waiting out an election
+        // timeout (1 to 2 s by default) would only delay readiness after a restart. Only when no
+        // entry after the snapshot changes the membership: otherwise the configuration in force
+        // may already include other voters, and this member must not win alone.
+        let id = consensus.identity.id;
+        if consensus.is_initialized() && !log_changes_membership && consensus.membership.voters.iter().eq([&id]) {
+            consensus.raw.campaign()?;
+        }
         consensus.publish_status();
         Ok(consensus)
     }

@@ -20,15 +20,11 @@ use raftkv_operator::observe::{assemble, query_nodes, PodFacts};
 use raftkv_operator::plan::{plan, Desired, Step};
 use tokio::time::Instant;
 
-/// Builds the node binary once (a no-op when `cargo test --workspace` already did) and returns it.
+/// The node binary: the one `cargo test --workspace` built next to this test, or built now when
+/// this package's tests run alone.
 fn node_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "raftkv-node", "--bin", "raftkv-node"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building raftkv-node failed");
         // Test executables live in <target>/debug/deps; binaries in <target>/debug.
         let exe = std::env::current_exe().expect("test executable path");
         let bin = exe
@@ -36,6 +32,13 @@ fn node_binary() -> &'static Path {
             .and_then(Path::parent)
             .expect("target dir")
             .join("raftkv-node");
+        if !bin.exists() {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-q", "-p", "raftkv-node", "--bin", "raftkv-node"])
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building raftkv-node failed");
+        }
         assert!(bin.exists(), "{} is missing", bin.display());
         bin
     })
