@@ -981,10 +981,12 @@ impl Consensus {
         let progress = self.raw.raft.prs().get(id);
         let matched = progress.map_or(0, |p| p.matched);
         let lag = last.saturating_sub(matched);
-        // Caught up means acknowledged and replicating: a learner still probing or waiting for
-        // its snapshot has not shown it holds the log, however short the log is.
-        let replicating = progress.is_some_and(|p| p.state == raft::ProgressState::Replicate && p.matched > 0);
-        if !replicating || lag > self.tuning.max_promote_lag {
+        // Caught up means the learner itself acknowledged the log up to within the allowed lag:
+        // `matched` moves only on its acknowledgements. A learner that acknowledged nothing yet
+        // (matched 0) is refused however short the log is. The progress state is no guide: after
+        // a snapshot raft-rs leaves an idle learner in Probe, not Replicate, until the next write.
+        let acknowledged = progress.is_some_and(|p| p.matched > 0);
+        if !acknowledged || lag > self.tuning.max_promote_lag {
             return Err(AdminError::LearnerLagging {
                 id,
                 lag,
