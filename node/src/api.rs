@@ -113,6 +113,9 @@ pub struct ApiError {
     message: String,
     retry_after: Option<u64>,
     extra: Option<(&'static str, serde_json::Value)>,
+    /// The request body was not read to its end, so the connection cannot carry another request:
+    /// say so, or a client may reuse it and fail.
+    close_connection: bool,
 }
 
 impl ApiError {
@@ -123,6 +126,14 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             extra: None,
+            close_connection: false,
+        }
+    }
+
+    fn closing(self) -> Self {
+        ApiError {
+            close_connection: true,
+            ..self
         }
     }
 
@@ -155,6 +166,10 @@ impl IntoResponse for ApiError {
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.close_connection {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
@@ -330,13 +345,14 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize, deadline: Dura
             "too_large",
             format!("the body exceeds the limit of {limit} bytes"),
         )
+        .closing()
     };
     if let Some(len) = headers.get(header::CONTENT_LENGTH) {
         let len: u64 = len
             .to_str()
             .ok()
             .and_then(|l| l.parse().ok())
-            .ok_or_else(|| ApiError::bad_request("invalid_request", "malformed Content-Length"))?;
+            .ok_or_else(|| ApiError::bad_request("invalid_request", "malformed Content-Length").closing())?;
         if len > limit as u64 {
             return Err(too_large());
         }
@@ -349,14 +365,12 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize, deadline: Dura
                 "body_timeout",
                 "the request body did not arrive before the deadline",
             )
+            .closing()
         })?;
     match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(
-            "invalid_body",
-            format!("reading the body failed: {e}"),
-        )),
+        Err(e) => Err(ApiError::bad_request("invalid_body", format!("reading the body failed: {e}")).closing()),
     }
 }
 

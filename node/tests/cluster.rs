@@ -447,6 +447,11 @@ async fn bad_input_gets_a_clear_4xx_and_the_cluster_stays_healthy() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 413);
+    // The rest of the body was never read: the connection must not be reused.
+    assert_eq!(
+        r.headers().get("connection").and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
     // Nothing above reached the store, and the cluster still serves.
     for key in ["big", "cas", "chunked"] {
         assert_eq!(c.get(0, &format!("/v1/kv/{key}")).await.unwrap().status, 404, "{key}");
