@@ -327,6 +327,10 @@ pub struct Consensus {
     leader_commit: u64,
     last_leader: u64,
     removed: bool,
+    /// When each peer was last heard from. raft-rs's own `recent_active` flag is cleared for every
+    /// peer at each check-quorum tick, so right after that tick healthy peers look dead; health
+    /// decisions (quorum checks, `/v1/members`) use this instead.
+    last_heard: HashMap<u64, Instant>,
 }
 
 /// What recovery hands to the consensus thread.
@@ -458,6 +462,7 @@ impl Consensus {
             leader_commit: 0,
             last_leader: 0,
             removed: false,
+            last_heard: HashMap::new(),
         };
         consensus.set_membership(membership);
         // The only voter of its configuration has nobody to wait for: waiting out an election
@@ -538,6 +543,7 @@ impl Consensus {
             }
             RaftInput::ReadIndex { reply } => self.pending_reads.push(reply),
             RaftInput::Peer(msg) => {
+                self.last_heard.insert(msg.from, Instant::now());
                 if msg.get_msg_type() == MessageType::MsgAppend && msg.from == self.raw.raft.leader_id {
                     self.leader_commit = self.leader_commit.max(msg.commit);
                 }
@@ -1033,9 +1039,7 @@ impl Consensus {
         }
         let healthy = voters
             .iter()
-            .filter(|&&v| {
-                v == self.identity.id || self.raw.raft.prs().get(v).is_some_and(|p| p.recent_active && v != id)
-            })
+            .filter(|&&v| v == self.identity.id || (v != id && self.is_healthy(v)))
             .count();
         if healthy < voters.len() / 2 + 1 {
             return Err(AdminError::WouldLoseQuorum {
@@ -1045,6 +1049,12 @@ impl Consensus {
             });
         }
         Ok(())
+    }
+
+    /// Heard from within two election timeouts.
+    fn is_healthy(&self, id: u64) -> bool {
+        let window = self.tuning.tick * (2 * self.tuning.election_ticks as u32);
+        self.last_heard.get(&id).is_some_and(|at| at.elapsed() <= window)
     }
 
     fn bootstrap(&mut self) -> Result<u64, AdminError> {
@@ -1123,7 +1133,7 @@ impl Consensus {
                         id,
                         PeerProgress {
                             match_index: p.matched,
-                            recent_active: p.recent_active || id == self.identity.id,
+                            recent_active: id == self.identity.id || self.is_healthy(id),
                         },
                     )
                 })

@@ -222,16 +222,27 @@ impl PeerSender {
                     break;
                 }
             }
+            // The peer's answer is checked first and also after a failed write: a peer that
+            // refuses this member (410 member_removed) answers and closes, and that answer is
+            // how a removed member learns of its removal.
             if !chunk.is_empty() {
-                tokio::select! {
-                    r = body_tx.send(Ok(Frame::data(chunk.freeze()))) => r.map_err(|_| "stream body closed".to_string())?,
+                let sent = tokio::select! {
+                    biased;
                     r = &mut response => return Err(self.response_error(r)),
+                    r = body_tx.send(Ok(Frame::data(chunk.freeze()))) => r,
+                };
+                if sent.is_err() {
+                    return match tokio::time::timeout(CONNECT_TIMEOUT, &mut response).await {
+                        Ok(r) => Err(self.response_error(r)),
+                        Err(_) => Err("stream body closed".to_string()),
+                    };
                 }
             }
             tokio::select! {
-                m = rx.recv() => match m { Some(m) => next = Some(m), None => return Ok(()) },
+                biased;
                 r = &mut response => return Err(self.response_error(r)),
                 _ = self.cancel.cancelled() => return Ok(()),
+                m = rx.recv() => match m { Some(m) => next = Some(m), None => return Ok(()) },
             }
         }
     }
