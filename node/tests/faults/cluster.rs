@@ -85,14 +85,7 @@ impl FaultCluster {
     }
 
     pub fn dump_logs(&self) {
-        for m in &self.members {
-            eprintln!(
-                "===== member {} ({}) log tail =====\n{}",
-                m.id,
-                m.client_addr,
-                m.log_tail()
-            );
-        }
+        crate::support::dump_logs(&self.members);
     }
 
     pub async fn request(

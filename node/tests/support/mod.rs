@@ -241,6 +241,18 @@ pub fn process_exited(pid: u32) -> bool {
     }
 }
 
+/// Prints the tail of each member's log.
+pub fn dump_logs(members: &[Member]) {
+    for m in members {
+        eprintln!(
+            "===== member {} ({}) log tail =====\n{}",
+            m.id,
+            m.client_addr,
+            m.log_tail()
+        );
+    }
+}
+
 /// An HTTP response reduced to what tests assert on.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -305,14 +317,7 @@ impl Cluster {
 
     /// Prints the tail of every member's log.
     pub fn dump_logs(&self) {
-        for m in &self.members {
-            eprintln!(
-                "===== member {} ({}) log tail =====\n{}",
-                m.id,
-                m.client_addr,
-                m.log_tail()
-            );
-        }
+        dump_logs(&self.members);
     }
 
     /// Starts one more uninitialised member process; returns its index.
