@@ -317,11 +317,7 @@ impl Store {
     /// Reads one object.
     pub fn get(&self, res: &ResourceDef, ns: &str, name: &str) -> Result<Value, ApiError> {
         let inner = self.inner.lock();
-        inner
-            .objects
-            .get(&key(res, ns, name))
-            .map(|o| with_version(o.clone(), res))
-            .ok_or_else(|| ApiError::not_found(&res.group, &res.plural, name))
+        inner.existing(res, ns, name).map(|o| with_version(o.clone(), res))
     }
 
     /// Lists objects (all namespaces when `ns` is `None`), sorted by namespace and name, with the
@@ -449,11 +445,7 @@ impl Store {
         dry_run: bool,
     ) -> Result<Value, ApiError> {
         let mut inner = self.inner.lock();
-        let existing = inner
-            .objects
-            .get(&key(res, ns, name))
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(&res.group, &res.plural, name))?;
+        let existing = inner.existing(res, ns, name)?.clone();
         self.replace_locked(&mut inner, res, ns, name, existing, object, target, dry_run)
     }
 
@@ -600,11 +592,7 @@ impl Store {
         dry_run: bool,
     ) -> Result<Value, ApiError> {
         let mut inner = self.inner.lock();
-        let existing = inner
-            .objects
-            .get(&key(res, ns, name))
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(&res.group, &res.plural, name))?;
+        let existing = inner.existing(res, ns, name)?.clone();
         if let Some(uid) = &options.precondition_uid {
             if *uid != meta(&existing, "uid") {
                 return Err(ApiError::conflict(
@@ -906,6 +894,13 @@ fn apply_defaults(inner: &mut Inner, res: &ResourceDef, object: &mut Value, exis
 }
 
 impl Inner {
+    /// The stored object, or the API's NotFound.
+    fn existing(&self, res: &ResourceDef, ns: &str, name: &str) -> Result<&Value, ApiError> {
+        self.objects
+            .get(&key(res, ns, name))
+            .ok_or_else(|| ApiError::not_found(&res.group, &res.plural, name))
+    }
+
     fn in_storage<'a>(&'a self, storage: &str) -> impl Iterator<Item = (&'a ObjectKey, &'a Value)> {
         let start = (storage.to_string(), String::new(), String::new());
         let storage = storage.to_string();
