@@ -72,24 +72,31 @@ pub enum ApplyMsg {
 }
 
 /// Clients waiting for their proposal to be applied, by request id.
-#[derive(Default)]
+///
+/// Every member applies every entry, so a member completes a waiter whenever an applied entry
+/// carries one of its ids: ids must never collide across members or across runs of one member.
+/// Each process starts its sequence at a random 63-bit base, drawn once when the node starts
+/// (drawing it lazily on the first request raced with concurrent first requests and could fall
+/// back to small sequential ids that another member may also be using).
 pub struct Waiters {
     waiting: Mutex<HashMap<u64, oneshot::Sender<ApplyOutcome>>>,
     next: AtomicU64,
 }
 
-impl Waiters {
-    /// A waiter with a request id unique to this process run. The random base keeps ids of two
-    /// runs of one member apart, so a restarted member never answers a request of its past life.
-    pub fn register(&self) -> (u64, oneshot::Receiver<ApplyOutcome>) {
-        let mut id = self.next.fetch_add(1, Ordering::Relaxed);
-        if id == 0 {
-            let base = rand::random::<u64>() >> 1 | 1;
-            let _ = self
-                .next
-                .compare_exchange(1, base + 1, Ordering::Relaxed, Ordering::Relaxed);
-            id = base;
+impl Default for Waiters {
+    fn default() -> Self {
+        Waiters {
+            waiting: Mutex::new(HashMap::new()),
+            // Odd and below 2^63: a process would need 2^62 requests to wrap into zero.
+            next: AtomicU64::new(rand::random::<u64>() >> 1 | 1),
         }
+    }
+}
+
+impl Waiters {
+    /// A waiter with a request id unique to this process run.
+    pub fn register(&self) -> (u64, oneshot::Receiver<ApplyOutcome>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().insert(id, tx);
         (id, rx)
@@ -310,4 +317,39 @@ pub fn write_snapshot(snapshots: &SnapshotStore, state: &KvState) -> Result<Snap
     meta.set_conf_state(state.membership.conf_state());
     tracing::info!(index, term, keys = state.data.len(), path = %path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "snapshot written");
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_first_requests_draw_ids_from_the_random_base() {
+        let waiters = Arc::new(Waiters::default());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let waiters = waiters.clone();
+                std::thread::spawn(move || (0..100).map(|_| waiters.register().0).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut ids: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 800, "every request gets its own id");
+        // Small sequential ids are what another member would use too; a random 63-bit base
+        // lands below 2^32 with probability 2^-31.
+        assert!(
+            ids[0] > u64::from(u32::MAX),
+            "ids start at a random base, got {}",
+            ids[0]
+        );
+        assert!(ids[799] - ids[0] < 800, "one process's ids are one sequence");
+    }
+
+    #[test]
+    fn two_processes_draw_different_bases() {
+        let (a, _) = Waiters::default().register();
+        let (b, _) = Waiters::default().register();
+        assert_ne!(a, b);
+    }
 }
