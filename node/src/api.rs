@@ -39,6 +39,8 @@ const MAX_ADMIN_BODY: usize = 64 << 10;
 /// Default and largest page of a range listing.
 const DEFAULT_LIST_LIMIT: usize = 1000;
 const MAX_LIST_LIMIT: usize = 10_000;
+/// Key and value bytes after which a listing page ends (at least one item is always returned).
+const MAX_LIST_BYTES: usize = 4 << 20;
 /// Marks a request forwarded by another member, so it is never forwarded twice.
 const FORWARDED_HEADER: &str = "x-raftkv-forwarded";
 
@@ -237,7 +239,14 @@ async fn track_requests(State(s): State<ApiState>, req: Request, next: Next) -> 
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = req.method().to_string();
+    // Clients may send any method name; only the standard ones become label values, so the
+    // number of series stays bounded.
+    let method = match *req.method() {
+        Method::GET | Method::PUT | Method::POST | Method::DELETE | Method::HEAD | Method::OPTIONS | Method::PATCH => {
+            req.method().as_str().to_string()
+        }
+        _ => "other".to_string(),
+    };
     let resp = next.run(req).await;
     s.metrics
         .requests
@@ -517,13 +526,28 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
+/// Query parameters whose rejection is a JSON error like every other bad input (axum's own
+/// `Query` rejection is plain text).
+struct ClientQuery<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for ClientQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| ClientQuery(q))
+            .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))
+    }
+}
+
 #[derive(Deserialize)]
 struct ReadParams {
     #[serde(default)]
     stale: bool,
 }
 
-async fn get_key(State(s): State<ApiState>, uri: Uri, Query(q): Query<ReadParams>) -> ApiResult {
+async fn get_key(State(s): State<ApiState>, uri: Uri, ClientQuery(q): ClientQuery<ReadParams>) -> ApiResult {
     let key = parse_key(uri.path())?;
     s.ensure_member()?;
     if q.stale {
@@ -635,7 +659,7 @@ fn text_or_base64(bytes: &[u8]) -> (Option<String>, Option<String>) {
     }
 }
 
-async fn list(State(s): State<ApiState>, Query(q): Query<ListParams>) -> ApiResult {
+async fn list(State(s): State<ApiState>, ClientQuery(q): ClientQuery<ListParams>) -> ApiResult {
     let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT);
     if limit == 0 || limit > MAX_LIST_LIMIT {
         return Err(ApiError::bad_request(
@@ -650,21 +674,30 @@ async fn list(State(s): State<ApiState>, Query(q): Query<ListParams>) -> ApiResu
         s.read_barrier().await?;
     }
     let prefix = Bytes::from(q.prefix.into_bytes());
-    let state = s.shared.state.read();
+    // An O(1) clone of the persistent map: the page is built and encoded without holding the
+    // lock the apply loop needs.
+    let (data, revision) = {
+        let state = s.shared.state.read();
+        (state.data.clone(), state.applied_index)
+    };
     let lower = match q.start_after {
         Some(after) if after.as_bytes() >= prefix.as_ref() => Bound::Excluded(Bytes::from(after.into_bytes())),
         _ => Bound::Included(prefix.clone()),
     };
     let mut items = Vec::new();
+    let mut bytes = 0;
     let mut more = false;
-    for (key, v) in state.data.range((lower, Bound::Unbounded)) {
+    for (key, v) in data.range((lower, Bound::Unbounded)) {
         if !key.starts_with(&prefix) {
             break;
         }
-        if items.len() == limit {
+        // A page ends at `limit` items or once it holds `MAX_LIST_BYTES` of keys and values,
+        // whichever comes first; the client continues with `start_after`.
+        if items.len() == limit || bytes >= MAX_LIST_BYTES {
             more = true;
             break;
         }
+        bytes += key.len() + v.value.len();
         let (key_text, key_b64) = text_or_base64(key);
         let (value, value_base64) = text_or_base64(&v.value);
         items.push(ListItem {
@@ -676,7 +709,7 @@ async fn list(State(s): State<ApiState>, Query(q): Query<ListParams>) -> ApiResu
             create_revision: v.create_revision,
         });
     }
-    Ok(Json(json!({"items": items, "more": more, "revision": state.applied_index})).into_response())
+    Ok(Json(json!({"items": items, "more": more, "revision": revision})).into_response())
 }
 
 fn own_peer_url(s: &ApiContext, status: &RaftStatus) -> Option<String> {
