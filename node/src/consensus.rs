@@ -66,14 +66,14 @@ pub enum AdminError {
         /// The allowed lag.
         max: u64,
     },
-    /// Removing the member would leave fewer healthy voters than a quorum.
-    #[error("removing member {id} would leave {healthy} healthy voters of {voters}, fewer than a quorum")]
+    /// Removing the member, or making it a voter, would leave fewer healthy voters than a quorum.
+    #[error("this change to member {id} would leave {healthy} healthy voters of {voters}, fewer than a quorum")]
     WouldLoseQuorum {
-        /// The member to remove.
+        /// The member to remove or promote.
         id: u64,
-        /// Healthy voters after the removal.
+        /// Healthy voters after the change.
         healthy: usize,
-        /// Voters after the removal.
+        /// Voters after the change.
         voters: usize,
     },
     /// The leader cannot remove itself; transfer leadership first.
@@ -323,6 +323,10 @@ pub struct Consensus {
     written_hs: HardState,
     pending_reads: Vec<oneshot::Sender<Result<u64, NotProposed>>>,
     inflight_reads: HashMap<Vec<u8>, ReadBatch>,
+    /// Read-index contexts are this process's random nonce followed by a counter. The leader
+    /// keys pending reads by context bytes alone and ignores a duplicate, so contexts must not
+    /// repeat across members or across runs of one member.
+    read_ctx_nonce: u64,
     next_read_ctx: u64,
     leader_commit: u64,
     last_leader: u64,
@@ -458,6 +462,7 @@ impl Consensus {
             written_hs: hard_state,
             pending_reads: Vec::new(),
             inflight_reads: HashMap::new(),
+            read_ctx_nonce: rand::random(),
             next_read_ctx: 1,
             leader_commit: 0,
             last_leader: 0,
@@ -513,6 +518,9 @@ impl Consensus {
             }
             self.issue_reads();
             self.on_ready()?;
+            for to in self.transport.take_failed_snapshots() {
+                self.raw.report_snapshot(to, SnapshotStatus::Failure);
+            }
             // Raft asked for a snapshot it could send (a new learner, or a far-behind follower);
             // it may ask while stepping a message that produces no Ready, so check every turn.
             if self.raw.store().take_snapshot_wanted() {
@@ -630,7 +638,9 @@ impl Consensus {
                 }
             } else {
                 // One read-index round serves every read that arrived since the last one.
-                let ctx = self.next_read_ctx.to_le_bytes().to_vec();
+                let mut ctx = Vec::with_capacity(16);
+                ctx.extend_from_slice(&self.read_ctx_nonce.to_le_bytes());
+                ctx.extend_from_slice(&self.next_read_ctx.to_le_bytes());
                 self.next_read_ctx += 1;
                 self.raw.read_index(ctx.clone());
                 self.inflight_reads.insert(
@@ -957,8 +967,9 @@ impl Consensus {
             MemberRole::None => {}
         }
         if !learner {
-            // A voter added empty raises the quorum before it can vote usefully: same check as removal.
-            self.check_quorum_after(id, |voters| {
+            // A voter added empty raises the quorum before it can vote usefully: it does not count
+            // as healthy until it has replicated.
+            self.check_quorum_after(id, false, |voters| {
                 voters.push(id);
             })?;
         }
@@ -999,6 +1010,9 @@ impl Consensus {
                 max: self.tuning.max_promote_lag,
             });
         }
+        // A promotion raises the quorum: a learner that went silent after catching up would
+        // count toward it without being able to vote.
+        self.check_quorum_after(id, true, |voters| voters.push(id))?;
         self.propose_change(
             id,
             ConfChangeType::AddNode,
@@ -1015,7 +1029,7 @@ impl Consensus {
                 if id == self.identity.id {
                     return Err(AdminError::IsLeader { id });
                 }
-                self.check_quorum_after(id, |voters| voters.retain(|v| *v != id))?;
+                self.check_quorum_after(id, false, |voters| voters.retain(|v| *v != id))?;
             }
             MemberRole::Learner => {}
             _ => return Err(AdminError::NotMember { id }),
@@ -1030,8 +1044,15 @@ impl Consensus {
         )
     }
 
-    /// Refuses a change after which fewer healthy voters than a quorum would remain.
-    fn check_quorum_after(&self, id: u64, change: impl FnOnce(&mut Vec<u64>)) -> Result<(), AdminError> {
+    /// Refuses a change after which fewer healthy voters than a quorum would remain. The member
+    /// `id` counts as healthy after the change only when `id_counts` (a promoted learner that was
+    /// heard from recently); a new empty voter or a removed one never does.
+    fn check_quorum_after(
+        &self,
+        id: u64,
+        id_counts: bool,
+        change: impl FnOnce(&mut Vec<u64>),
+    ) -> Result<(), AdminError> {
         let mut voters: Vec<u64> = self.membership.voters.iter().copied().collect();
         change(&mut voters);
         if voters.is_empty() {
@@ -1039,7 +1060,7 @@ impl Consensus {
         }
         let healthy = voters
             .iter()
-            .filter(|&&v| v == self.identity.id || (v != id && self.is_healthy(v)))
+            .filter(|&&v| v == self.identity.id || ((v != id || id_counts) && self.is_healthy(v)))
             .count();
         if healthy < voters.len() / 2 + 1 {
             return Err(AdminError::WouldLoseQuorum {
@@ -1058,7 +1079,11 @@ impl Consensus {
     }
 
     fn bootstrap(&mut self) -> Result<u64, AdminError> {
-        if self.is_initialized() || self.removed {
+        // A member that a cluster has already contacted (the transport adopted its cluster id,
+        // or Raft recorded a term) is on its way into that cluster, waiting for its snapshot:
+        // bootstrapping it would start a second cluster.
+        let contacted = self.cluster_id.load(Ordering::Relaxed) != 0 || self.written_hs.term > 0;
+        if self.is_initialized() || self.removed || contacted {
             return Err(AdminError::AlreadyInitialized {
                 cluster_id: self.cluster_id.load(Ordering::Relaxed),
             });

@@ -81,6 +81,18 @@ pub fn load_or_create(dir: &Path, requested_id: Option<u64>) -> Result<Identity>
     Ok(identity)
 }
 
+/// The stored identity, without creating one: `None` on a volume that never held a member.
+pub fn peek(dir: &Path) -> Result<Option<Identity>> {
+    let path = dir.join(MEMBER_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let raw = fs::read(&path).io_context(|| format!("read {}", path.display()))?;
+    serde_json::from_slice(&raw)
+        .map(Some)
+        .map_err(|e| Error::Config(format!("{} is not a valid identity file: {e}", path.display())))
+}
+
 /// Durably replaces the identity file (write temp, fsync, rename, fsync directory).
 pub fn store(dir: &Path, identity: &Identity) -> Result<()> {
     let body = serde_json::to_vec_pretty(identity).map_err(|e| Error::Codec(e.to_string()))?;

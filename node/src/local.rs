@@ -61,6 +61,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .map(|(i, _, peer)| format!("{i}=http://127.0.0.1:{peer}"))
         .collect();
     let initial = initial.join(",");
+    refuse_partial_data(&args.data_dir, args.nodes)?;
     let mut children: Vec<(u64, Child)> = Vec::new();
     for &(i, client, peer) in &members {
         let dir = args.data_dir.join(format!("node-{i}"));
@@ -156,6 +157,32 @@ async fn stop_all(children: &mut [(u64, Child)]) {
             let _ = child.kill().await;
         }
     }
+}
+
+/// A local cluster starts all its members at once, so a member whose directory was deleted
+/// would bootstrap again before the others could tell it that it lost its data (see
+/// `node::refuse_if_bootstrapped_before`), and rejoin as a voter with an empty log. Either
+/// every member has its data or none has.
+fn refuse_partial_data(data_dir: &std::path::Path, nodes: u64) -> anyhow::Result<()> {
+    let mut with_data = Vec::new();
+    let mut without = Vec::new();
+    for i in 1..=nodes {
+        let dir = data_dir.join(format!("node-{i}"));
+        match crate::identity::peek(&dir)? {
+            Some(identity) if identity.cluster_id != 0 => with_data.push(i),
+            _ => without.push(i),
+        }
+    }
+    if !with_data.is_empty() && !without.is_empty() {
+        bail!(
+            "members {with_data:?} have data under {} but members {without:?} have none: a member \
+             that lost its data cannot rejoin as the same voter. Restore their directories, or \
+             remove {} to start a new cluster",
+            data_dir.display(),
+            data_dir.display()
+        );
+    }
+    Ok(())
 }
 
 async fn wait_for_leader(urls: &[String], within: Duration) -> anyhow::Result<u64> {

@@ -44,17 +44,36 @@ pub struct RunningNode {
     shutdown: CancellationToken,
     inbox: flume::Sender<RaftInput>,
     consensus: tokio::task::JoinHandle<Result<()>>,
+    /// The apply loop. It ends on its own only when it cannot go on (a snapshot it cannot
+    /// restore): the member would then vote and replicate without ever applying, so that
+    /// stops the whole member.
+    state_machine: tokio::task::JoinHandle<Result<()>>,
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
 }
 
 impl RunningNode {
-    /// Waits until the consensus thread stops on its own (a fatal storage error) or `stop` fires.
+    /// Waits until the consensus thread or the state machine stops on its own (a fatal storage
+    /// error) or `stop` fires.
     pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::select! {
             r = &mut self.consensus => {
                 self.shutdown.cancel();
+                let _ = self.state_machine.await;
                 for t in self.tasks { let _ = t.await; }
                 return r.map_err(|e| Error::Codec(format!("consensus thread: {e}")))?;
+            }
+            r = &mut self.state_machine => {
+                let error = match r {
+                    Ok(Ok(())) => Error::Codec("the state machine stopped".into()),
+                    Ok(Err(e)) => e,
+                    Err(e) => Error::Codec(format!("state machine task: {e}")),
+                };
+                tracing::error!(member_id = self.id, %error, "state machine failed; stopping the member");
+                self.shutdown.cancel();
+                let _ = self.inbox.send_async(RaftInput::Shutdown).await;
+                let _ = self.consensus.await;
+                for t in self.tasks { let _ = t.await; }
+                return Err(error);
             }
             _ = stop => {}
         }
@@ -70,6 +89,11 @@ impl RunningNode {
             .consensus
             .await
             .map_err(|e| Error::Codec(format!("consensus thread: {e}")))?;
+        match self.state_machine.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "state machine ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "state machine panicked"),
+            Ok(Ok(())) => {}
+        }
         for t in self.tasks {
             match t.await {
                 Ok(Err(e)) => tracing::warn!(error = %e, "task ended with an error"),
@@ -97,6 +121,12 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         .clone()
         .or_else(|| (!peer_addr.ip().is_unspecified()).then(|| format!("http://{peer_addr}")));
 
+    if let (Some(initial), Some(id)) = (&cfg.initial_cluster, cfg.id) {
+        let joined = identity::peek(&cfg.data_dir)?.is_some_and(|i| i.cluster_id != 0);
+        if !joined {
+            refuse_if_bootstrapped_before(initial, id).await?;
+        }
+    }
     let recover_cfg = cfg.clone();
     let advertise = advertise_peer_url.clone();
     let (recovered, state) = tokio::task::spawn_blocking(move || recover(&recover_cfg, advertise))
@@ -161,7 +191,8 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         raft_inbox: inbox_tx.clone(),
         metrics: metrics.clone(),
     };
-    let mut tasks = vec![tokio::spawn(state_machine.run(apply_rx))];
+    let state_machine = tokio::spawn(state_machine.run(apply_rx));
+    let mut tasks = Vec::new();
 
     let api_state = ApiContext::new(
         shared,
@@ -197,6 +228,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         shutdown,
         inbox: inbox_tx,
         consensus,
+        state_machine,
         tasks,
     })
 }
@@ -256,6 +288,56 @@ async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToke
     connections.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait()).await.is_err() {
         tracing::warn!(server = name, "connections still open after the drain timeout");
+    }
+    Ok(())
+}
+
+/// How long each initial member is given to answer before a static bootstrap.
+const BOOTSTRAP_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Before a static bootstrap writes the cluster's initial state on an empty data directory:
+/// asks the other initial members whether this member already took part in their cluster. A
+/// member that lost its volume must not come back as a voter that forgot what it acknowledged
+/// (it could elect a leader missing acknowledged writes); it must be removed and added again
+/// under a new id. As etcd does, the check is best effort: members that do not answer (the
+/// usual case when a new cluster starts all at once) do not hold the bootstrap back.
+async fn refuse_if_bootstrapped_before(initial: &crate::config::InitialCluster, id: u64) -> Result<()> {
+    let cluster_id = initial.cluster_id();
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<axum::body::Body>();
+    for (peer, url) in initial.0.iter().filter(|(peer, _)| *peer != id) {
+        let Ok(uri) = format!("{}/v1/members", url.trim_end_matches('/')).parse::<hyper::Uri>() else {
+            continue;
+        };
+        let answer = tokio::time::timeout(BOOTSTRAP_PROBE_TIMEOUT, async {
+            let resp = client.get(uri).await.ok()?;
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .ok()?
+                .to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&body).ok()
+        })
+        .await;
+        let Ok(Some(members)) = answer else { continue };
+        if members["cluster_id"].as_u64() != Some(cluster_id) {
+            continue;
+        }
+        // The initial state is index 1: a match beyond it means this member once held entries
+        // of this cluster, which its empty data directory no longer has.
+        let acknowledged = members["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["id"].as_u64() == Some(id))
+            .filter_map(|m| m["match_index"].as_u64())
+            .max()
+            .unwrap_or(0);
+        if acknowledged > 1 {
+            return Err(Error::Config(format!(
+                "member {id} of cluster {cluster_id} has an empty data directory, but member {peer} reports it \
+                 once acknowledged the log up to index {acknowledged}: its data was lost. Remove it \
+                 (DELETE /v1/members/{id}) and add it back under a new id with an empty data directory"
+            )));
+        }
     }
     Ok(())
 }

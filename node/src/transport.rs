@@ -85,6 +85,9 @@ pub struct Transport {
     ctx: TransportContext,
     runtime: tokio::runtime::Handle,
     peers: HashMap<u64, Peer>,
+    /// Peers whose snapshot message was dropped here (full queue): Raft keeps a peer in its
+    /// snapshot state until told how the send ended, so the consensus thread reports these.
+    failed_snapshots: Vec<u64>,
 }
 
 impl Transport {
@@ -94,6 +97,7 @@ impl Transport {
             ctx,
             runtime,
             peers: HashMap::new(),
+            failed_snapshots: Vec::new(),
         }
     }
 
@@ -138,10 +142,21 @@ impl Transport {
                 tracing::debug!(to, "message to a peer with no known URL dropped");
                 continue;
             };
-            if peer.queue.try_send(msg).is_err() {
+            if let Err(e) = peer.queue.try_send(msg) {
+                let msg = match e {
+                    mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+                };
+                if msg.get_msg_type() == MessageType::MsgSnapshot {
+                    self.failed_snapshots.push(to);
+                }
                 let _ = self.ctx.inbox.try_send(RaftInput::Unreachable(to));
             }
         }
+    }
+
+    /// Peers whose snapshot message was dropped before it left, since the last call.
+    pub fn take_failed_snapshots(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.failed_snapshots)
     }
 
     /// The removed-member set the receiving side checks.
@@ -170,28 +185,42 @@ impl PeerSender {
         loop {
             let first = tokio::select! {
                 m = rx.recv() => match m { Some(m) => m, None => return },
-                _ = self.cancel.cancelled() => return,
+                _ = self.cancel.cancelled() => return self.drop_queued(&mut rx).await,
             };
+            // A snapshot travels on its own connection and reports its own outcome; it must not
+            // be lost with a stream that fails to connect.
+            if first.get_msg_type() == MessageType::MsgSnapshot {
+                tokio::spawn(send_snapshot(self.url.clone(), self.id, first, self.ctx.clone()));
+                continue;
+            }
             match self.stream(first, &mut rx).await {
-                Ok(()) => return,
+                Ok(()) => return self.drop_queued(&mut rx).await,
                 Err(e) => {
                     tracing::debug!(peer = self.id, url = %self.url, error = %e, "peer stream broken");
                     let _ = self.ctx.inbox.try_send(RaftInput::Unreachable(self.id));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = self.cancel.cancelled() => return,
+                        _ = self.cancel.cancelled() => return self.drop_queued(&mut rx).await,
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     // What queued up while the peer was away is stale; Raft resends what matters.
-                    while let Ok(m) = rx.try_recv() {
-                        if m.get_msg_type() == MessageType::MsgSnapshot {
-                            let _ = self
-                                .ctx
-                                .inbox
-                                .try_send(RaftInput::SnapshotSent { to: self.id, ok: false });
-                        }
-                    }
+                    self.drop_queued(&mut rx).await;
                 }
+            }
+        }
+    }
+
+    /// Drops every queued message. Raft resends appends and heartbeats by itself, but keeps a
+    /// peer in its snapshot state until the snapshot's outcome is reported: report each dropped
+    /// snapshot as failed so the leader sends a new one.
+    async fn drop_queued(&self, rx: &mut mpsc::Receiver<Message>) {
+        while let Ok(m) = rx.try_recv() {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                let _ = self
+                    .ctx
+                    .inbox
+                    .send_async(RaftInput::SnapshotSent { to: self.id, ok: false })
+                    .await;
             }
         }
     }

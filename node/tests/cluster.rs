@@ -364,6 +364,30 @@ async fn a_removed_member_refuses_to_rejoin_on_its_old_volume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_page_ends_at_its_byte_budget_and_continues_from_there() {
+    let c = Cluster::start(1, &[]).await.unwrap();
+    let value = "v".repeat(1 << 20);
+    for i in 0..6 {
+        let put = c.put(0, &format!("big/{i}"), &value).await.unwrap();
+        assert_eq!(put.status, 200, "{}", put.text());
+    }
+    // Six values of 1 MiB do not fit the 4 MiB page: it ends after four, and says there is more.
+    let page = c.get(0, "/v1/kv?prefix=big/").await.unwrap().json();
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4, "page of {} items", items.len());
+    assert_eq!(page["more"], true);
+    let rest = c.get(0, "/v1/kv?prefix=big/&start_after=big/3").await.unwrap().json();
+    let keys: Vec<&str> = rest["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["big/4", "big/5"]);
+    assert_eq!(rest["more"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_4xx_and_the_cluster_stays_healthy() {
     let mut c = Cluster::start(3, &["--max-value-size", "1024"]).await.unwrap();
     let long_key = "k".repeat(4097);
@@ -411,6 +435,8 @@ async fn bad_input_gets_a_clear_4xx_and_the_cluster_stays_healthy() {
             "invalid_precondition",
         ),
         (Method::GET, "/v1/nope", vec![], None, 404, "not_found"),
+        (Method::GET, "/v1/kv?limit=abc", vec![], None, 400, "invalid_query"),
+        (Method::GET, "/v1/kv/x?stale=maybe", vec![], None, 400, "invalid_query"),
         (Method::PATCH, "/v1/kv/x", vec![], None, 405, "method_not_allowed"),
         (
             Method::POST,

@@ -23,19 +23,40 @@ fn free_base_port() -> u16 {
     panic!("no free port range found on 127.0.0.1");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn local_command_runs_a_three_member_cluster_and_stops_it_on_ctrl_c() {
-    let data = tempfile::tempdir().unwrap();
-    let base = free_base_port();
+/// The launcher process; a test that fails before stopping it still sends it Ctrl-C, so it
+/// stops its members rather than leaving them running.
+struct Launcher(std::process::Child);
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        }
+    }
+}
+
+/// Runs `raftkv-node` with `args` to its exit; killed if it outlives the deadline.
+async fn run_to_exit(args: Vec<std::ffi::OsString>) -> std::process::Output {
+    let output = tokio::process::Command::new(BIN).args(args).kill_on_drop(true).output();
+    tokio::time::timeout(DEADLINE, output)
+        .await
+        .expect("raftkv-node exits within the deadline")
+        .unwrap()
+}
+
+/// Starts `raftkv-node local --nodes 3` and waits for its banner.
+async fn start_local(base: u16, data: &std::path::Path) -> (Launcher, Vec<String>) {
     let mut launcher = Command::new(BIN)
         .args(["local", "--nodes", "3", "--base-port", &base.to_string()])
         .arg("--data-dir")
-        .arg(data.path())
+        .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let stdout = launcher.stdout.take().unwrap();
+    let launcher = Launcher(launcher);
     let banner = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();
         let mut seen = Vec::new();
@@ -52,37 +73,18 @@ async fn local_command_runs_a_three_member_cluster_and_stops_it_on_ctrl_c() {
         .expect("cluster came up")
         .unwrap();
     assert!(banner.iter().any(|l| l.contains("is up")), "{banner:?}");
-    for i in 1..=3 {
-        let url = format!("http://127.0.0.1:{}", base + i);
-        assert!(
-            banner.iter().any(|l| l.contains(&url)),
-            "member {i} URL missing from {banner:?}"
-        );
-    }
+    (launcher, banner)
+}
 
-    let http = reqwest::Client::new();
-    let put = http
-        .put(format!("http://127.0.0.1:{}/v1/kv/greeting", base + 1))
-        .body("hello")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 200);
-    let got = http
-        .get(format!("http://127.0.0.1:{}/v1/kv/greeting", base + 3))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(got.status(), 200);
-    assert_eq!(got.text().await.unwrap(), "hello");
-
+/// Sends Ctrl-C to the launcher and waits until it and its members are gone.
+async fn stop_local(mut launcher: Launcher, base: u16) {
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(launcher.id() as i32),
+        nix::unistd::Pid::from_raw(launcher.0.id() as i32),
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
     let status = wait_until("the launcher to exit", DEADLINE, || {
-        let r = launcher.try_wait();
+        let r = launcher.0.try_wait();
         async move { r.ok().flatten() }
     })
     .await
@@ -99,5 +101,93 @@ async fn local_command_runs_a_three_member_cluster_and_stops_it_on_ctrl_c() {
         .await
         .unwrap();
     }
+}
+
+async fn put(base: u16, member: u16, key: &str, value: &str) {
+    let put = reqwest::Client::new()
+        .put(format!("http://127.0.0.1:{}/v1/kv/{key}", base + member))
+        .body(value.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_command_runs_a_three_member_cluster_and_stops_it_on_ctrl_c() {
+    let data = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let (launcher, banner) = start_local(base, data.path()).await;
+    for i in 1..=3 {
+        let url = format!("http://127.0.0.1:{}", base + i);
+        assert!(
+            banner.iter().any(|l| l.contains(&url)),
+            "member {i} URL missing from {banner:?}"
+        );
+    }
+
+    put(base, 1, "greeting", "hello").await;
+    let got = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/v1/kv/greeting", base + 3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.text().await.unwrap(), "hello");
+
+    stop_local(launcher, base).await;
     assert!(data.path().join("node-1").join("member.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_lost_its_data_is_refused_rather_than_bootstrapped_again() {
+    let data = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let (launcher, _) = start_local(base, data.path()).await;
+    put(base, 1, "kept", "yes").await;
+
+    // While the cluster runs, member 2 started on an empty directory with the same static
+    // configuration: the others report it acknowledged entries, so it refuses to bootstrap.
+    let initial: Vec<String> = (1..=3)
+        .map(|i| format!("{i}=http://127.0.0.1:{}", base + 100 + i))
+        .collect();
+    let wiped = data.path().join("wiped-node-2");
+    let mut args: Vec<std::ffi::OsString> = [
+        "--id",
+        "2",
+        "--client-addr",
+        "127.0.0.1:0",
+        "--peer-addr",
+        "127.0.0.1:0",
+    ]
+    .map(Into::into)
+    .to_vec();
+    args.extend([
+        "--initial-cluster".into(),
+        initial.join(",").into(),
+        "--data-dir".into(),
+        wiped.into(),
+    ]);
+    let output = run_to_exit(args).await;
+    let log = String::from_utf8_lossy(&output.stderr).to_string() + &String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "a member that lost its data started: {log}");
+    assert!(log.contains("data was lost"), "{log}");
+    assert!(
+        !data.path().join("wiped-node-2").join("wal").exists(),
+        "nothing was bootstrapped on the empty directory"
+    );
+
+    // After a stop, the launcher refuses to restart a cluster one of whose members lost its data.
+    stop_local(launcher, base).await;
+    std::fs::remove_dir_all(data.path().join("node-2")).unwrap();
+    let mut args: Vec<std::ffi::OsString> = ["local", "--nodes", "3", "--base-port"].map(Into::into).to_vec();
+    args.extend([base.to_string().into(), "--data-dir".into(), data.path().into()]);
+    let output = run_to_exit(args).await;
+    let log = String::from_utf8_lossy(&output.stderr).to_string() + &String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !output.status.success(),
+        "the launcher started a cluster with a wiped member: {log}"
+    );
+    assert!(log.contains("members [2] have none"), "{log}");
+    assert!(!data.path().join("node-2").exists(), "no member was started");
 }
