@@ -150,12 +150,17 @@ impl ApiError {
         }
     }
 
+    /// A write proposed but not confirmed before the deadline (usually: no leader to commit
+    /// it). A 504, not a 503, because the write may yet be applied; `Retry-After` as for 503.
     fn unknown_outcome() -> Self {
-        Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "unknown_outcome",
-            "the request was proposed but not confirmed before the deadline; it may or may not have been applied",
-        )
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "unknown_outcome",
+                "the request was proposed but not confirmed before the deadline; it may or may not have been applied",
+            )
+        }
     }
 }
 
