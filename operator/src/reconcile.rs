@@ -346,11 +346,11 @@ impl ClusterEffects for KubeEffects<'_> {
     }
 }
 
-/// Runs the controller until `stop` resolves or a signal arrives.
-pub async fn run<N: NodeApi + 'static>(
-    ctx: Arc<Context<N>>,
-    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+/// Runs the controller until a signal arrives; then lets running reconciles finish.
+///
+/// Losing the leader-election Lease is not a reason to finish them: the caller aborts this task
+/// instead (see [`crate::leader::while_leading`]).
+pub async fn run<N: NodeApi + 'static>(ctx: Arc<Context<N>>) {
     let client = ctx.client.clone();
     let clusters: Api<RaftCluster> = Api::all(client.clone());
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=raftkv-operator");
@@ -365,7 +365,6 @@ pub async fn run<N: NodeApi + 'static>(
             let namespace = pod.namespace()?;
             Some(ObjectRef::<RaftCluster>::new(&instance).within(&namespace))
         })
-        .graceful_shutdown_on(stop)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
