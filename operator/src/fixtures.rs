@@ -17,7 +17,7 @@ use crate::config::OperatorConfig;
 use crate::crd::{BootstrapRecord, BootstrapState, RaftCluster, RaftClusterSpec, RaftClusterStatus};
 use crate::metrics::Metrics;
 use crate::model::{pod_ip, Model};
-use crate::names::ClusterNames;
+use crate::names::{ClusterNames, REMOVED_MEMBER_ANNOTATION};
 use crate::reconcile::Context;
 
 /// Namespace of every test object.
@@ -191,7 +191,13 @@ impl ApiServerVerifier {
             let claims: Vec<Value> = w
                 .claim_ordinals()
                 .iter()
-                .map(|o| json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": names.pvc(*o), "namespace": NS}}))
+                .map(|o| {
+                    let mut claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": names.pvc(*o), "namespace": NS}});
+                    if let Some(id) = w.claim_marks.get(o) {
+                        claim["metadata"]["annotations"] = json!({ REMOVED_MEMBER_ANNOTATION: id.to_string() });
+                    }
+                    claim
+                })
                 .collect();
             (pods, claims)
         };
@@ -235,6 +241,21 @@ impl ApiServerVerifier {
         echoed["status"] = body["status"].clone();
         respond(send, StatusCode::OK, &echoed);
         status
+    }
+
+    /// The merge patch that marks the claim of `ordinal` with the member about to be removed;
+    /// stored in the model as the API server would store it. Returns the member id.
+    pub async fn mark_claim(&mut self, ordinal: u32) -> u64 {
+        let uri = format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/data-{NAME}-{ordinal}?");
+        let (body, send) = self.expect(Method::PATCH, &uri).await;
+        let id: u64 = body["metadata"]["annotations"][REMOVED_MEMBER_ANNOTATION]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no member id in {body}"));
+        self.model.world().claim_marks.insert(ordinal, id);
+        let claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": format!("data-{NAME}-{ordinal}"), "namespace": NS}});
+        respond(send, StatusCode::OK, &claim);
+        id
     }
 
     /// A `DELETE` of `path` (relative to the core API's namespace).

@@ -29,8 +29,11 @@ use crate::config::{OperatorConfig, FIELD_MANAGER};
 use crate::crd::{BootstrapRecord, RaftCluster, RaftClusterStatus};
 use crate::execute::{execute, ClusterEffects, Outcome};
 use crate::metrics::Metrics;
+use crate::names::REMOVED_MEMBER_ANNOTATION;
 use crate::node_client::{HttpNodeClient, NodeApi};
-use crate::observe::{assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods};
+use crate::observe::{
+    assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods, removed_member_claims,
+};
 use crate::plan::{plan, Desired, Step};
 use crate::status::{cluster_status, invalid_status};
 use crate::{Error, Result};
@@ -173,6 +176,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         statefulset_replicas,
         &facts,
         claim_ordinals(&valid.names, &claim_list.items),
+        removed_member_claims(&valid.names, &claim_list.items),
         &reports,
         cluster.status.as_ref().and_then(|s| s.bootstrap.clone()),
     );
@@ -312,6 +316,26 @@ impl ClusterEffects for KubeEffects<'_> {
     async fn delete_claim(&self, ordinal: u32) -> Result<()> {
         let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.valid.names.namespace);
         delete_if_present(&api, &self.valid.names.pvc(ordinal)).await
+    }
+
+    async fn mark_claim_removed(&self, ordinal: u32, member_id: u64) -> Result<()> {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.valid.names.namespace);
+        let patch = json!({
+            "metadata": { "annotations": { REMOVED_MEMBER_ANNOTATION: member_id.to_string() } }
+        });
+        match api
+            .patch(
+                &self.valid.names.pvc(ordinal),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // No claim, no volume to mark: the member's pod never got one.
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(error) => Err(error.into()),
+        }
     }
 
     async fn delete_pod(&self, ordinal: u32) -> Result<()> {

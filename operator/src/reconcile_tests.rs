@@ -111,11 +111,13 @@ async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() 
     // Two reconciles remove the members of ordinals 4 and 3 through the leader; Kubernetes only
     // hears about it through an Event and the status.
     for ordinal in [4u32, 3] {
-        let (_, returned) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
+        let (_, returned) = run_reconcile(cluster.clone(), ctx.clone(), api, move |mut api| async move {
             api.get_statefulset(true).await;
             let statefulset = api.apply_objects().await;
             assert_eq!(statefulset["spec"]["replicas"], 5);
             api.list_pods_and_claims().await;
+            let marked = api.mark_claim(ordinal).await;
+            assert_eq!(marked, 100 + u64::from(ordinal) + 1, "the member on ordinal {ordinal}");
             let event = api.event("RemoveMember").await;
             assert!(event["note"].as_str().unwrap().contains("scale-down"), "{event}");
             let status = api.status().await;
