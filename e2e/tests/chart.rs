@@ -96,13 +96,14 @@ fn the_cluster_role_lets_server_side_apply_create_the_objects_it_owns() -> anyho
                 && r.verbs.iter().any(|v| v == verb)
         })
     };
-    // A server-side apply is a PATCH, authorized as `create` when the object is new.
+    // A server-side apply is a PATCH, authorized as `create` when the object is new; each object
+    // is read first, to leave alone one that another owner controls.
     for (group, resource) in [
         ("apps", "statefulsets"),
         ("", "services"),
         ("policy", "poddisruptionbudgets"),
     ] {
-        for verb in ["create", "patch"] {
+        for verb in ["get", "create", "patch"] {
             ensure!(allows(group, resource, verb), "no {verb} on {group}/{resource}");
         }
     }

@@ -129,6 +129,48 @@ fn is_quantity(value: &str) -> bool {
     number_ok && suffix_ok
 }
 
+/// An object with one of this cluster's names that another owner controls, such as the Service
+/// `x-peer` of cluster `x` when this cluster is named `x-peer`. Writing it would take it over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameConflict {
+    /// The object's kind.
+    pub kind: &'static str,
+    /// The object's name.
+    pub name: String,
+    /// Its controller, as `Kind/name`.
+    pub controller: String,
+}
+
+impl std::fmt::Display for NameConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} is controlled by {}, not by this RaftCluster; nothing is written until that object is gone or this cluster is renamed",
+            self.kind, self.name, self.controller
+        )
+    }
+}
+
+/// The first of the `existing` objects (kind and metadata) that another owner controls.
+///
+/// An object with no controller is adopted: applying it adds this cluster's owner reference.
+/// One with another controller is refused, since the API server allows one controller only and
+/// the object is someone else's.
+pub fn name_conflict(cluster: &ValidCluster, existing: &[(&'static str, &ObjectMeta)]) -> Option<NameConflict> {
+    existing.iter().find_map(|(kind, meta)| {
+        let controller = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|r| r.controller == Some(true))?;
+        (controller.uid != cluster.owner.uid).then(|| NameConflict {
+            kind,
+            name: meta.name.clone().unwrap_or_default(),
+            controller: format!("{}/{}", controller.kind, controller.name),
+        })
+    })
+}
+
 /// Everything `apply` sends for one cluster.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClusterObjects {
@@ -615,6 +657,37 @@ mod tests {
                 other => panic!("expected an invalid spec mentioning {needle}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_object_controlled_by_another_owner_is_a_name_conflict() {
+        let cluster = valid(&fixture_cluster());
+        let ours = built().peer_service.metadata;
+        let adoptable = ObjectMeta {
+            name: Some("demo".into()),
+            ..ObjectMeta::default()
+        };
+        let mut foreign = ours.clone();
+        foreign.name = Some("demo-peer".into());
+        foreign.owner_references = Some(vec![OwnerReference {
+            uid: "another-uid".into(),
+            name: "demo-peer".into(),
+            ..cluster.owner.clone()
+        }]);
+        assert_eq!(
+            name_conflict(&cluster, &[("Service", &ours), ("Service", &adoptable)]),
+            None
+        );
+        let conflict = name_conflict(&cluster, &[("Service", &ours), ("Service", &foreign)]).unwrap();
+        assert_eq!(
+            conflict,
+            NameConflict {
+                kind: "Service",
+                name: "demo-peer".into(),
+                controller: "RaftCluster/demo-peer".into()
+            }
+        );
+        assert!(conflict.to_string().contains("RaftCluster/demo-peer"), "{conflict}");
     }
 
     #[test]

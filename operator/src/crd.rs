@@ -38,6 +38,11 @@ pub const MAX_REPLICAS: i32 = 9;
     shortname = "rkv",
     category = "raftkv",
     doc = "A replicated raftkv key-value store managed by raftkv-operator",
+    // The client Service is named after the cluster and the peer Service after the cluster plus
+    // `-peer`, so a cluster named `x-peer` would take over the headless Service of cluster `x`.
+    validation = Rule::new("!self.metadata.name.endsWith('-peer')").message(
+        "metadata.name must not end with '-peer': the operator names each cluster's headless peer Service <name>-peer, so this name would collide with another cluster's"
+    ),
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",

@@ -24,6 +24,8 @@ use crate::reconcile::Context;
 pub const NS: &str = "testns";
 /// Name of the test cluster.
 pub const NAME: &str = "demo";
+/// The uid of the test cluster.
+pub const UID: &str = "0f0e0d0c-0000-4000-8000-000000000001";
 /// The StatefulSet revision the mocked controller reports.
 pub const REVISION: &str = "demo-rev1";
 
@@ -44,7 +46,7 @@ pub fn raft_cluster(replicas: i32, image: Option<&str>) -> RaftCluster {
         },
     );
     cluster.metadata.namespace = Some(NS.into());
-    cluster.metadata.uid = Some("0f0e0d0c-0000-4000-8000-000000000001".into());
+    cluster.metadata.uid = Some(UID.into());
     cluster.metadata.generation = Some(1);
     cluster
 }
@@ -89,6 +91,14 @@ fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value)
     send.send_response(response);
 }
 
+/// The owner reference of the objects the test cluster controls.
+pub fn owner_reference() -> Value {
+    json!({
+        "apiVersion": "raftkv.dev/v1alpha1", "kind": "RaftCluster", "name": NAME,
+        "uid": UID, "controller": true, "blockOwnerDeletion": true
+    })
+}
+
 fn not_found(kind: &str, name: &str) -> Value {
     json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -120,6 +130,16 @@ impl ApiServerVerifier {
         (body, send)
     }
 
+    /// Answers a request with `body`.
+    pub fn respond(&self, send: SendResponse<Response<Body>>, body: &Value) {
+        respond(send, StatusCode::OK, body);
+    }
+
+    /// Answers a `GET` with NotFound.
+    pub fn respond_not_found(&self, send: SendResponse<Response<Body>>) {
+        respond(send, StatusCode::NOT_FOUND, &not_found("object", NAME));
+    }
+
     /// Asserts that the reconciler sent nothing more.
     pub async fn expect_silence(&mut self) {
         let next = tokio::time::timeout(Duration::from_millis(100), self.handle.next_request()).await;
@@ -138,11 +158,55 @@ impl ApiServerVerifier {
         let replicas = self.model.world().statefulset_replicas;
         let body = json!({
             "apiVersion": "apps/v1", "kind": "StatefulSet",
-            "metadata": {"name": NAME, "namespace": NS},
+            "metadata": {"name": NAME, "namespace": NS, "ownerReferences": [owner_reference()]},
             "spec": {"replicas": replicas, "selector": {}, "template": {}, "serviceName": "demo-peer"},
             "status": {"replicas": replicas, "updateRevision": REVISION, "currentRevision": REVISION}
         });
         respond(send, StatusCode::OK, &body);
+    }
+
+    /// The `GET`s of the Services and the PodDisruptionBudget: absent, or controlled by the test
+    /// cluster.
+    pub async fn get_children(&mut self, exist: bool) {
+        for path in [
+            "/api/v1/namespaces/testns/services/demo-peer",
+            "/api/v1/namespaces/testns/services/demo",
+        ] {
+            let (_, send) = self.expect(Method::GET, path).await;
+            if exist {
+                let service = json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": path.rsplit('/').next(), "namespace": NS, "ownerReferences": [owner_reference()]},
+                    "spec": {}
+                });
+                respond(send, StatusCode::OK, &service);
+            } else {
+                respond(send, StatusCode::NOT_FOUND, &not_found("services", NAME));
+            }
+        }
+        let uri = format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{NAME}");
+        let (_, send) = self.expect(Method::GET, &uri).await;
+        if exist {
+            let pdb = json!({
+                "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                "metadata": {"name": NAME, "namespace": NS, "ownerReferences": [owner_reference()]},
+                "spec": {}
+            });
+            respond(send, StatusCode::OK, &pdb);
+        } else {
+            respond(
+                send,
+                StatusCode::NOT_FOUND,
+                &not_found("poddisruptionbudgets.policy", NAME),
+            );
+        }
+    }
+
+    /// The reads every reconcile of a valid cluster starts with: the StatefulSet, then the
+    /// Services and the PodDisruptionBudget, all absent or all the test cluster's.
+    pub async fn read_objects(&mut self, exist: bool) {
+        self.get_statefulset(exist).await;
+        self.get_children(exist).await;
     }
 
     /// A server-side apply of `path` (relative to the namespace); returns the applied object,

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -24,18 +24,18 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn, Span};
 
-use crate::build::{build, build_statefulset, validate, ClusterObjects, ValidCluster};
+use crate::build::{build, build_statefulset, name_conflict, validate, ClusterObjects, ValidCluster};
 use crate::config::{OperatorConfig, FIELD_MANAGER};
 use crate::crd::{BootstrapRecord, RaftCluster, RaftClusterStatus};
 use crate::execute::{execute, ClusterEffects, Outcome};
 use crate::metrics::Metrics;
-use crate::names::REMOVED_MEMBER_ANNOTATION;
+use crate::names::{ClusterNames, REMOVED_MEMBER_ANNOTATION};
 use crate::node_client::{HttpNodeClient, NodeApi};
 use crate::observe::{
     assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods, removed_member_claims,
 };
 use crate::plan::{plan, Desired, Step};
-use crate::status::{cluster_status, invalid_status};
+use crate::status::{cluster_status, refused_status, Refusal};
 use crate::{Error, Result};
 
 /// How soon to look again after each kind of outcome.
@@ -125,15 +125,8 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         Ok(valid) => valid,
         Err(Error::InvalidSpec(message)) => {
             warn!(%message, "invalid spec");
-            let names = crate::names::ClusterNames::new(&name, &namespace);
-            let status = invalid_status(
-                &names,
-                cluster.metadata.generation,
-                &message,
-                cluster.status.as_ref(),
-                &now(),
-            );
-            patch_status(&clusters, &name, &status).await?;
+            let names = ClusterNames::new(&name, &namespace);
+            refuse(&clusters, &cluster, &names, Refusal::InvalidSpec, &message).await?;
             ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
             return Ok(Action::await_change());
         }
@@ -144,7 +137,40 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
     // membership has been prepared for; a new StatefulSet starts at the desired count, since an
     // empty cluster has no membership to keep in step.
     let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
     let existing = statefulsets.get_opt(valid.names.statefulset()).await?;
+    let peer_service = services.get_opt(&valid.names.peer_service()).await?;
+    let client_service = services.get_opt(valid.names.client_service()).await?;
+    let pdb = pdbs.get_opt(valid.names.pdb()).await?;
+
+    // Refuse to write over another owner's objects: a cluster named `x-peer` would otherwise take
+    // over cluster `x`'s headless Service (the CRD forbids such names; older objects or a
+    // missing validation may still let one through).
+    let existing_metas: Vec<(&'static str, &ObjectMeta)> = [
+        ("StatefulSet", existing.as_ref().map(|o| &o.metadata)),
+        ("Service", peer_service.as_ref().map(|o| &o.metadata)),
+        ("Service", client_service.as_ref().map(|o| &o.metadata)),
+        ("PodDisruptionBudget", pdb.as_ref().map(|o| &o.metadata)),
+    ]
+    .into_iter()
+    .filter_map(|(kind, meta)| Some((kind, meta?)))
+    .collect();
+    if let Some(conflict) = name_conflict(&valid, &existing_metas) {
+        warn!(%conflict, "name conflict");
+        refuse(
+            &clusters,
+            &cluster,
+            &valid.names,
+            Refusal::NameConflict,
+            &conflict.to_string(),
+        )
+        .await?;
+        ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
+        // The other object is not ours to watch: look again later.
+        return Ok(Action::requeue(REQUEUE_BLOCKED));
+    }
+
     let statefulset_replicas = existing
         .as_ref()
         .and_then(|s| s.spec.replicas)
@@ -155,7 +181,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
 
     // Build and apply.
     let objects = build(&valid, &ctx.config, statefulset_replicas);
-    apply(&ctx.client, &valid, &objects).await?;
+    apply(&ctx.client, &valid, &objects, pdb.is_some()).await?;
 
     // Observe.
     let selector = valid.names.selector_string();
@@ -240,8 +266,28 @@ async fn patch_status(api: &Api<RaftCluster>, name: &str, status: &RaftClusterSt
     Ok(())
 }
 
-/// Server-side applies every object; removes the PDB when the spec no longer wants one.
-async fn apply(client: &Client, cluster: &ValidCluster, objects: &ClusterObjects) -> Result<()> {
+/// Writes the status a refused cluster gets.
+async fn refuse(
+    clusters: &Api<RaftCluster>,
+    cluster: &RaftCluster,
+    names: &ClusterNames,
+    refusal: Refusal,
+    message: &str,
+) -> Result<()> {
+    let status = refused_status(
+        names,
+        cluster.metadata.generation,
+        refusal,
+        message,
+        cluster.status.as_ref(),
+        &now(),
+    );
+    patch_status(clusters, &names.cluster, &status).await
+}
+
+/// Server-side applies every object; removes the PDB (`pdb_exists`, and ours: checked by the
+/// caller) when the spec no longer wants one.
+async fn apply(client: &Client, cluster: &ValidCluster, objects: &ClusterObjects, pdb_exists: bool) -> Result<()> {
     let ns = &cluster.names.namespace;
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
@@ -272,7 +318,8 @@ async fn apply(client: &Client, cluster: &ValidCluster, objects: &ClusterObjects
         Some(pdb) => {
             pdbs.patch(cluster.names.pdb(), &params, &Patch::Apply(pdb)).await?;
         }
-        None => delete_if_present(&pdbs, cluster.names.pdb()).await?,
+        None if pdb_exists => delete_if_present(&pdbs, cluster.names.pdb()).await?,
+        None => {}
     }
     Ok(())
 }

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
+use http::Method;
 use kube::runtime::controller::Action;
+use serde_json::json;
 
 use super::*;
 use crate::crd::Phase;
@@ -51,7 +53,7 @@ async fn first_reconcile_applies_services_statefulset_pdb_then_status() {
     let (ctx, api) = context(model);
     let cluster = raft_cluster(3, Some("raftkv/node:test"));
     let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
-        api.get_statefulset(false).await;
+        api.read_objects(false).await;
         let statefulset = api.apply_objects().await;
         assert_eq!(statefulset["spec"]["replicas"], 3);
         assert_eq!(statefulset["spec"]["podManagementPolicy"], "Parallel");
@@ -77,7 +79,7 @@ async fn scale_three_to_five_raises_the_statefulset_before_any_member_joins() {
     let (ctx, api) = context(model.clone());
     let cluster = bootstrapped(raft_cluster(5, Some("raftkv/node:test")), 101);
     let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
-        api.get_statefulset(true).await;
+        api.read_objects(true).await;
         let statefulset = api.apply_objects().await;
         // The routine apply keeps the operator's count; only the planned step changes it.
         assert_eq!(statefulset["spec"]["replicas"], 3);
@@ -112,7 +114,7 @@ async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() 
     // hears about it through an Event and the status.
     for ordinal in [4u32, 3] {
         let (_, returned) = run_reconcile(cluster.clone(), ctx.clone(), api, move |mut api| async move {
-            api.get_statefulset(true).await;
+            api.read_objects(true).await;
             let statefulset = api.apply_objects().await;
             assert_eq!(statefulset["spec"]["replicas"], 5);
             api.list_pods_and_claims().await;
@@ -135,7 +137,7 @@ async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() 
 
     // Only then does the StatefulSet shrink.
     let (_, returned) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
-        api.get_statefulset(true).await;
+        api.read_objects(true).await;
         api.apply_objects().await;
         api.list_pods_and_claims().await;
         let scaled = api.apply("/apis/apps/v1", "statefulsets/demo").await;
@@ -153,7 +155,7 @@ async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() 
     // And the removed members' claims go, highest first, one per reconcile.
     for ordinal in [4u32, 3] {
         let (_, returned) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
-            api.get_statefulset(true).await;
+            api.read_objects(true).await;
             api.apply_objects().await;
             api.list_pods_and_claims().await;
             api.delete(&format!("persistentvolumeclaims/data-demo-{ordinal}")).await;
@@ -167,7 +169,7 @@ async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() 
     }
 
     let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
-        api.get_statefulset(true).await;
+        api.read_objects(true).await;
         api.apply_objects().await;
         api.list_pods_and_claims().await;
         let status = api.status().await;
@@ -180,6 +182,53 @@ async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() 
     .await;
     assert_eq!(action, Action::requeue(REQUEUE_CONVERGED));
     assert!(model.world().violations.is_empty());
+}
+
+#[tokio::test]
+async fn a_service_controlled_by_another_cluster_is_left_alone_and_reported() {
+    let (ctx, api) = context(Model::new(names()));
+    let cluster = raft_cluster(3, Some("raftkv/node:test"));
+    let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
+        api.get_statefulset(false).await;
+        // `demo-peer` is the client Service of a RaftCluster named `demo-peer`.
+        let (_, send) = api
+            .expect(Method::GET, "/api/v1/namespaces/testns/services/demo-peer")
+            .await;
+        let foreign = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "demo-peer", "namespace": NS, "ownerReferences": [{
+                "apiVersion": "raftkv.dev/v1alpha1", "kind": "RaftCluster", "name": "demo-peer",
+                "uid": "99999999-0000-4000-8000-000000000009", "controller": true
+            }]},
+            "spec": {}
+        });
+        api.respond(send, &foreign);
+        let (_, send) = api.expect(Method::GET, "/api/v1/namespaces/testns/services/demo").await;
+        api.respond_not_found(send);
+        let (_, send) = api
+            .expect(
+                Method::GET,
+                "/apis/policy/v1/namespaces/testns/poddisruptionbudgets/demo",
+            )
+            .await;
+        api.respond_not_found(send);
+        // No apply: the status is the only write.
+        let status = api.status().await;
+        assert_eq!(status.phase, Some(Phase::Degraded));
+        let degraded = condition(&status, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "NameConflict")
+        );
+        assert!(
+            degraded.message.contains("RaftCluster/demo-peer"),
+            "{}",
+            degraded.message
+        );
+        api
+    })
+    .await;
+    assert_eq!(action, Action::requeue(REQUEUE_BLOCKED));
 }
 
 #[tokio::test]

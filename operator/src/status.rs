@@ -205,11 +205,38 @@ pub fn cluster_status(
     }
 }
 
-/// The status of a `RaftCluster` whose spec cannot be reconciled. Everything observed earlier is
+/// Why the operator touches nothing of a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The spec cannot be turned into objects.
+    InvalidSpec,
+    /// An object with one of the cluster's names belongs to another owner.
+    NameConflict,
+}
+
+impl Refusal {
+    /// The condition reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::InvalidSpec => "InvalidSpec",
+            Refusal::NameConflict => "NameConflict",
+        }
+    }
+
+    fn phase(self) -> Phase {
+        match self {
+            Refusal::InvalidSpec => Phase::Invalid,
+            Refusal::NameConflict => Phase::Degraded,
+        }
+    }
+}
+
+/// The status of a `RaftCluster` the operator refuses to act on. Everything observed earlier is
 /// kept; only the phase and conditions say why nothing happens.
-pub fn invalid_status(
+pub fn refused_status(
     names: &ClusterNames,
     generation: Option<i64>,
+    refusal: Refusal,
     message: &str,
     previous: Option<&RaftClusterStatus>,
     now: &Time,
@@ -232,14 +259,14 @@ pub fn invalid_status(
             )
         });
     status.selector = names.selector_string();
-    status.phase = Some(Phase::Invalid);
+    status.phase = Some(refusal.phase());
     status.observed_generation = generation;
     status.conditions = vec![
         available,
         condition(
             PROGRESSING,
             false,
-            "InvalidSpec",
+            refusal.reason(),
             message.to_string(),
             generation,
             previous_conditions,
@@ -248,7 +275,7 @@ pub fn invalid_status(
         condition(
             DEGRADED,
             true,
-            "InvalidSpec",
+            refusal.reason(),
             message.to_string(),
             generation,
             previous_conditions,
