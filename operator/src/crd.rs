@@ -99,7 +99,12 @@ pub struct RaftClusterSpec {
     pub image_pull_policy: Option<String>,
 
     /// Each member's persistent volume, holding its identity, write-ahead log and snapshots.
+    /// Fixed once the cluster exists: a StatefulSet's volume claim templates cannot change.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self == oldSelf",
+        "message": "storage cannot change once the cluster exists: the StatefulSet's volume claim templates are immutable; create a new RaftCluster for another size or storage class"
+    }]))]
     pub storage: StorageSpec,
 
     /// CPU and memory requests and limits of the node container.

@@ -13,6 +13,7 @@ use kube::Client;
 use serde_json::{json, Value};
 use tower_test::mock::{self, Handle, SendResponse};
 
+use crate::build::{build_statefulset, validate};
 use crate::config::OperatorConfig;
 use crate::crd::{BootstrapRecord, BootstrapState, RaftCluster, RaftClusterSpec, RaftClusterStatus};
 use crate::metrics::Metrics;
@@ -73,13 +74,33 @@ pub fn context(model: Model) -> (Arc<Context<Model>>, ApiServerVerifier) {
         ..OperatorConfig::default()
     };
     let ctx = Context::new(client, model.clone(), config, Arc::new(Metrics::default()));
-    (Arc::new(ctx), ApiServerVerifier { handle, model })
+    let api = ApiServerVerifier {
+        handle,
+        model,
+        stored_storage_size: "1Gi".into(),
+    };
+    (Arc::new(ctx), api)
 }
 
 /// Checks and answers the reconciler's requests.
 pub struct ApiServerVerifier {
     handle: Handle<Request<Body>, Response<Body>>,
     model: Model,
+    /// The size in the stored StatefulSet's claim template.
+    pub stored_storage_size: String,
+}
+
+/// The test cluster's claim templates as the API server stores them: built from the default
+/// spec, defaulted, with `size` requested.
+fn stored_claim_templates(size: &str) -> Value {
+    let config = OperatorConfig::default();
+    let cluster = validate(&raft_cluster(3, Some("raftkv/node:test")), &config).expect("valid");
+    let statefulset = build_statefulset(&cluster, &config, 3);
+    let mut templates = serde_json::to_value(statefulset.spec.volume_claim_templates).expect("json");
+    templates[0]["spec"]["volumeMode"] = json!("Filesystem");
+    templates[0]["spec"]["resources"]["requests"]["storage"] = json!(size);
+    templates[0]["status"] = json!({"phase": "Pending"});
+    templates
 }
 
 fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
@@ -159,7 +180,10 @@ impl ApiServerVerifier {
         let body = json!({
             "apiVersion": "apps/v1", "kind": "StatefulSet",
             "metadata": {"name": NAME, "namespace": NS, "ownerReferences": [owner_reference()]},
-            "spec": {"replicas": replicas, "selector": {}, "template": {}, "serviceName": "demo-peer"},
+            "spec": {
+                "replicas": replicas, "selector": {}, "template": {}, "serviceName": "demo-peer",
+                "volumeClaimTemplates": stored_claim_templates(&self.stored_storage_size)
+            },
             "status": {"replicas": replicas, "updateRevision": REVISION, "currentRevision": REVISION}
         });
         respond(send, StatusCode::OK, &body);

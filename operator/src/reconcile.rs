@@ -24,7 +24,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn, Span};
 
-use crate::build::{build, build_statefulset, name_conflict, validate, ClusterObjects, ValidCluster};
+use crate::build::{build, keep_claim_templates, name_conflict, validate, ClusterObjects, ValidCluster};
 use crate::config::{OperatorConfig, FIELD_MANAGER};
 use crate::crd::{BootstrapRecord, RaftCluster, RaftClusterStatus};
 use crate::execute::{execute, ClusterEffects, Outcome};
@@ -35,7 +35,7 @@ use crate::observe::{
     assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods, removed_member_claims,
 };
 use crate::plan::{plan, Desired, Step};
-use crate::status::{cluster_status, refused_status, Refusal};
+use crate::status::{cluster_status, refused_status, Refusal, SpecIssue};
 use crate::{Error, Result};
 
 /// How soon to look again after each kind of outcome.
@@ -179,8 +179,18 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         .as_ref()
         .and_then(|s| s.status.as_ref()?.update_revision.clone());
 
-    // Build and apply.
-    let objects = build(&valid, &ctx.config, statefulset_replicas);
+    // Build and apply. An existing StatefulSet keeps its claim templates whatever the spec says.
+    let mut objects = build(&valid, &ctx.config, statefulset_replicas);
+    let storage_issue = existing
+        .as_ref()
+        .and_then(|existing| keep_claim_templates(&mut objects.statefulset, existing))
+        .map(|mismatch| SpecIssue {
+            reason: "StorageImmutable",
+            message: mismatch.to_string(),
+        });
+    if let Some(issue) = &storage_issue {
+        warn!(message = %issue.message, "storage change refused");
+    }
     apply(&ctx.client, &valid, &objects, pdb.is_some()).await?;
 
     // Observe.
@@ -220,7 +230,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         client: ctx.client.clone(),
         cluster: &cluster,
         valid: &valid,
-        config: &ctx.config,
+        statefulset: &objects.statefulset,
         recorder: Recorder::new(ctx.client.clone(), ctx.reporter.clone()),
     };
     if let Step::Blocked(reason) = &step {
@@ -235,7 +245,15 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
     ctx.metrics.step(step.kind(), outcome);
 
     // Update status.
-    let status = cluster_status(&valid, &observed, &step, &execution, cluster.status.as_ref(), &now());
+    let status = cluster_status(
+        &valid,
+        &observed,
+        &step,
+        &execution,
+        storage_issue.as_ref(),
+        cluster.status.as_ref(),
+        &now(),
+    );
     patch_status(&clusters, &name, &status).await?;
     ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
 
@@ -340,7 +358,8 @@ pub struct KubeEffects<'a> {
     client: Client,
     cluster: &'a RaftCluster,
     valid: &'a ValidCluster,
-    config: &'a OperatorConfig,
+    /// The StatefulSet as this reconcile applied it; a scale step changes only its replicas.
+    statefulset: &'a StatefulSet,
     recorder: Recorder,
 }
 
@@ -348,7 +367,9 @@ impl ClusterEffects for KubeEffects<'_> {
     async fn scale_statefulset(&self, replicas: u32) -> Result<()> {
         // The whole object is applied, not just `replicas`: an apply that omitted the other
         // fields would drop this manager's ownership of them, and so the fields themselves.
-        let statefulset = build_statefulset(self.valid, self.config, replicas);
+        // It is the object applied at the start of this reconcile, claim templates included.
+        let mut statefulset = self.statefulset.clone();
+        statefulset.spec.replicas = Some(i32::try_from(replicas).unwrap_or(i32::MAX));
         let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.valid.names.namespace);
         api.patch(
             self.valid.names.statefulset(),

@@ -105,6 +105,39 @@ async fn scale_three_to_five_raises_the_statefulset_before_any_member_joins() {
 }
 
 #[tokio::test]
+async fn a_storage_change_keeps_the_claim_templates_and_is_reported_while_membership_goes_on() {
+    let model = converged(names(), 3);
+    let (ctx, mut api) = context(model.clone());
+    api.stored_storage_size = "1024Mi".into();
+    let mut cluster = bootstrapped(raft_cluster(5, Some("raftkv/node:test")), 101);
+    cluster.spec.storage.size.0 = "5Gi".into();
+    let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
+        api.read_objects(true).await;
+        let statefulset = api.apply_objects().await;
+        let size = |s: &serde_json::Value| {
+            s["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"].clone()
+        };
+        assert_eq!(size(&statefulset), "1024Mi", "the stored templates are sent back");
+        api.list_pods_and_claims().await;
+        let scaled = api.apply("/apis/apps/v1", "statefulsets/demo").await;
+        assert_eq!(scaled["spec"]["replicas"], 5, "the scale-up goes on");
+        assert_eq!(size(&scaled), "1024Mi");
+        api.event("ScaleStatefulSet").await;
+        let status = api.status().await;
+        let degraded = condition(&status, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "StorageImmutable")
+        );
+        assert!(degraded.message.contains("size 5Gi"), "{}", degraded.message);
+        assert_eq!(condition(&status, PROGRESSING).reason, "ScaleStatefulSet");
+        api
+    })
+    .await;
+    assert_eq!(action, Action::requeue(REQUEUE_AFTER_STEP));
+}
+
+#[tokio::test]
 async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() {
     let model = converged(names(), 5);
     let (ctx, mut api) = context(model.clone());

@@ -57,12 +57,23 @@ pub fn spec_warnings(replicas: i32) -> Vec<String> {
     }
 }
 
-/// The status after a reconcile that planned `step` and ended with `execution`.
+/// A part of the spec the operator cannot carry out while it still runs the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecIssue {
+    /// The `Degraded` condition's reason, such as `StorageImmutable`.
+    pub reason: &'static str,
+    /// What differs and what to do about it.
+    pub message: String,
+}
+
+/// The status after a reconcile that planned `step` and ended with `execution`; `issue` is a
+/// part of the spec that was not carried out.
 pub fn cluster_status(
     cluster: &ValidCluster,
     observed: &Observed,
     step: &Step,
     execution: &Execution,
+    issue: Option<&SpecIssue>,
     previous: Option<&RaftClusterStatus>,
     now: &Time,
 ) -> RaftClusterStatus {
@@ -122,6 +133,11 @@ pub fn cluster_status(
         _ => None,
     };
     let (progressing, progressing_reason, progressing_message) = match step {
+        Step::Converged if issue.is_some() => (
+            false,
+            "Reconciled",
+            "the membership matches the spec; see the Degraded condition for the rest".to_string(),
+        ),
         Step::Converged => (false, "Reconciled", "the cluster matches the spec".to_string()),
         Step::Blocked(reason) => (false, reason.reason(), reason.to_string()),
         Step::Wait(reason) => (true, "Waiting", reason.to_string()),
@@ -137,8 +153,10 @@ pub fn cluster_status(
         .filter(|m| m.role != MemberRole::Learner && m.healthy == Some(false))
         .map(|m| m.id)
         .collect();
-    let (degraded, degraded_reason, degraded_message) = match step {
-        Step::Blocked(reason) => (true, reason.reason(), reason.to_string()),
+    // A refused step first: it is what stops the cluster from reaching the spec.
+    let (degraded, degraded_reason, degraded_message) = match (step, issue) {
+        (Step::Blocked(reason), _) => (true, reason.reason(), reason.to_string()),
+        (_, Some(issue)) => (true, issue.reason, issue.message.clone()),
         _ if !unhealthy.is_empty() => (true, "MemberUnhealthy", format!("voters not healthy: {unhealthy:?}")),
         _ => (false, "AsExpected", "nothing needs attention".to_string()),
     };
