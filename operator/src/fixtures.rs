@@ -226,11 +226,13 @@ impl ApiServerVerifier {
         }
     }
 
-    /// The reads every reconcile of a valid cluster starts with: the StatefulSet, then the
-    /// Services and the PodDisruptionBudget, all absent or all the test cluster's.
+    /// The reads every reconcile of a valid cluster starts with: the StatefulSet, the Services
+    /// and the PodDisruptionBudget (all absent or all the test cluster's), then the pods and
+    /// claims, answered from the model.
     pub async fn read_objects(&mut self, exist: bool) {
         self.get_statefulset(exist).await;
         self.get_children(exist).await;
+        self.list_pods_and_claims().await;
     }
 
     /// A server-side apply of `path` (relative to the namespace); returns the applied object,

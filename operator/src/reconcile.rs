@@ -24,9 +24,11 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn, Span};
 
-use crate::build::{build, keep_claim_templates, name_conflict, validate, ClusterObjects, ValidCluster};
+use crate::build::{
+    build, keep_claim_templates, name_conflict, recreated_statefulset_replicas, validate, ClusterObjects, ValidCluster,
+};
 use crate::config::{OperatorConfig, FIELD_MANAGER};
-use crate::crd::{BootstrapRecord, RaftCluster, RaftClusterStatus};
+use crate::crd::{BootstrapRecord, BootstrapState, RaftCluster, RaftClusterStatus};
 use crate::execute::{execute, ClusterEffects, Outcome};
 use crate::metrics::Metrics;
 use crate::names::{ClusterNames, REMOVED_MEMBER_ANNOTATION};
@@ -133,9 +135,8 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         Err(error) => return Err(error),
     };
 
-    // Read: the StatefulSet's replica count is the operator's own record of how many pods the
-    // membership has been prepared for; a new StatefulSet starts at the desired count, since an
-    // empty cluster has no membership to keep in step.
+    // Read everything first: the objects to write over, and the pods and claims that size a
+    // StatefulSet that has to be recreated.
     let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -171,10 +172,37 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         return Ok(Action::requeue(REQUEUE_BLOCKED));
     }
 
-    let statefulset_replicas = existing
-        .as_ref()
-        .and_then(|s| s.spec.replicas)
-        .map_or(valid.replicas(), |r| r.max(0) as u32);
+    let selector = valid.names.selector_string();
+    let list = ListParams::default().labels(&selector);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pod_list = pods.list(&list).await?;
+    let claim_list = claims.list(&list).await?;
+    let claim_ordinals = claim_ordinals(&valid.names, &claim_list.items);
+
+    // The StatefulSet's replica count is the operator's own record of how many pods the
+    // membership has been prepared for; a missing StatefulSet comes back at a size that keeps
+    // every member's pod (see `recreated_statefulset_replicas`).
+    let previous_members = cluster.status.as_ref().map_or(&[][..], |s| &s.members[..]);
+    let statefulset_replicas = match existing.as_ref() {
+        Some(statefulset) => statefulset.spec.replicas.map_or(valid.replicas(), |r| r.max(0) as u32),
+        None => {
+            let bootstrapped = cluster
+                .status
+                .as_ref()
+                .and_then(|s| s.bootstrap.as_ref())
+                .is_some_and(|b| b.state == BootstrapState::Done);
+            let member_ordinals = previous_members
+                .iter()
+                .filter_map(|m| valid.names.pod_ordinal(m.pod.as_deref()?));
+            let replicas =
+                recreated_statefulset_replicas(valid.replicas(), bootstrapped, member_ordinals, &claim_ordinals);
+            if bootstrapped {
+                warn!(replicas, "the StatefulSet is missing; recreating it");
+            }
+            replicas
+        }
+    };
     let update_revision = existing
         .as_ref()
         .and_then(|s| s.status.as_ref()?.update_revision.clone());
@@ -194,12 +222,6 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
     apply(&ctx.client, &valid, &objects, pdb.is_some()).await?;
 
     // Observe.
-    let selector = valid.names.selector_string();
-    let list = ListParams::default().labels(&selector);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
-    let pod_list = pods.list(&list).await?;
-    let claim_list = claims.list(&list).await?;
     let facts: Vec<_> = pod_list
         .items
         .iter()
@@ -211,12 +233,11 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         &valid.names,
         statefulset_replicas,
         &facts,
-        claim_ordinals(&valid.names, &claim_list.items),
+        claim_ordinals,
         removed_member_claims(&valid.names, &claim_list.items),
         &reports,
         cluster.status.as_ref().and_then(|s| s.bootstrap.clone()),
     );
-    let previous_members = cluster.status.as_ref().map_or(&[][..], |s| &s.members[..]);
     recall_member_pods(&valid.names, &mut observed, previous_members);
 
     // Plan and execute one step.

@@ -8,7 +8,7 @@ use kube::runtime::controller::Action;
 use serde_json::json;
 
 use super::*;
-use crate::crd::Phase;
+use crate::crd::{MemberRole, MemberStatus, Phase};
 use crate::fixtures::{bootstrapped, context, raft_cluster, ApiServerVerifier, NAME, NS};
 use crate::model::{converged, Model};
 use crate::names::ClusterNames;
@@ -58,7 +58,6 @@ async fn first_reconcile_applies_services_statefulset_pdb_then_status() {
         assert_eq!(statefulset["spec"]["replicas"], 3);
         assert_eq!(statefulset["spec"]["podManagementPolicy"], "Parallel");
         assert_eq!(statefulset["metadata"]["ownerReferences"][0]["kind"], "RaftCluster");
-        api.list_pods_and_claims().await;
         let status = api.status().await;
         assert_eq!(status.phase, Some(Phase::Creating));
         assert_eq!(
@@ -83,7 +82,6 @@ async fn scale_three_to_five_raises_the_statefulset_before_any_member_joins() {
         let statefulset = api.apply_objects().await;
         // The routine apply keeps the operator's count; only the planned step changes it.
         assert_eq!(statefulset["spec"]["replicas"], 3);
-        api.list_pods_and_claims().await;
         let scaled = api.apply("/apis/apps/v1", "statefulsets/demo").await;
         assert_eq!(scaled["spec"]["replicas"], 5);
         assert_eq!(
@@ -118,7 +116,6 @@ async fn a_storage_change_keeps_the_claim_templates_and_is_reported_while_member
             s["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"].clone()
         };
         assert_eq!(size(&statefulset), "1024Mi", "the stored templates are sent back");
-        api.list_pods_and_claims().await;
         let scaled = api.apply("/apis/apps/v1", "statefulsets/demo").await;
         assert_eq!(scaled["spec"]["replicas"], 5, "the scale-up goes on");
         assert_eq!(size(&scaled), "1024Mi");
@@ -138,6 +135,41 @@ async fn a_storage_change_keeps_the_claim_templates_and_is_reported_while_member
 }
 
 #[tokio::test]
+async fn a_missing_statefulset_of_a_bootstrapped_cluster_comes_back_with_every_members_pod() {
+    // Five members on pods 0..=4 whose StatefulSet was deleted with its pods orphaned, while
+    // the spec asks for three.
+    let model = converged(names(), 5);
+    let (ctx, api) = context(model.clone());
+    let mut cluster = bootstrapped(raft_cluster(3, Some("raftkv/node:test")), 101);
+    cluster.status.as_mut().unwrap().members = (0..5u64)
+        .map(|o| MemberStatus {
+            id: 101 + o,
+            pod: Some(format!("demo-{o}")),
+            role: MemberRole::Voter,
+            healthy: Some(true),
+        })
+        .collect();
+    let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
+        api.get_statefulset(false).await;
+        api.get_children(true).await;
+        api.list_pods_and_claims().await;
+        let statefulset = api.apply_objects().await;
+        assert_eq!(
+            statefulset["spec"]["replicas"], 5,
+            "no member's pod is deleted behind Raft's back"
+        );
+        // The scale-down to three goes through the membership, highest ordinal first.
+        api.mark_claim(4).await;
+        api.event("RemoveMember").await;
+        api.status().await;
+        api
+    })
+    .await;
+    assert_eq!(action, Action::requeue(REQUEUE_AFTER_STEP));
+    assert!(model.world().violations.is_empty(), "{:?}", model.world().violations);
+}
+
+#[tokio::test]
 async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() {
     let model = converged(names(), 5);
     let (ctx, mut api) = context(model.clone());
@@ -150,7 +182,6 @@ async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() 
             api.read_objects(true).await;
             let statefulset = api.apply_objects().await;
             assert_eq!(statefulset["spec"]["replicas"], 5);
-            api.list_pods_and_claims().await;
             let marked = api.mark_claim(ordinal).await;
             assert_eq!(marked, 100 + u64::from(ordinal) + 1, "the member on ordinal {ordinal}");
             let event = api.event("RemoveMember").await;
@@ -172,7 +203,6 @@ async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() 
     let (_, returned) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
         api.read_objects(true).await;
         api.apply_objects().await;
-        api.list_pods_and_claims().await;
         let scaled = api.apply("/apis/apps/v1", "statefulsets/demo").await;
         assert_eq!(scaled["spec"]["replicas"], 3);
         api.event("ScaleStatefulSet").await;
@@ -190,7 +220,6 @@ async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() 
         let (_, returned) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
             api.read_objects(true).await;
             api.apply_objects().await;
-            api.list_pods_and_claims().await;
             api.delete(&format!("persistentvolumeclaims/data-demo-{ordinal}")).await;
             api.event("DeleteClaim").await;
             api.status().await;
@@ -204,7 +233,6 @@ async fn scale_five_to_three_removes_members_then_shrinks_then_deletes_claims() 
     let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
         api.read_objects(true).await;
         api.apply_objects().await;
-        api.list_pods_and_claims().await;
         let status = api.status().await;
         assert_eq!(status.phase, Some(Phase::Running));
         assert_eq!(status.members.len(), 3);
