@@ -78,6 +78,7 @@ pub fn context(model: Model) -> (Arc<Context<Model>>, ApiServerVerifier) {
         handle,
         model,
         stored_storage_size: "1Gi".into(),
+        last_status: None,
     };
     (Arc::new(ctx), api)
 }
@@ -88,6 +89,8 @@ pub struct ApiServerVerifier {
     model: Model,
     /// The size in the stored StatefulSet's claim template.
     pub stored_storage_size: String,
+    /// The status last written.
+    pub last_status: Option<RaftClusterStatus>,
 }
 
 /// The test cluster's claim templates as the API server stores them: built from the default
@@ -159,6 +162,12 @@ impl ApiServerVerifier {
     /// Answers a `GET` with NotFound.
     pub fn respond_not_found(&self, send: SendResponse<Response<Body>>) {
         respond(send, StatusCode::NOT_FOUND, &not_found("object", NAME));
+    }
+
+    /// Waits for the next request and describes it, as `METHOD URI`.
+    pub async fn next_request_line(&mut self) -> Option<String> {
+        let (request, _) = self.handle.next_request().await?;
+        Some(format!("{} {}", request.method(), request.uri()))
     }
 
     /// Asserts that the reconciler sent nothing more.
@@ -327,6 +336,7 @@ impl ApiServerVerifier {
         assert_eq!(body["apiVersion"], "raftkv.dev/v1alpha1");
         assert_eq!(body["kind"], "RaftCluster");
         let status: RaftClusterStatus = serde_json::from_value(body["status"].clone()).expect("a valid status");
+        self.last_status = Some(status.clone());
         let mut echoed = serde_json::to_value(raft_cluster(3, None)).expect("json");
         echoed["status"] = body["status"].clone();
         respond(send, StatusCode::OK, &echoed);

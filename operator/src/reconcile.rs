@@ -16,13 +16,13 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, instrument, warn, Span};
+use tracing::{debug, info, instrument, warn, Span};
 
 use crate::build::{
     build, keep_claim_templates, name_conflict, recreated_statefulset_replicas, validate, ClusterObjects, ValidCluster,
@@ -45,6 +45,8 @@ const REQUEUE_AFTER_STEP: Duration = Duration::from_secs(2);
 const REQUEUE_WAITING: Duration = Duration::from_secs(5);
 const REQUEUE_BLOCKED: Duration = Duration::from_secs(15);
 const REQUEUE_CONVERGED: Duration = Duration::from_secs(60);
+/// How long the controller waits for a burst of events about one cluster to end.
+const DEBOUNCE: Duration = Duration::from_secs(1);
 /// Bounds of the error backoff.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -275,7 +277,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         cluster.status.as_ref(),
         &now(),
     );
-    patch_status(&clusters, &name, &status).await?;
+    write_status(&clusters, &cluster, &status).await?;
     ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
 
     let requeue = match (&step, &execution.outcome) {
@@ -295,13 +297,21 @@ pub fn error_policy<N: NodeApi>(cluster: Arc<RaftCluster>, error: &Error, ctx: A
     Action::requeue(delay)
 }
 
-async fn patch_status(api: &Api<RaftCluster>, name: &str, status: &RaftClusterStatus) -> Result<()> {
+/// Applies `status` unless `cluster` already has it. Every status write is a change of the
+/// object, which the controller's own watch turns into another reconcile: writing an unchanged
+/// status would keep the cluster reconciling for nothing.
+async fn write_status(api: &Api<RaftCluster>, cluster: &RaftCluster, status: &RaftClusterStatus) -> Result<()> {
+    if cluster.status.as_ref() == Some(status) {
+        debug!("status unchanged; not written");
+        return Ok(());
+    }
     let patch = json!({
         "apiVersion": RaftCluster::api_version(&()),
         "kind": RaftCluster::kind(&()),
         "status": status,
     });
-    api.patch_status(name, &apply_params(), &Patch::Apply(&patch)).await?;
+    api.patch_status(&cluster.name_any(), &apply_params(), &Patch::Apply(&patch))
+        .await?;
     Ok(())
 }
 
@@ -321,7 +331,7 @@ async fn refuse(
         cluster.status.as_ref(),
         &now(),
     );
-    patch_status(clusters, &names.cluster, &status).await
+    write_status(clusters, cluster, &status).await
 }
 
 /// Server-side applies every object; removes the PDB (`pdb_exists`, and ours: checked by the
@@ -471,6 +481,9 @@ pub async fn run<N: NodeApi + 'static>(ctx: Arc<Context<N>>) {
     // turning ready (a learner caught up, a restarted member back) triggers the next step.
     let pods = watcher::Config::default().labels("app.kubernetes.io/name=raftkv");
     Controller::new(clusters, watcher::Config::default().any_semantic())
+        // Pods of one cluster change in bursts (a rollout, a scale-up): one reconcile after the
+        // burst does what one per event would, without the API and node calls of the rest.
+        .with_config(ControllerConfig::default().debounce(DEBOUNCE))
         .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned)
         .watches(Api::<Pod>::all(client), pods, |pod: Pod| {

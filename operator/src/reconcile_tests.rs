@@ -41,8 +41,14 @@ where
     Fut: std::future::Future<Output = ApiServerVerifier> + Send + 'static,
 {
     let server = tokio::spawn(server(api));
-    let action = reconcile(Arc::new(cluster), ctx).await.expect("reconcile succeeds");
+    let reconciling = tokio::spawn(reconcile(Arc::new(cluster), ctx));
     let mut api = server.await.expect("the mocked API server's checks pass");
+    // A request beyond the expected ones would never be answered: fail on it instead of
+    // waiting forever for the reconcile.
+    let action = tokio::select! {
+        action = reconciling => action.expect("reconcile does not panic").expect("reconcile succeeds"),
+        Some(request) = api.next_request_line() => panic!("unexpected request {request}"),
+    };
     api.expect_silence().await;
     (action, api)
 }
@@ -290,6 +296,32 @@ async fn a_service_controlled_by_another_cluster_is_left_alone_and_reported() {
     })
     .await;
     assert_eq!(action, Action::requeue(REQUEUE_BLOCKED));
+}
+
+#[tokio::test]
+async fn a_reconcile_that_changes_nothing_writes_no_status() {
+    let model = converged(names(), 3);
+    let (ctx, api) = context(model);
+    let mut cluster = bootstrapped(raft_cluster(3, Some("raftkv/node:test")), 101);
+    let (_, api) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
+        api.read_objects(true).await;
+        api.apply_objects().await;
+        let status = api.status().await;
+        assert_eq!(status.phase, Some(Phase::Running));
+        api
+    })
+    .await;
+    // The watch hands the next reconcile the object with the status just written.
+    cluster.status = api.last_status.clone();
+    assert!(cluster.status.is_some());
+    let (action, _) = run_reconcile(cluster, ctx, api, |mut api| async move {
+        api.read_objects(true).await;
+        api.apply_objects().await;
+        // No status write: `run_reconcile` checks that nothing else arrives.
+        api
+    })
+    .await;
+    assert_eq!(action, Action::requeue(REQUEUE_CONVERGED));
 }
 
 #[tokio::test]

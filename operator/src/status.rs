@@ -4,6 +4,10 @@
 //! `Progressing` (the operator is moving the cluster towards the spec) and `Degraded` (something
 //! needs attention), each with a CamelCase reason and a message. A condition keeps its
 //! `lastTransitionTime` while its status does not change.
+//!
+//! Messages carry only what changes with the cluster's state (ids, counts of healthy voters),
+//! never figures that change on every attempt (a learner's lag): a status that differs on every
+//! reconcile is written on every reconcile, and each write triggers the next reconcile.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -128,8 +132,11 @@ pub fn cluster_status(
         )
     };
 
+    // Only the node's stable error code goes into the condition, not its message: a message
+    // such as "lags the leader by 4711 entries" changes on every attempt, and every status change
+    // triggers another reconcile. The message is in the operator's log.
     let deferred = match &execution.outcome {
-        Outcome::Deferred { code, message } => Some(format!("{step} deferred: {code}: {message}")),
+        Outcome::Deferred { code, .. } => Some(format!("{step} deferred: {code}")),
         _ => None,
     };
     let (progressing, progressing_reason, progressing_message) = match step {
@@ -331,4 +338,119 @@ fn member_statuses(names: &ClusterNames, observed: &Observed) -> Vec<MemberStatu
         .collect();
     members.sort_by(|a, b| a.pod.cmp(&b.pod).then(a.id.cmp(&b.id)));
     members
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+    use crate::build::validate;
+    use crate::config::OperatorConfig;
+    use crate::crd::{BootstrapRecord, BootstrapState};
+    use crate::fixtures::raft_cluster;
+    use crate::plan::{MemberObs, MembershipObs, PodObs, WaitReason};
+
+    fn valid() -> ValidCluster {
+        validate(&raft_cluster(4, Some("raftkv/node:test")), &OperatorConfig::default()).unwrap()
+    }
+
+    /// Three healthy voters on pods 0..3, led by the first, and a learner on pod 3.
+    fn observed() -> Observed {
+        let member = |id: u64, ordinal: u32, kind: MemberKind| MemberObs {
+            id,
+            ordinal: Some(ordinal),
+            kind,
+            match_index: Some(10),
+            healthy: Some(true),
+        };
+        Observed {
+            statefulset_replicas: 4,
+            pods: (0..4)
+                .map(|o| {
+                    let pod = PodObs {
+                        ordinal: o,
+                        ready: o < 3,
+                        terminating: false,
+                        up_to_date: true,
+                        node: None,
+                    };
+                    (o, pod)
+                })
+                .collect(),
+            claims: BTreeSet::from([0, 1, 2, 3]),
+            removed_member_claims: BTreeMap::new(),
+            membership: Some(MembershipObs {
+                leader_id: 1,
+                members: vec![
+                    member(1, 0, MemberKind::Voter),
+                    member(2, 1, MemberKind::Voter),
+                    member(3, 2, MemberKind::Voter),
+                    member(4, 3, MemberKind::Learner),
+                ],
+            }),
+            bootstrap: Some(BootstrapRecord {
+                member_id: 1,
+                state: BootstrapState::Done,
+                cluster_id: Some(7),
+            }),
+        }
+    }
+
+    fn at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    fn deferred(message: &str) -> Execution {
+        Execution {
+            outcome: Outcome::Deferred {
+                code: "learner_lagging".into(),
+                message: message.into(),
+            },
+            bootstrap: None,
+        }
+    }
+
+    #[test]
+    fn a_deferred_steps_conditions_leave_out_the_nodes_changing_message() {
+        let step = Step::Promote { member_id: 4, via: 0 };
+        let first = cluster_status(
+            &valid(),
+            &observed(),
+            &step,
+            &deferred("learner 4 lags the leader by 120 entries"),
+            None,
+            None,
+            &at(100),
+        );
+        let second = cluster_status(
+            &valid(),
+            &observed(),
+            &step,
+            &deferred("learner 4 lags the leader by 37 entries"),
+            None,
+            Some(&first),
+            &at(105),
+        );
+        assert_eq!(first, second, "nothing worth a write changed");
+        let progressing = second.conditions.iter().find(|c| c.type_ == PROGRESSING).unwrap();
+        assert_eq!(
+            progressing.message,
+            "promote learner 4 to voter deferred: learner_lagging"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_cluster_gets_an_identical_status_later() {
+        let step = Step::Wait(WaitReason::LearnerCatchingUp(4));
+        let nothing = Execution {
+            outcome: Outcome::Nothing,
+            bootstrap: None,
+        };
+        let first = cluster_status(&valid(), &observed(), &step, &nothing, None, None, &at(100));
+        let later = cluster_status(&valid(), &observed(), &step, &nothing, None, Some(&first), &at(160));
+        assert_eq!(first, later);
+    }
 }
