@@ -117,6 +117,13 @@ fn now() -> Time {
 /// Reconciles one `RaftCluster`.
 #[instrument(skip_all, fields(cluster = %cluster.name_any(), namespace = cluster.namespace().unwrap_or_default(), step))]
 pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N>>) -> Result<Action> {
+    // A cluster being deleted is left to the garbage collector. Reconciling it would recreate
+    // the children that foreground deletion is removing (and step the membership of a cluster
+    // on its way out); the object's final removal ends the watch.
+    if cluster.metadata.deletion_timestamp.is_some() {
+        debug!("being deleted; nothing to do");
+        return Ok(Action::await_change());
+    }
     let _timer = ctx.metrics.reconcile_started();
     let namespace = cluster
         .namespace()

@@ -325,6 +325,23 @@ async fn a_reconcile_that_changes_nothing_writes_no_status() {
 }
 
 #[tokio::test]
+async fn a_cluster_being_deleted_is_left_alone() {
+    let model = converged(names(), 3);
+    let (ctx, api) = context(model.clone());
+    let mut cluster = bootstrapped(raft_cluster(1, Some("raftkv/node:test")), 101);
+    cluster.metadata.deletion_timestamp = Some(now());
+    cluster.metadata.finalizers = Some(vec!["foregroundDeletion".into()]);
+    // No request at all: nothing read, nothing applied, no status.
+    let (action, _) = run_reconcile(cluster, ctx, api, |api| async move { api }).await;
+    assert_eq!(action, Action::await_change());
+    assert_eq!(
+        model.world().members.len(),
+        3,
+        "no scale-down of a cluster being deleted"
+    );
+}
+
+#[tokio::test]
 async fn an_invalid_spec_is_reported_in_status_and_waits_for_a_change() {
     let (ctx, api) = context(Model::new(names()));
     // No image in the spec and no --default-image: nothing can be built.
