@@ -329,6 +329,13 @@ impl ApiServerVerifier {
         body
     }
 
+    /// A Warning Event about the cluster; returns it.
+    pub async fn warning(&mut self, reason: &str) -> Value {
+        let event = self.event(reason).await;
+        assert_eq!(event["type"], "Warning", "{event}");
+        event
+    }
+
     /// The status apply; returns the status sent.
     pub async fn status(&mut self) -> RaftClusterStatus {
         let uri = format!("/apis/raftkv.dev/v1alpha1/namespaces/{NS}/raftclusters/{NAME}/status{APPLY}");

@@ -37,7 +37,7 @@ use crate::observe::{
     assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods, removed_member_claims,
 };
 use crate::plan::{plan, Desired, Step};
-use crate::status::{cluster_status, refused_status, Refusal, SpecIssue};
+use crate::status::{cluster_status, degraded_warning, refused_status, Refusal, SpecIssue};
 use crate::{Error, Result};
 
 /// How soon to look again after each kind of outcome.
@@ -130,6 +130,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let name = cluster.name_any();
     let clusters: Api<RaftCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
 
     // Validate: an invalid spec is reported once and then waits for the user to change it.
     let valid = match validate(&cluster, &ctx.config) {
@@ -137,7 +138,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         Err(Error::InvalidSpec(message)) => {
             warn!(%message, "invalid spec");
             let names = ClusterNames::new(&name, &namespace);
-            refuse(&clusters, &cluster, &names, Refusal::InvalidSpec, &message).await?;
+            refuse(&clusters, &recorder, &cluster, &names, Refusal::InvalidSpec, &message).await?;
             ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
             return Ok(Action::await_change());
         }
@@ -170,6 +171,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         warn!(%conflict, "name conflict");
         refuse(
             &clusters,
+            &recorder,
             &cluster,
             &valid.names,
             Refusal::NameConflict,
@@ -261,7 +263,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         cluster: &cluster,
         valid: &valid,
         statefulset: &objects.statefulset,
-        recorder: Recorder::new(ctx.client.clone(), ctx.reporter.clone()),
+        recorder: recorder.clone(),
     };
     if let Step::Blocked(reason) = &step {
         warn!(reason = reason.reason(), detail = %reason, "membership step refused");
@@ -285,6 +287,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         &now(),
     );
     write_status(&clusters, &cluster, &status).await?;
+    warn_when_degraded(&recorder, &cluster, &status).await;
     ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
 
     let requeue = match (&step, &execution.outcome) {
@@ -322,9 +325,10 @@ async fn write_status(api: &Api<RaftCluster>, cluster: &RaftCluster, status: &Ra
     Ok(())
 }
 
-/// Writes the status a refused cluster gets.
+/// Writes the status a refused cluster gets, with a warning when the refusal is new.
 async fn refuse(
     clusters: &Api<RaftCluster>,
+    recorder: &Recorder,
     cluster: &RaftCluster,
     names: &ClusterNames,
     refusal: Refusal,
@@ -338,7 +342,30 @@ async fn refuse(
         cluster.status.as_ref(),
         &now(),
     );
-    write_status(clusters, cluster, &status).await
+    write_status(clusters, cluster, &status).await?;
+    warn_when_degraded(recorder, cluster, &status).await;
+    Ok(())
+}
+
+/// Publishes a Warning Event when `status` is newly degraded, or degraded for another reason
+/// than the status `cluster` had: people and alerting watch Events, and a refused step or an
+/// invalid spec otherwise shows only in a condition. Once per change, not per reconcile, so a
+/// cluster that stays blocked does not flood the namespace.
+async fn warn_when_degraded(recorder: &Recorder, cluster: &RaftCluster, status: &RaftClusterStatus) {
+    let Some(warning) = degraded_warning(cluster.status.as_ref(), status) else {
+        return;
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: warning.reason.clone(),
+        note: Some(warning.note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    // The status already says it; an Event that cannot be written must not fail the reconcile.
+    if let Err(error) = recorder.publish(&event, &cluster.object_ref(&())).await {
+        warn!(reason = %warning.reason, %error, "could not publish the warning");
+    }
 }
 
 /// Server-side applies every object; removes the PDB (`pdb_exists`, and ours: checked by the

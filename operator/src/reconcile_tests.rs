@@ -134,6 +134,7 @@ async fn a_storage_change_keeps_the_claim_templates_and_is_reported_while_member
         );
         assert!(degraded.message.contains("size 5Gi"), "{}", degraded.message);
         assert_eq!(condition(&status, PROGRESSING).reason, "ScaleStatefulSet");
+        api.warning("StorageImmutable").await;
         api
     })
     .await;
@@ -292,6 +293,8 @@ async fn a_service_controlled_by_another_cluster_is_left_alone_and_reported() {
             "{}",
             degraded.message
         );
+        let warning = api.warning("NameConflict").await;
+        assert_eq!(warning["note"], degraded.message.as_str());
         api
     })
     .await;
@@ -325,6 +328,42 @@ async fn a_reconcile_that_changes_nothing_writes_no_status() {
 }
 
 #[tokio::test]
+async fn a_blocked_step_is_warned_about_once_not_on_every_reconcile() {
+    // Two of three members down: no leader, so nothing may change.
+    let model = converged(names(), 3);
+    {
+        let mut w = model.world();
+        for ordinal in [1, 2] {
+            w.pods.get_mut(&ordinal).unwrap().up = false;
+        }
+        w.tick();
+    }
+    let (ctx, api) = context(model);
+    let cluster = bootstrapped(raft_cluster(3, Some("raftkv/node:test")), 101);
+    let (action, api) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
+        api.read_objects(true).await;
+        api.apply_objects().await;
+        let status = api.status().await;
+        assert_eq!(condition(&status, DEGRADED).reason, "NoLeader");
+        let warning = api.warning("NoLeader").await;
+        assert_eq!(warning["note"], "no member reports a leader");
+        api
+    })
+    .await;
+    assert_eq!(action, Action::requeue(REQUEUE_BLOCKED));
+
+    let mut again = cluster;
+    again.status = api.last_status.clone();
+    run_reconcile(again, ctx, api, |mut api| async move {
+        api.read_objects(true).await;
+        api.apply_objects().await;
+        // Still blocked for the same reason: no status write, no second warning.
+        api
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_cluster_being_deleted_is_left_alone() {
     let model = converged(names(), 3);
     let (ctx, api) = context(model.clone());
@@ -346,7 +385,7 @@ async fn an_invalid_spec_is_reported_in_status_and_waits_for_a_change() {
     let (ctx, api) = context(Model::new(names()));
     // No image in the spec and no --default-image: nothing can be built.
     let cluster = raft_cluster(3, None);
-    let (action, _) = run_reconcile(cluster, ctx.clone(), api, |mut api| async move {
+    let (action, api) = run_reconcile(cluster.clone(), ctx.clone(), api, |mut api| async move {
         let status = api.status().await;
         assert_eq!(status.phase, Some(Phase::Invalid));
         let degraded = condition(&status, DEGRADED);
@@ -355,11 +394,18 @@ async fn an_invalid_spec_is_reported_in_status_and_waits_for_a_change() {
             ("True", "InvalidSpec")
         );
         assert!(degraded.message.contains("--default-image"), "{}", degraded.message);
+        api.warning("InvalidSpec").await;
         api
     })
     .await;
     assert_eq!(action, Action::await_change());
     assert!(ctx.metrics.encode().contains("raftkv_operator_reconciles_total 1"));
+
+    // Looked at again (a resync), the same refusal is neither written nor warned about again.
+    let mut again = cluster;
+    again.status = api.last_status.clone();
+    let (action, _) = run_reconcile(again, ctx, api, |api| async move { api }).await;
+    assert_eq!(action, Action::await_change());
 }
 
 #[tokio::test]
@@ -370,6 +416,7 @@ async fn an_out_of_range_replica_count_is_invalid_even_without_schema_validation
         let status = api.status().await;
         assert_eq!(status.phase, Some(Phase::Invalid));
         assert!(condition(&status, DEGRADED).message.contains("between 1 and 9"));
+        api.warning("InvalidSpec").await;
         api
     })
     .await;

@@ -310,6 +310,44 @@ pub fn refused_status(
     status
 }
 
+/// A Warning Event about the cluster becoming degraded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DegradedWarning {
+    /// The `Degraded` condition's reason.
+    pub reason: String,
+    /// Its message, cut to the length an Event's note may have.
+    pub note: String,
+}
+
+/// The most an Event's note may hold, in bytes (events.k8s.io/v1).
+const EVENT_NOTE_LIMIT: usize = 1024;
+
+/// The warning to publish when `next` is degraded and `previous` was not, or for another
+/// reason; `None` while nothing changed, so a cluster that stays degraded warns once.
+pub fn degraded_warning(previous: Option<&RaftClusterStatus>, next: &RaftClusterStatus) -> Option<DegradedWarning> {
+    let degraded = |status: &RaftClusterStatus| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == DEGRADED && c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    let (reason, message) = degraded(next)?;
+    if previous.and_then(degraded).is_some_and(|(was, _)| was == reason) {
+        return None;
+    }
+    let mut note = message;
+    if note.len() > EVENT_NOTE_LIMIT {
+        let mut end = EVENT_NOTE_LIMIT - 3;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    Some(DegradedWarning { reason, note })
+}
+
 fn pod_ready(names: &ClusterNames, observed: &Observed, pod: Option<&str>) -> bool {
     pod.and_then(|p| names.pod_ordinal(p))
         .and_then(|o| observed.pods.get(&o))
@@ -440,6 +478,45 @@ mod tests {
             progressing.message,
             "promote learner 4 to voter deferred: learner_lagging"
         );
+    }
+
+    fn degraded(reason: &str, message: &str) -> RaftClusterStatus {
+        let nothing = Execution {
+            outcome: Outcome::Nothing,
+            bootstrap: None,
+        };
+        let mut status = cluster_status(&valid(), &observed(), &Step::Converged, &nothing, None, None, &at(1));
+        let condition = status.conditions.iter_mut().find(|c| c.type_ == DEGRADED).unwrap();
+        if !reason.is_empty() {
+            condition.status = "True".into();
+            condition.reason = reason.into();
+            condition.message = message.into();
+        }
+        status
+    }
+
+    #[test]
+    fn a_warning_is_due_when_the_degraded_reason_changes_and_only_then() {
+        let healthy = degraded("", "");
+        let no_leader = degraded("NoLeader", "no member reports a leader");
+        let quorum = degraded("WouldLoseQuorum", "refusing to remove member 3: ...");
+        let warning = |before: Option<&RaftClusterStatus>, after: &RaftClusterStatus| {
+            degraded_warning(before, after).map(|w| w.reason)
+        };
+        assert_eq!(warning(None, &no_leader).as_deref(), Some("NoLeader"));
+        assert_eq!(warning(Some(&healthy), &no_leader).as_deref(), Some("NoLeader"));
+        assert_eq!(warning(Some(&no_leader), &no_leader), None, "still the same reason");
+        assert_eq!(warning(Some(&no_leader), &quorum).as_deref(), Some("WouldLoseQuorum"));
+        assert_eq!(warning(Some(&quorum), &healthy), None, "recovering is no warning");
+        assert_eq!(warning(None, &healthy), None);
+    }
+
+    #[test]
+    fn a_warning_note_fits_an_events_limit() {
+        let long = degraded("StorageImmutable", &"é".repeat(EVENT_NOTE_LIMIT));
+        let warning = degraded_warning(None, &long).unwrap();
+        assert!(warning.note.len() <= EVENT_NOTE_LIMIT);
+        assert!(warning.note.ends_with("..."));
     }
 
     #[test]
