@@ -1,5 +1,9 @@
-//! The reconciler: one `RaftCluster` through the pipeline read, validate, build, apply,
+//! The reconciler: one `RaftCluster` through the pipeline validate, read, build, apply,
 //! observe, plan, execute, update status.
+//!
+//! A cluster being deleted is left alone; one whose spec is invalid, or whose names are taken
+//! by another owner's objects, gets a status that says so and no other write. The status is
+//! written only when it changed, and a Warning Event marks each new reason to be degraded.
 //!
 //! Only this module (and the [`KubeEffects`] it hands to the executor) talks to the API server;
 //! every decision is made by the pure functions of [`crate::build`], [`crate::plan`] and
