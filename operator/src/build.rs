@@ -4,7 +4,7 @@
 //! input that is not in the spec is the StatefulSet's replica count: the operator, not the user,
 //! decides it, because pods may only come and go in step with the Raft membership.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
@@ -127,6 +127,201 @@ fn is_quantity(value: &str) -> bool {
         other => other.strip_prefix(['e', 'E']).is_some_and(exponent_ok),
     };
     number_ok && suffix_ok
+}
+
+/// An object with one of this cluster's names that another owner controls, such as the Service
+/// `x-peer` of cluster `x` when this cluster is named `x-peer`. Writing it would take it over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameConflict {
+    /// The object's kind.
+    pub kind: &'static str,
+    /// The object's name.
+    pub name: String,
+    /// Its controller, as `Kind/name`.
+    pub controller: String,
+}
+
+impl std::fmt::Display for NameConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} is controlled by {}, not by this RaftCluster; nothing is written until that object is gone or this cluster is renamed",
+            self.kind, self.name, self.controller
+        )
+    }
+}
+
+/// The first of the `existing` objects (kind and metadata) that another owner controls.
+///
+/// An object with no controller is adopted: applying it adds this cluster's owner reference.
+/// One with another controller is refused, since the API server allows one controller only and
+/// the object is someone else's.
+pub fn name_conflict(cluster: &ValidCluster, existing: &[(&'static str, &ObjectMeta)]) -> Option<NameConflict> {
+    existing.iter().find_map(|(kind, meta)| {
+        let controller = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|r| r.controller == Some(true))?;
+        (controller.uid != cluster.owner.uid).then(|| NameConflict {
+            kind,
+            name: meta.name.clone().unwrap_or_default(),
+            controller: format!("{}/{}", controller.kind, controller.name),
+        })
+    })
+}
+
+/// A spec asking for other storage than the StatefulSet's claims were created with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageMismatch {
+    /// The storage of the existing claim templates, which the cluster keeps.
+    pub kept: String,
+    /// The storage the spec asks for.
+    pub wanted: String,
+}
+
+impl std::fmt::Display for StorageMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "spec.storage asks for {} but the StatefulSet's volume claim templates, which cannot change, have {}; the cluster keeps its storage: revert spec.storage, or create a new RaftCluster",
+            self.wanted, self.kept
+        )
+    }
+}
+
+/// The data claim template's requested size and storage class.
+fn claim_storage(templates: Option<&[PersistentVolumeClaim]>) -> Option<(Option<&str>, Option<&str>)> {
+    let claim = templates?
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some(DATA_VOLUME))?;
+    let spec = claim.spec.as_ref()?;
+    let size = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref()?.get("storage"))
+        .map(|q| q.0.as_str());
+    Some((size, spec.storage_class_name.as_deref()))
+}
+
+fn describe_storage(storage: Option<(Option<&str>, Option<&str>)>) -> String {
+    match storage {
+        None => "no data claim template".into(),
+        Some((size, class)) => format!(
+            "size {} and {}",
+            size.unwrap_or("unset"),
+            class.map_or("the default storage class".to_string(), |c| format!(
+                "storage class {c}"
+            ))
+        ),
+    }
+}
+
+/// Gives `statefulset` the volume claim templates of the `existing` one. The API server rejects
+/// any change to them, and such a rejected apply would stop every reconcile, membership steps
+/// included; so the existing templates are always sent back as they are, and a spec that asks
+/// for other storage is reported instead.
+pub fn keep_claim_templates(statefulset: &mut StatefulSet, existing: &StatefulSet) -> Option<StorageMismatch> {
+    let kept = existing.spec.volume_claim_templates.clone();
+    let wanted_storage = claim_storage(statefulset.spec.volume_claim_templates.as_deref());
+    let kept_storage = claim_storage(kept.as_deref());
+    let same = match (wanted_storage, kept_storage) {
+        (Some((wanted_size, wanted_class)), Some((kept_size, kept_class))) => {
+            wanted_class == kept_class
+                && match (wanted_size, kept_size) {
+                    (Some(a), Some(b)) => same_quantity(a, b),
+                    (a, b) => a == b,
+                }
+        }
+        (wanted, kept) => wanted.is_none() && kept.is_none(),
+    };
+    let mismatch = (!same).then(|| StorageMismatch {
+        kept: describe_storage(kept_storage),
+        wanted: describe_storage(wanted_storage),
+    });
+    statefulset.spec.volume_claim_templates = kept;
+    mismatch
+}
+
+/// A quantity's exact amount as `(negative, digits, exponent)`, meaning `digits * 10^exponent`
+/// with trailing zeros moved into the exponent, so that equal amounts compare equal however they
+/// are written (`1Gi` and `1024Mi`, `1.5G` and `1500M`); the API server may store a quantity in
+/// another form than the one it was sent. `None` when it does not parse or overflows.
+fn quantity_amount(text: &str) -> Option<(bool, u128, i32)> {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let number_end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    let (number, suffix) = rest.split_at(number_end);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty() {
+        return None;
+    }
+    let mut digits: u128 = 0;
+    for c in whole.chars().chain(fraction.chars()) {
+        digits = digits.checked_mul(10)?.checked_add(u128::from(c.to_digit(10)?))?;
+    }
+    let mut exponent = -i32::try_from(fraction.len()).ok()?;
+    let binary_power = match suffix {
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        "Ti" => 40,
+        "Pi" => 50,
+        "Ei" => 60,
+        _ => 0,
+    };
+    digits = digits.checked_mul(1u128 << binary_power)?;
+    exponent += match suffix {
+        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => 0,
+        "n" => -9,
+        "u" => -6,
+        "m" => -3,
+        "k" => 3,
+        "M" => 6,
+        "G" => 9,
+        "T" => 12,
+        "P" => 15,
+        "E" => 18,
+        other => other.strip_prefix(['e', 'E'])?.parse::<i32>().ok()?,
+    };
+    if digits == 0 {
+        return Some((false, 0, 0));
+    }
+    while digits.is_multiple_of(10) {
+        digits /= 10;
+        exponent = exponent.checked_add(1)?;
+    }
+    Some((negative, digits, exponent))
+}
+
+/// Whether two quantities are the same amount.
+fn same_quantity(a: &str, b: &str) -> bool {
+    a == b || quantity_amount(a).is_some_and(|amount| quantity_amount(b) == Some(amount))
+}
+
+/// The replica count of a StatefulSet that does not exist (yet).
+///
+/// A new cluster starts at the desired count: it has no membership to keep in step. A
+/// bootstrapped cluster whose StatefulSet is gone (deleted by hand, or with orphaned pods) still
+/// has members and volumes, possibly at ordinals the spec no longer wants; recreated at the
+/// desired count, the StatefulSet would delete those members' pods without their Raft removal.
+/// So it comes back large enough for the highest member (as last recorded in status) and the
+/// highest claim, and any scale-down then goes through the membership steps.
+pub fn recreated_statefulset_replicas(
+    desired: u32,
+    bootstrapped: bool,
+    member_ordinals: impl IntoIterator<Item = u32>,
+    claim_ordinals: &BTreeSet<u32>,
+) -> u32 {
+    if !bootstrapped {
+        return desired;
+    }
+    let highest = member_ordinals.into_iter().chain(claim_ordinals.iter().copied()).max();
+    highest.map_or(desired, |o| desired.max(o.saturating_add(1)))
 }
 
 /// Everything `apply` sends for one cluster.
@@ -615,6 +810,109 @@ mod tests {
                 other => panic!("expected an invalid spec mentioning {needle}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_object_controlled_by_another_owner_is_a_name_conflict() {
+        let cluster = valid(&fixture_cluster());
+        let ours = built().peer_service.metadata;
+        let adoptable = ObjectMeta {
+            name: Some("demo".into()),
+            ..ObjectMeta::default()
+        };
+        let mut foreign = ours.clone();
+        foreign.name = Some("demo-peer".into());
+        foreign.owner_references = Some(vec![OwnerReference {
+            uid: "another-uid".into(),
+            name: "demo-peer".into(),
+            ..cluster.owner.clone()
+        }]);
+        assert_eq!(
+            name_conflict(&cluster, &[("Service", &ours), ("Service", &adoptable)]),
+            None
+        );
+        let conflict = name_conflict(&cluster, &[("Service", &ours), ("Service", &foreign)]).unwrap();
+        assert_eq!(
+            conflict,
+            NameConflict {
+                kind: "Service",
+                name: "demo-peer".into(),
+                controller: "RaftCluster/demo-peer".into()
+            }
+        );
+        assert!(conflict.to_string().contains("RaftCluster/demo-peer"), "{conflict}");
+    }
+
+    /// The fixture's StatefulSet as the API server stores it: claim templates defaulted, the
+    /// size in the server's canonical form.
+    fn stored(mut statefulset: StatefulSet, size: &str) -> StatefulSet {
+        let mut templates: Value = serde_json::to_value(&statefulset.spec.volume_claim_templates).unwrap();
+        templates[0]["spec"]["volumeMode"] = "Filesystem".into();
+        templates[0]["spec"]["resources"]["requests"]["storage"] = size.into();
+        templates[0]["status"] = serde_json::json!({"phase": "Pending"});
+        statefulset.spec.volume_claim_templates = serde_json::from_value(templates).unwrap();
+        statefulset
+    }
+
+    #[test]
+    fn unchanged_storage_keeps_the_stored_claim_templates_without_a_mismatch() {
+        let existing = stored(built().statefulset, "2048Mi");
+        let mut statefulset = built().statefulset;
+        assert_eq!(keep_claim_templates(&mut statefulset, &existing), None);
+        assert_eq!(
+            statefulset.spec.volume_claim_templates, existing.spec.volume_claim_templates,
+            "sent back exactly as stored"
+        );
+    }
+
+    #[test]
+    fn changed_storage_keeps_the_existing_claim_templates_and_reports_the_change() {
+        let existing = stored(built().statefulset, "2Gi");
+        let mut cluster = fixture_cluster();
+        cluster.spec.storage.size.0 = "5Gi".into();
+        cluster.spec.storage.storage_class_name = None;
+        let mut statefulset = build(&valid(&cluster), &OperatorConfig::default(), 3).statefulset;
+        let mismatch = keep_claim_templates(&mut statefulset, &existing).expect("a mismatch");
+        assert_eq!(
+            statefulset.spec.volume_claim_templates,
+            existing.spec.volume_claim_templates
+        );
+        assert_eq!(mismatch.kept, "size 2Gi and storage class fast");
+        assert_eq!(mismatch.wanted, "size 5Gi and the default storage class");
+    }
+
+    #[test]
+    fn equal_quantities_compare_equal_in_any_notation() {
+        for (a, b) in [
+            ("1Gi", "1024Mi"),
+            ("1.5G", "1500M"),
+            ("1e3", "1k"),
+            ("0.5Ki", "512"),
+            ("1E3", "1000"),
+        ] {
+            assert!(same_quantity(a, b), "{a} = {b}");
+        }
+        for (a, b) in [("1Gi", "1G"), ("1Ki", "1k"), ("2Gi", "1Gi"), ("1E", "1000")] {
+            assert!(!same_quantity(a, b), "{a} != {b}");
+        }
+    }
+
+    #[test]
+    fn a_recreated_statefulset_keeps_every_member_and_claim_of_a_bootstrapped_cluster() {
+        let claims = BTreeSet::from([0, 1, 2, 3]);
+        assert_eq!(
+            recreated_statefulset_replicas(3, false, [0, 1, 4], &claims),
+            3,
+            "a new cluster"
+        );
+        assert_eq!(
+            recreated_statefulset_replicas(3, true, [0, 1, 4], &claims),
+            5,
+            "member 4"
+        );
+        assert_eq!(recreated_statefulset_replicas(3, true, [0, 1], &claims), 4, "claim 3");
+        assert_eq!(recreated_statefulset_replicas(5, true, [0, 1], &claims), 5, "the spec");
+        assert_eq!(recreated_statefulset_replicas(3, true, [], &BTreeSet::new()), 3);
     }
 
     #[test]

@@ -84,6 +84,9 @@ fn reconcile_once_failing_second_write(model: &Model) -> Step {
         async fn delete_claim(&self, o: u32) -> crate::Result<()> {
             self.0.delete_claim(o).await
         }
+        async fn mark_claim_removed(&self, o: u32, id: u64) -> crate::Result<()> {
+            self.0.mark_claim_removed(o, id).await
+        }
         async fn delete_pod(&self, o: u32) -> crate::Result<()> {
             self.0.delete_pod(o).await
         }
@@ -97,19 +100,20 @@ fn reconcile_once_failing_second_write(model: &Model) -> Step {
         }
     }
     let config = OperatorConfig::default();
-    let (names, facts, claims, sts, bootstrap) = {
+    let (names, facts, claims, marks, sts, bootstrap) = {
         let w = model.world();
         (
             w.names.clone(),
             w.pod_facts(),
             w.claim_ordinals(),
+            w.claim_marks.clone(),
             w.statefulset_replicas,
             w.bootstrap.clone(),
         )
     };
     let urls = endpoints(&config, &facts);
     let reports = block_on(query_nodes(model, &urls));
-    let observed = assemble(&names, sts, &facts, claims, &reports, bootstrap);
+    let observed = assemble(&names, sts, &facts, claims, marks, &reports, bootstrap);
     let step = plan(
         &Desired {
             replicas: 1,
@@ -139,6 +143,62 @@ fn a_member_that_lost_its_volume_is_replaced_under_a_new_id() {
     let w = model.world();
     assert!(w.removed.contains(&old));
     assert_ne!(w.pods[&1].member_id, old);
+}
+
+#[test]
+fn scaling_back_up_before_a_removed_members_claim_is_deleted_gives_its_pod_a_fresh_volume() {
+    let model = new_model(3);
+    converge(&model, 3, 50).unwrap();
+    let removed = model.world().pods[&2].member_id;
+    // Scale 3 -> 2 only until the StatefulSet has shrunk: the claim of ordinal 2 is still there.
+    for _ in 0..20 {
+        if model.world().statefulset_replicas == 2 {
+            break;
+        }
+        model.world().tick();
+        reconcile_once(&model, 2);
+    }
+    {
+        let w = model.world();
+        assert_eq!(w.statefulset_replicas, 2);
+        assert!(w.removed.contains(&removed));
+        assert_eq!(w.claims.get(&2), Some(&removed), "the removed member's claim is left");
+    }
+    // Back to 3: a pod on that claim would crash-loop on the tombstone forever.
+    converge(&model, 3, 50).unwrap();
+    assert_converged(&model, 3);
+    let w = model.world();
+    assert_ne!(w.pods[&2].member_id, removed);
+    assert!(w.pods[&2].up);
+}
+
+#[test]
+fn undoing_a_scale_down_after_the_removed_members_pod_restarted_gives_it_a_fresh_volume() {
+    let model = new_model(3);
+    converge(&model, 3, 50).unwrap();
+    let removed = model.world().pods[&2].member_id;
+    // 3 -> 2 only until the member of ordinal 2 is removed; the StatefulSet has not shrunk.
+    for _ in 0..20 {
+        if model.world().removed.contains(&removed) {
+            break;
+        }
+        model.world().tick();
+        reconcile_once(&model, 2);
+    }
+    {
+        let mut w = model.world();
+        assert_eq!(w.statefulset_replicas, 3);
+        assert_eq!(w.claim_marks.get(&2), Some(&removed), "the claim was marked first");
+        // The pod restarts: on the tombstoned volume its node refuses to start.
+        w.pods.remove(&2);
+        w.tick();
+        assert!(!w.pods[&2].up);
+    }
+    converge(&model, 3, 50).unwrap();
+    assert_converged(&model, 3);
+    let w = model.world();
+    assert_ne!(w.pods[&2].member_id, removed);
+    assert!(w.claim_marks.is_empty(), "marks go with their claims");
 }
 
 #[test]

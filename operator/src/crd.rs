@@ -38,6 +38,11 @@ pub const MAX_REPLICAS: i32 = 9;
     shortname = "rkv",
     category = "raftkv",
     doc = "A replicated raftkv key-value store managed by raftkv-operator",
+    // The client Service is named after the cluster and the peer Service after the cluster plus
+    // `-peer`, so a cluster named `x-peer` would take over the headless Service of cluster `x`.
+    validation = Rule::new("!self.metadata.name.endsWith('-peer')").message(
+        "metadata.name must not end with '-peer': the operator names each cluster's headless peer Service <name>-peer, so this name would collide with another cluster's"
+    ),
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",
@@ -94,7 +99,12 @@ pub struct RaftClusterSpec {
     pub image_pull_policy: Option<String>,
 
     /// Each member's persistent volume, holding its identity, write-ahead log and snapshots.
+    /// Fixed once the cluster exists: a StatefulSet's volume claim templates cannot change.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self == oldSelf",
+        "message": "storage cannot change once the cluster exists: the StatefulSet's volume claim templates are immutable; create a new RaftCluster for another size or storage class"
+    }]))]
     pub storage: StorageSpec,
 
     /// CPU and memory requests and limits of the node container.

@@ -72,6 +72,15 @@ pub enum Error {
     /// The metrics or health endpoint could not be served.
     #[error("http server: {0}")]
     Server(#[source] std::io::Error),
+
+    /// The operator's own settings contradict each other (for example leader-election timings).
+    #[error("invalid operator configuration: {0}")]
+    Config(String),
+
+    /// A call gave no answer in time. kube's client has no read timeout of its own, so calls
+    /// whose delay would be unsafe (a Lease renewal) are bounded by the caller.
+    #[error("{0} timed out")]
+    Timeout(&'static str),
 }
 
 impl Error {
@@ -94,6 +103,8 @@ impl Error {
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::Serialize { .. } => "serialize",
             Error::Server(_) => "server",
+            Error::Config(_) => "config",
+            Error::Timeout(_) => "timeout",
         }
     }
 }

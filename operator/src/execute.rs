@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::crd::{BootstrapRecord, BootstrapState};
 use crate::node_client::{codes, NodeApi};
-use crate::plan::Step;
+use crate::plan::{RemovalReason, Step};
 use crate::{Error, Result};
 
 /// The Kubernetes side effects of membership steps.
@@ -21,6 +21,9 @@ pub trait ClusterEffects: Send + Sync {
     fn scale_statefulset(&self, replicas: u32) -> impl Future<Output = Result<()>> + Send;
     /// Delete the data claim of `ordinal` (absent is fine).
     fn delete_claim(&self, ordinal: u32) -> impl Future<Output = Result<()>> + Send;
+    /// Mark the data claim of `ordinal` as holding the volume of `member_id`, which is about to
+    /// be removed (absent is fine).
+    fn mark_claim_removed(&self, ordinal: u32, member_id: u64) -> impl Future<Output = Result<()>> + Send;
     /// Delete the pod of `ordinal` so the StatefulSet recreates it (absent is fine).
     fn delete_pod(&self, ordinal: u32) -> impl Future<Output = Result<()>> + Send;
     /// Persist the bootstrap record in the cluster's status before the step goes on.
@@ -145,11 +148,24 @@ pub async fn execute<N: NodeApi, K: ClusterEffects>(
             Ok(url) => nodes.promote(url, *member_id).await.map(|()| Execution::applied()),
             Err(deferred) => return Ok(deferred),
         },
-        Step::RemoveMember { member_id, via, .. } => match endpoint(endpoints, *via) {
-            Ok(url) => nodes
-                .remove_member(url, *member_id)
-                .await
-                .map(|()| Execution::applied()),
+        Step::RemoveMember {
+            member_id,
+            ordinal,
+            reason,
+            via,
+        } => match endpoint(endpoints, *via) {
+            Ok(url) => {
+                // The mark goes first: once the removal is applied, a restart of the member's pod
+                // leaves a node that refuses to start and so can no longer say what it was. A
+                // replaced member's claim already holds its successor's volume.
+                if let (RemovalReason::ScaleDown, Some(ordinal)) = (reason, ordinal) {
+                    cluster.mark_claim_removed(*ordinal, *member_id).await?;
+                }
+                nodes
+                    .remove_member(url, *member_id)
+                    .await
+                    .map(|()| Execution::applied())
+            }
             Err(deferred) => return Ok(deferred),
         },
         Step::TransferLeadership { to, via, .. } => match endpoint(endpoints, *via) {

@@ -13,17 +13,20 @@ use kube::Client;
 use serde_json::{json, Value};
 use tower_test::mock::{self, Handle, SendResponse};
 
+use crate::build::{build_statefulset, validate};
 use crate::config::OperatorConfig;
 use crate::crd::{BootstrapRecord, BootstrapState, RaftCluster, RaftClusterSpec, RaftClusterStatus};
 use crate::metrics::Metrics;
 use crate::model::{pod_ip, Model};
-use crate::names::ClusterNames;
+use crate::names::{ClusterNames, REMOVED_MEMBER_ANNOTATION};
 use crate::reconcile::Context;
 
 /// Namespace of every test object.
 pub const NS: &str = "testns";
 /// Name of the test cluster.
 pub const NAME: &str = "demo";
+/// The uid of the test cluster.
+pub const UID: &str = "0f0e0d0c-0000-4000-8000-000000000001";
 /// The StatefulSet revision the mocked controller reports.
 pub const REVISION: &str = "demo-rev1";
 
@@ -44,7 +47,7 @@ pub fn raft_cluster(replicas: i32, image: Option<&str>) -> RaftCluster {
         },
     );
     cluster.metadata.namespace = Some(NS.into());
-    cluster.metadata.uid = Some("0f0e0d0c-0000-4000-8000-000000000001".into());
+    cluster.metadata.uid = Some(UID.into());
     cluster.metadata.generation = Some(1);
     cluster
 }
@@ -71,13 +74,36 @@ pub fn context(model: Model) -> (Arc<Context<Model>>, ApiServerVerifier) {
         ..OperatorConfig::default()
     };
     let ctx = Context::new(client, model.clone(), config, Arc::new(Metrics::default()));
-    (Arc::new(ctx), ApiServerVerifier { handle, model })
+    let api = ApiServerVerifier {
+        handle,
+        model,
+        stored_storage_size: "1Gi".into(),
+        last_status: None,
+    };
+    (Arc::new(ctx), api)
 }
 
 /// Checks and answers the reconciler's requests.
 pub struct ApiServerVerifier {
     handle: Handle<Request<Body>, Response<Body>>,
     model: Model,
+    /// The size in the stored StatefulSet's claim template.
+    pub stored_storage_size: String,
+    /// The status last written.
+    pub last_status: Option<RaftClusterStatus>,
+}
+
+/// The test cluster's claim templates as the API server stores them: built from the default
+/// spec, defaulted, with `size` requested.
+fn stored_claim_templates(size: &str) -> Value {
+    let config = OperatorConfig::default();
+    let cluster = validate(&raft_cluster(3, Some("raftkv/node:test")), &config).expect("valid");
+    let statefulset = build_statefulset(&cluster, &config, 3);
+    let mut templates = serde_json::to_value(statefulset.spec.volume_claim_templates).expect("json");
+    templates[0]["spec"]["volumeMode"] = json!("Filesystem");
+    templates[0]["spec"]["resources"]["requests"]["storage"] = json!(size);
+    templates[0]["status"] = json!({"phase": "Pending"});
+    templates
 }
 
 fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
@@ -87,6 +113,14 @@ fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value)
         .body(Body::from(serde_json::to_vec(body).expect("json")))
         .expect("response");
     send.send_response(response);
+}
+
+/// The owner reference of the objects the test cluster controls.
+pub fn owner_reference() -> Value {
+    json!({
+        "apiVersion": "raftkv.dev/v1alpha1", "kind": "RaftCluster", "name": NAME,
+        "uid": UID, "controller": true, "blockOwnerDeletion": true
+    })
 }
 
 fn not_found(kind: &str, name: &str) -> Value {
@@ -120,6 +154,22 @@ impl ApiServerVerifier {
         (body, send)
     }
 
+    /// Answers a request with `body`.
+    pub fn respond(&self, send: SendResponse<Response<Body>>, body: &Value) {
+        respond(send, StatusCode::OK, body);
+    }
+
+    /// Answers a `GET` with NotFound.
+    pub fn respond_not_found(&self, send: SendResponse<Response<Body>>) {
+        respond(send, StatusCode::NOT_FOUND, &not_found("object", NAME));
+    }
+
+    /// Waits for the next request and describes it, as `METHOD URI`.
+    pub async fn next_request_line(&mut self) -> Option<String> {
+        let (request, _) = self.handle.next_request().await?;
+        Some(format!("{} {}", request.method(), request.uri()))
+    }
+
     /// Asserts that the reconciler sent nothing more.
     pub async fn expect_silence(&mut self) {
         let next = tokio::time::timeout(Duration::from_millis(100), self.handle.next_request()).await;
@@ -138,11 +188,60 @@ impl ApiServerVerifier {
         let replicas = self.model.world().statefulset_replicas;
         let body = json!({
             "apiVersion": "apps/v1", "kind": "StatefulSet",
-            "metadata": {"name": NAME, "namespace": NS},
-            "spec": {"replicas": replicas, "selector": {}, "template": {}, "serviceName": "demo-peer"},
+            "metadata": {"name": NAME, "namespace": NS, "ownerReferences": [owner_reference()]},
+            "spec": {
+                "replicas": replicas, "selector": {}, "template": {}, "serviceName": "demo-peer",
+                "volumeClaimTemplates": stored_claim_templates(&self.stored_storage_size)
+            },
             "status": {"replicas": replicas, "updateRevision": REVISION, "currentRevision": REVISION}
         });
         respond(send, StatusCode::OK, &body);
+    }
+
+    /// The `GET`s of the Services and the PodDisruptionBudget: absent, or controlled by the test
+    /// cluster.
+    pub async fn get_children(&mut self, exist: bool) {
+        for path in [
+            "/api/v1/namespaces/testns/services/demo-peer",
+            "/api/v1/namespaces/testns/services/demo",
+        ] {
+            let (_, send) = self.expect(Method::GET, path).await;
+            if exist {
+                let service = json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": path.rsplit('/').next(), "namespace": NS, "ownerReferences": [owner_reference()]},
+                    "spec": {}
+                });
+                respond(send, StatusCode::OK, &service);
+            } else {
+                respond(send, StatusCode::NOT_FOUND, &not_found("services", NAME));
+            }
+        }
+        let uri = format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{NAME}");
+        let (_, send) = self.expect(Method::GET, &uri).await;
+        if exist {
+            let pdb = json!({
+                "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                "metadata": {"name": NAME, "namespace": NS, "ownerReferences": [owner_reference()]},
+                "spec": {}
+            });
+            respond(send, StatusCode::OK, &pdb);
+        } else {
+            respond(
+                send,
+                StatusCode::NOT_FOUND,
+                &not_found("poddisruptionbudgets.policy", NAME),
+            );
+        }
+    }
+
+    /// The reads every reconcile of a valid cluster starts with: the StatefulSet, the Services
+    /// and the PodDisruptionBudget (all absent or all the test cluster's), then the pods and
+    /// claims, answered from the model.
+    pub async fn read_objects(&mut self, exist: bool) {
+        self.get_statefulset(exist).await;
+        self.get_children(exist).await;
+        self.list_pods_and_claims().await;
     }
 
     /// A server-side apply of `path` (relative to the namespace); returns the applied object,
@@ -191,7 +290,13 @@ impl ApiServerVerifier {
             let claims: Vec<Value> = w
                 .claim_ordinals()
                 .iter()
-                .map(|o| json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": names.pvc(*o), "namespace": NS}}))
+                .map(|o| {
+                    let mut claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": names.pvc(*o), "namespace": NS}});
+                    if let Some(id) = w.claim_marks.get(o) {
+                        claim["metadata"]["annotations"] = json!({ REMOVED_MEMBER_ANNOTATION: id.to_string() });
+                    }
+                    claim
+                })
                 .collect();
             (pods, claims)
         };
@@ -224,6 +329,13 @@ impl ApiServerVerifier {
         body
     }
 
+    /// A Warning Event about the cluster; returns it.
+    pub async fn warning(&mut self, reason: &str) -> Value {
+        let event = self.event(reason).await;
+        assert_eq!(event["type"], "Warning", "{event}");
+        event
+    }
+
     /// The status apply; returns the status sent.
     pub async fn status(&mut self) -> RaftClusterStatus {
         let uri = format!("/apis/raftkv.dev/v1alpha1/namespaces/{NS}/raftclusters/{NAME}/status{APPLY}");
@@ -231,10 +343,26 @@ impl ApiServerVerifier {
         assert_eq!(body["apiVersion"], "raftkv.dev/v1alpha1");
         assert_eq!(body["kind"], "RaftCluster");
         let status: RaftClusterStatus = serde_json::from_value(body["status"].clone()).expect("a valid status");
+        self.last_status = Some(status.clone());
         let mut echoed = serde_json::to_value(raft_cluster(3, None)).expect("json");
         echoed["status"] = body["status"].clone();
         respond(send, StatusCode::OK, &echoed);
         status
+    }
+
+    /// The merge patch that marks the claim of `ordinal` with the member about to be removed;
+    /// stored in the model as the API server would store it. Returns the member id.
+    pub async fn mark_claim(&mut self, ordinal: u32) -> u64 {
+        let uri = format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/data-{NAME}-{ordinal}?");
+        let (body, send) = self.expect(Method::PATCH, &uri).await;
+        let id: u64 = body["metadata"]["annotations"][REMOVED_MEMBER_ANNOTATION]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no member id in {body}"));
+        self.model.world().claim_marks.insert(ordinal, id);
+        let claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": format!("data-{NAME}-{ordinal}"), "namespace": NS}});
+        respond(send, StatusCode::OK, &claim);
+        id
     }
 
     /// A `DELETE` of `path` (relative to the core API's namespace).

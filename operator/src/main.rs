@@ -12,7 +12,7 @@ use kube::{Api, Client};
 use tracing::{error, info};
 
 use raftkv_operator::config::{OperatorConfig, PeerAddressing, DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT};
-use raftkv_operator::leader::LeaderElector;
+use raftkv_operator::leader::{fallback_identity, while_leading, LeaderElector, LeaseTimings};
 use raftkv_operator::metrics::{self, Metrics};
 use raftkv_operator::node_client::{HttpNodeClient, NodeClientTimeouts};
 use raftkv_operator::reconcile::{self, Context};
@@ -37,11 +37,22 @@ struct Flags {
     #[arg(long, env = "RAFTKV_OPERATOR_LEASE_NAME", default_value = "raftkv-operator")]
     lease_name: String,
 
-    /// Seconds a leader holds the Lease without renewing it.
+    /// Seconds candidates wait, after the Lease last changed, before taking it over.
     #[arg(long, env = "RAFTKV_OPERATOR_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
 
-    /// This replica's identity in the Lease; the pod name when omitted.
+    /// Seconds the leader keeps leading without a successful renewal; shorter than the lease.
+    /// Two thirds of the lease when omitted.
+    #[arg(long, env = "RAFTKV_OPERATOR_LEASE_RENEW_DEADLINE_SECONDS")]
+    lease_renew_deadline_seconds: Option<u64>,
+
+    /// Seconds between renewals, and between a candidate's looks at the Lease. Two fifteenths
+    /// of the lease when omitted.
+    #[arg(long, env = "RAFTKV_OPERATOR_LEASE_RETRY_SECONDS")]
+    lease_retry_seconds: Option<u64>,
+
+    /// This replica's identity in the Lease: the pod name; when omitted, the host name and a
+    /// random suffix, unique per process.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
 
@@ -90,37 +101,44 @@ async fn main() -> anyhow::Result<()> {
     let lease_namespace = flags
         .lease_namespace
         .unwrap_or_else(|| client.default_namespace().to_string());
+    // An empty identity would read as "nobody holds the Lease" to every other replica.
     let identity = flags
         .identity
-        .unwrap_or_else(|| format!("raftkv-operator-{}", std::process::id()));
-    let elector = LeaderElector::new(
+        .filter(|identity| !identity.trim().is_empty())
+        .unwrap_or_else(fallback_identity);
+    let mut timings = LeaseTimings::for_lease_duration(Duration::from_secs(flags.lease_seconds));
+    if let Some(seconds) = flags.lease_renew_deadline_seconds {
+        timings.renew_deadline = Duration::from_secs(seconds);
+    }
+    if let Some(seconds) = flags.lease_retry_seconds {
+        timings.retry_period = Duration::from_secs(seconds);
+    }
+    let timings = timings.validate()?;
+    let mut elector = LeaderElector::new(
         Api::<Lease>::namespaced(client.clone(), &lease_namespace),
         flags.lease_name,
-        identity,
-        Duration::from_secs(flags.lease_seconds),
+        identity.clone(),
+        timings,
     );
-    info!(namespace = %lease_namespace, "waiting for the leader-election lease");
-    elector.acquire().await;
+    info!(namespace = %lease_namespace, %identity, "waiting for the leader-election lease");
+    let acquired_at = elector.acquire().await;
 
     let nodes = HttpNodeClient::new(NodeClientTimeouts::default())?;
     let ctx = Arc::new(Context::new(client, nodes, config, metrics));
-    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut controller = tokio::spawn(reconcile::run(ctx, async move {
-        let _ = lost_rx.await;
-    }));
+    let controller = tokio::spawn(reconcile::run(ctx));
     tokio::select! {
-        () = elector.hold() => {
-            // Another replica may act from now on: stop reconciling and exit, so the pod
-            // restarts as a follower rather than acting on a lease it no longer holds.
-            error!("lost the leader-election lease; stopping");
-            let _ = lost_tx.send(());
-            let _ = controller.await;
-            anyhow::bail!("lost the leader-election lease");
-        }
-        result = &mut controller => {
-            result.context("controller task panicked")?;
-            info!("controller stopped");
-        }
+        led = while_leading(elector.hold(acquired_at), controller) => match led {
+            Err(lost) => {
+                // The controller task is already aborted: another replica may act from now on.
+                // Exiting non-zero restarts the pod as a candidate.
+                error!(%lost, "lost the leader-election lease; stopping");
+                anyhow::bail!("lost the leader-election lease: {lost}");
+            }
+            Ok(ended) => {
+                ended.context("controller task panicked")?;
+                info!("controller stopped");
+            }
+        },
         result = server => {
             result.context("metrics server task panicked")??;
         }

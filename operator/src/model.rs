@@ -3,8 +3,10 @@
 //! It implements [`NodeApi`] with the admin API's contract (membership calls apply at once or
 //! answer 409 with the node's error codes) and [`ClusterEffects`] with the StatefulSet's
 //! behaviour (pods come back on their claims, a pod without a claim gets a fresh volume and so a
-//! fresh member id). It also records every action that would have been unsafe on a real
-//! cluster in `violations`, so property tests can assert that the operator never attempts one.
+//! fresh member id). Like a real node, a pod started on the volume of a removed member finds the
+//! removal tombstone and exits: it crash-loops and never answers, until its claim is deleted.
+//! It also records every action that would have been unsafe on a real cluster in `violations`,
+//! so property tests can assert that the operator never attempts one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,7 +35,8 @@ pub struct ModelPod {
     pub member_id: u64,
     /// The template revision the pod runs.
     pub revision: u32,
-    /// The process answers on its admin API.
+    /// The process answers on its admin API; false while it crash-loops on a removed member's
+    /// volume.
     pub up: bool,
 }
 
@@ -61,6 +64,8 @@ pub struct World {
     pub pods: BTreeMap<u32, ModelPod>,
     /// Data claims by ordinal, holding the member id written on first start.
     pub claims: BTreeMap<u32, u64>,
+    /// The removed-member marks on claims, by ordinal; they go with their claim.
+    pub claim_marks: BTreeMap<u32, u64>,
     /// The applied membership.
     pub members: BTreeMap<u64, ModelMember>,
     /// Ids removed from the membership; they can never rejoin.
@@ -96,6 +101,7 @@ impl Model {
             template_revision: 1,
             pods: BTreeMap::new(),
             claims: BTreeMap::new(),
+            claim_marks: BTreeMap::new(),
             members: BTreeMap::new(),
             removed: BTreeSet::new(),
             leader: 0,
@@ -250,12 +256,15 @@ impl World {
                     *next_id += 1;
                     *next_id
                 });
+                // A removed member's volume holds its tombstone: the node refuses to start on
+                // it (node/src/identity.rs), so the pod crash-loops without ever answering.
+                let up = !self.removed.contains(&member_id);
                 self.pods.insert(
                     ordinal,
                     ModelPod {
                         member_id,
                         revision: self.template_revision,
-                        up: true,
+                        up,
                     },
                 );
             }
@@ -475,6 +484,16 @@ impl ClusterEffects for Model {
             }
         }
         world.claims.remove(&ordinal);
+        world.claim_marks.remove(&ordinal);
+        Ok(())
+    }
+
+    async fn mark_claim_removed(&self, ordinal: u32, member_id: u64) -> Result<()> {
+        let mut world = self.world();
+        world.kube_write()?;
+        if world.claims.contains_key(&ordinal) {
+            world.claim_marks.insert(ordinal, member_id);
+        }
         Ok(())
     }
 
@@ -519,19 +538,20 @@ impl ClusterEffects for Model {
 /// injected Kubernetes failure) ends the reconcile as it would in the operator.
 pub fn reconcile_once(model: &Model, replicas: u32) -> Step {
     let config = OperatorConfig::default();
-    let (names, facts, claims, statefulset_replicas, bootstrap) = {
+    let (names, facts, claims, marks, statefulset_replicas, bootstrap) = {
         let w = model.world();
         (
             w.names.clone(),
             w.pod_facts(),
             w.claim_ordinals(),
+            w.claim_marks.clone(),
             w.statefulset_replicas,
             w.bootstrap.clone(),
         )
     };
     let urls = endpoints(&config, &facts);
     let reports = block_on(query_nodes(model, &urls));
-    let observed = assemble(&names, statefulset_replicas, &facts, claims, &reports, bootstrap);
+    let observed = assemble(&names, statefulset_replicas, &facts, claims, marks, &reports, bootstrap);
     let desired = Desired {
         replicas,
         max_lag: MAX_LAG,

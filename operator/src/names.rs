@@ -11,6 +11,9 @@ pub const DATA_DIR: &str = "/var/lib/raftkv";
 pub const NODE_CONTAINER: &str = "raftkv-node";
 /// Label on each pod written by the StatefulSet controller with the pod's template revision.
 pub const REVISION_LABEL: &str = "controller-revision-hash";
+/// Annotation on a data claim naming the member a scale-down removed from it. It lives and dies
+/// with the claim, so a fresh claim under the same name never carries an old member's mark.
+pub const REMOVED_MEMBER_ANNOTATION: &str = "raftkv.dev/removed-member";
 
 /// The names derived from one `RaftCluster`.
 #[derive(Clone, Debug, PartialEq, Eq)]

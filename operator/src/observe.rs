@@ -11,7 +11,7 @@ use tracing::debug;
 
 use crate::config::OperatorConfig;
 use crate::crd::{BootstrapRecord, MemberStatus};
-use crate::names::{ClusterNames, REVISION_LABEL};
+use crate::names::{ClusterNames, REMOVED_MEMBER_ANNOTATION, REVISION_LABEL};
 use crate::node_client::{Members, NodeApi, NodeMembership, NodeStatus};
 use crate::plan::{MemberObs, MembershipObs, NodeObs, Observed, PodObs};
 
@@ -72,6 +72,21 @@ pub fn claim_ordinals(names: &ClusterNames, claims: &[PersistentVolumeClaim]) ->
         .collect()
 }
 
+/// The member id each claim was marked with before a scale-down removed that member, by
+/// ordinal (see [`REMOVED_MEMBER_ANNOTATION`]). A mark that does not parse is ignored: the
+/// planner then knows as much as it would without marks.
+pub fn removed_member_claims(names: &ClusterNames, claims: &[PersistentVolumeClaim]) -> BTreeMap<u32, u64> {
+    claims
+        .iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+        .filter_map(|c| {
+            let ordinal = names.pvc_ordinal(c.metadata.name.as_deref()?)?;
+            let id = c.metadata.annotations.as_ref()?.get(REMOVED_MEMBER_ANNOTATION)?;
+            Some((ordinal, id.parse().ok()?))
+        })
+        .collect()
+}
+
 /// The base URL of every pod that has an IP, by ordinal.
 pub fn endpoints(config: &OperatorConfig, pods: &[PodFacts]) -> BTreeMap<u32, String> {
     pods.iter()
@@ -126,6 +141,7 @@ pub fn assemble(
     statefulset_replicas: u32,
     pods: &[PodFacts],
     claims: BTreeSet<u32>,
+    removed_member_claims: BTreeMap<u32, u64>,
     reports: &NodeReports,
     bootstrap: Option<BootstrapRecord>,
 ) -> Observed {
@@ -167,6 +183,7 @@ pub fn assemble(
         statefulset_replicas,
         pods: pods_obs,
         claims,
+        removed_member_claims,
         membership,
         bootstrap,
     }
@@ -221,12 +238,38 @@ mod tests {
     }
 
     #[test]
+    fn claim_marks_are_read_from_live_claims_of_this_cluster_only() {
+        let names = ClusterNames::new("demo", "ns");
+        let claim = |name: &str, mark: Option<&str>, deleted: bool| {
+            let mut claim = PersistentVolumeClaim::default();
+            claim.metadata.name = Some(name.into());
+            claim.metadata.annotations = mark
+                .map(|m| std::collections::BTreeMap::from([(REMOVED_MEMBER_ANNOTATION.to_string(), m.to_string())]));
+            if deleted {
+                claim.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ));
+            }
+            claim
+        };
+        let claims = [
+            claim("data-demo-0", None, false),
+            claim("data-demo-1", Some("105"), false),
+            claim("data-demo-2", Some("not-an-id"), false),
+            claim("data-demo-3", Some("107"), true),
+            claim("data-other-4", Some("108"), false),
+        ];
+        assert_eq!(removed_member_claims(&names, &claims), BTreeMap::from([(1, 105)]));
+    }
+
+    #[test]
     fn a_restarting_pods_member_keeps_the_ordinal_status_recorded() {
         let names = ClusterNames::new("demo", "ns");
         let mut observed = Observed {
             statefulset_replicas: 3,
             pods: BTreeMap::new(),
             claims: BTreeSet::new(),
+            removed_member_claims: BTreeMap::new(),
             membership: Some(MembershipObs {
                 leader_id: 1,
                 members: vec![member(1, Some(0)), member(2, Some(1)), member(3, None), member(4, None)],

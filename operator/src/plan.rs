@@ -14,6 +14,9 @@
 //!    and are promoted once caught up.
 //! 5. Scale-down removes learners, then followers from the highest ordinal down, then the leader
 //!    after moving leadership away; only then shrinks the StatefulSet and deletes the claims.
+//!    Each removed member's claim is marked with its id first: should the scale-down be undone
+//!    before the claim is deleted, a pod restarted on that volume does not even start (the node
+//!    refuses a removed member's volume), and the mark is what tells the planner to reset it.
 //! 6. Rollouts restart one outdated pod at a time, the leader's last after a transfer, and only
 //!    while every voter is healthy.
 //!
@@ -100,6 +103,10 @@ pub struct Observed {
     pub pods: BTreeMap<u32, PodObs>,
     /// Ordinals that have a data claim.
     pub claims: BTreeSet<u32>,
+    /// Claims marked, before a scale-down removed their member, with that member's id, by
+    /// ordinal. A node refuses to start on a removed member's volume and so never answers; the
+    /// mark is how the planner still knows what such a pod's volume holds.
+    pub removed_member_claims: BTreeMap<u32, u64>,
     /// The membership, when a member answered.
     pub membership: Option<MembershipObs>,
     /// The bootstrap record from status.
@@ -137,6 +144,9 @@ pub enum WaitReason {
     PodTerminating(u32),
     /// A pod is not ready yet.
     PodNotReady(u32),
+    /// A pod above the StatefulSet's replica count is still there; the StatefulSet controller
+    /// deletes it.
+    PodAboveStatefulSet(u32),
 }
 
 /// Why the planner refuses to act; a person may need to look.
@@ -209,7 +219,8 @@ pub enum Step {
         /// The pod the call goes to (the leader's).
         via: u32,
     },
-    /// Remove a member.
+    /// Remove a member. For a scale-down, its claim is first marked with its id (see
+    /// [`Observed::removed_member_claims`]).
     RemoveMember {
         /// The member.
         member_id: u64,
@@ -231,13 +242,15 @@ pub enum Step {
         /// The pod the call goes to (the leader's).
         via: u32,
     },
-    /// Delete the data claim of a removed member whose pod is gone from the StatefulSet.
+    /// Delete the data claim of a removed member whose pod is gone from the StatefulSet
+    /// (after a shrink, or before a growth would start a pod on it again).
     DeleteClaim {
         /// The ordinal whose claim goes.
         ordinal: u32,
     },
     /// Give the pod at `ordinal` a fresh volume: its node's member was removed, and a removed
-    /// member's volume refuses to rejoin, so the claim is deleted and the pod recreated.
+    /// member's volume refuses to rejoin (a node restarted on it does not even start), so the
+    /// claim is deleted and the pod recreated.
     ResetVolume {
         /// The pod.
         ordinal: u32,
@@ -334,6 +347,12 @@ impl fmt::Display for WaitReason {
             WaitReason::MemberNotHealthy(id) => write!(f, "member {id} is not healthy"),
             WaitReason::PodTerminating(o) => write!(f, "pod ordinal {o} is terminating"),
             WaitReason::PodNotReady(o) => write!(f, "pod ordinal {o} is not ready"),
+            WaitReason::PodAboveStatefulSet(o) => {
+                write!(
+                    f,
+                    "pod ordinal {o} is above the StatefulSet's replica count and has yet to go"
+                )
+            }
         }
     }
 }
@@ -467,6 +486,9 @@ impl Planner<'_> {
             return step;
         }
         if self.observed.statefulset_replicas < target {
+            if let Some(step) = self.clear_retired_claims() {
+                return step;
+            }
             return Step::ScaleStatefulSet {
                 from: self.observed.statefulset_replicas,
                 to: target,
@@ -650,8 +672,18 @@ impl Planner<'_> {
             let Some(pod) = self.observed.pods.get(&ordinal) else {
                 continue;
             };
-            let Some(node) = &pod.node else { continue };
-            if members.contains(&node.id) || pod.terminating {
+            if pod.terminating {
+                continue;
+            }
+            let Some(node) = &pod.node else {
+                // A pod on a removed member's volume never answers: its node refuses to start
+                // on the tombstone. Only the claim's mark tells it from a pod still starting.
+                if self.holds_removed_member(ordinal) {
+                    return Some(Step::ResetVolume { ordinal });
+                }
+                continue;
+            };
+            if members.contains(&node.id) {
                 continue;
             }
             match node.membership {
@@ -670,6 +702,54 @@ impl Planner<'_> {
             }
         }
         None
+    }
+
+    /// Whether no member can own the claim of `ordinal`: none lives on that ordinal, and every
+    /// member's pod is known, so none can live there unseen. Only such a claim may be deleted
+    /// without a member's own evidence (a node answering `removed`).
+    fn claim_is_memberless(&self, ordinal: u32) -> bool {
+        self.membership
+            .members
+            .iter()
+            .all(|m| m.ordinal.is_some_and(|o| o != ordinal))
+    }
+
+    /// Whether the claim of `ordinal` holds the volume of a member that a scale-down removed: it
+    /// was marked with that member before the removal, the member is gone, and the pod on it,
+    /// if it answers at all, still reports that member (a pod that answers with another id runs
+    /// on a newer volume under the same claim name).
+    fn holds_removed_member(&self, ordinal: u32) -> bool {
+        let Some(removed) = self.observed.removed_member_claims.get(&ordinal) else {
+            return false;
+        };
+        self.claim_is_memberless(ordinal)
+            && self.membership.members.iter().all(|m| m.id != *removed)
+            && self.pod_node(ordinal).is_none_or(|n| n.id == *removed)
+    }
+
+    /// Before the StatefulSet grows, the claims it would reuse that belong to no member: they
+    /// are what a scale-down left behind when the scale-up came before the claim's deletion.
+    /// Such a volume holds its removed member's tombstone, and a node refuses to start on it:
+    /// its pod would crash-loop forever, never answering, so no later step could reset it.
+    ///
+    /// A claim whose pod still exists waits for the pod to go (the StatefulSet deletes it after
+    /// a shrink): deleting the claim under a running pod only marks it for deletion. When some
+    /// member's pod is unknown, no claim is provably free of a member's data, so none is
+    /// deleted and the StatefulSet grows onto them as before.
+    fn clear_retired_claims(&self) -> Option<Step> {
+        let ordinal = self
+            .observed
+            .claims
+            .range(self.observed.statefulset_replicas..self.desired.replicas)
+            .find(|o| self.claim_is_memberless(**o))?;
+        if let Some(pod) = self.observed.pods.get(ordinal) {
+            return Some(Step::Wait(if pod.terminating {
+                WaitReason::PodTerminating(*ordinal)
+            } else {
+                WaitReason::PodAboveStatefulSet(*ordinal)
+            }));
+        }
+        Some(Step::DeleteClaim { ordinal: *ordinal })
     }
 
     fn delete_orphaned_claim(&self) -> Option<Step> {

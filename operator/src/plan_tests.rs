@@ -62,6 +62,7 @@ fn cluster(n: u32, leader: u32) -> Observed {
             })
             .collect(),
         claims: (0..n).collect(),
+        removed_member_claims: BTreeMap::new(),
         membership: Some(MembershipObs {
             leader_id: id_of(leader),
             members: (0..n).map(|o| member(id_of(o), o, MemberKind::Voter)).collect(),
@@ -101,6 +102,7 @@ fn empty() -> Observed {
         statefulset_replicas: 3,
         pods: BTreeMap::new(),
         claims: BTreeSet::new(),
+        removed_member_claims: BTreeMap::new(),
         membership: None,
         bootstrap: None,
     }
@@ -285,6 +287,92 @@ fn the_claims_of_removed_members_are_deleted_after_the_shrink() {
 }
 
 #[test]
+fn scale_up_first_deletes_the_claim_a_removed_member_left_where_the_statefulset_grows() {
+    // 3 -> 2 removed ordinal 2's member and shrank the StatefulSet; its claim was not deleted
+    // yet when the user scaled back to 3.
+    let mut obs = cluster(2, 0);
+    obs.claims.insert(2);
+    assert_eq!(plan(&desired(3), &obs), Step::DeleteClaim { ordinal: 2 });
+    obs.claims.remove(&2);
+    assert_eq!(plan(&desired(3), &obs), Step::ScaleStatefulSet { from: 2, to: 3 });
+}
+
+#[test]
+fn scale_up_waits_for_a_retired_pod_to_go_before_deleting_its_claim() {
+    let mut obs = cluster(2, 0);
+    obs.claims.insert(2);
+    obs.pods.insert(
+        2,
+        PodObs {
+            ordinal: 2,
+            ready: false,
+            terminating: true,
+            up_to_date: true,
+            node: None,
+        },
+    );
+    assert_eq!(plan(&desired(3), &obs), Step::Wait(WaitReason::PodTerminating(2)));
+    obs.pods.get_mut(&2).unwrap().terminating = false;
+    assert_eq!(plan(&desired(3), &obs), Step::Wait(WaitReason::PodAboveStatefulSet(2)));
+}
+
+#[test]
+fn scale_up_keeps_the_claims_above_the_statefulset_that_members_or_unknown_pods_may_own() {
+    let mut obs = cluster(3, 0);
+    obs.statefulset_replicas = 2;
+    assert_eq!(
+        plan(&desired(3), &obs),
+        Step::ScaleStatefulSet { from: 2, to: 3 },
+        "ordinal 2's member still lives on its claim"
+    );
+    let mut obs = cluster(2, 0);
+    obs.claims.insert(2);
+    let mut unplaced = member(300, 0, MemberKind::Learner);
+    unplaced.ordinal = None;
+    obs.membership.as_mut().unwrap().members.push(unplaced);
+    assert_eq!(
+        plan(&desired(3), &obs),
+        Step::ScaleStatefulSet { from: 2, to: 3 },
+        "a member whose pod is unknown may own the claim"
+    );
+}
+
+#[test]
+fn a_silent_pod_on_a_claim_marked_with_its_removed_member_gets_a_fresh_volume() {
+    // Ordinal 2's member was removed by a scale-down that was undone before the StatefulSet
+    // shrank; its pod restarted and the node refuses the tombstoned volume, so it never answers.
+    let mut obs = cluster(3, 0);
+    obs.membership.as_mut().unwrap().members.retain(|m| m.id != id_of(2));
+    obs.pods.get_mut(&2).unwrap().node = None;
+    obs.pods.get_mut(&2).unwrap().ready = false;
+    assert_eq!(
+        plan(&desired(3), &obs),
+        Step::Wait(WaitReason::PodNotReady(2)),
+        "without a mark, a silent pod may just be starting"
+    );
+    obs.removed_member_claims.insert(2, id_of(2));
+    assert_eq!(plan(&desired(3), &obs), Step::ResetVolume { ordinal: 2 });
+}
+
+#[test]
+fn a_claims_mark_is_ignored_once_its_volume_holds_another_member() {
+    let mut obs = cluster(3, 0);
+    obs.removed_member_claims.insert(2, 999);
+    obs.pods.get_mut(&2).unwrap().node = None;
+    assert_ne!(
+        plan(&desired(3), &obs),
+        Step::ResetVolume { ordinal: 2 },
+        "a member lives on ordinal 2"
+    );
+    obs.membership.as_mut().unwrap().members.retain(|m| m.id != id_of(2));
+    obs.pods.get_mut(&2).unwrap().node = Some(node(300, NodeMembership::None, 0));
+    assert!(
+        matches!(plan(&desired(3), &obs), Step::AddLearner { member_id: 300, .. }),
+        "the pod answers with a newer volume's id"
+    );
+}
+
+#[test]
 fn a_member_whose_pod_came_back_with_a_new_id_is_removed_first() {
     let mut obs = cluster(3, 0);
     obs.pods.get_mut(&2).unwrap().node = Some(node(300, NodeMembership::None, 0));
@@ -402,13 +490,16 @@ prop_compose! {
         leader_pick in 0usize..12,
         bootstrap in prop_oneof![Just(None), Just(Some(BootstrapState::Started)), Just(Some(BootstrapState::Done))],
         has_membership in any::<bool>(),
+        marks in proptest::collection::btree_map(0u32..10, 0u64..3, 0..4),
+        unplaced in proptest::option::weighted(0.1, 0u32..10),
     ) -> Observed {
         // Members live on ordinals; a member's id is its ordinal's default id, or a stale one.
         let members: Vec<MemberObs> = members
             .iter()
             .map(|(o, (voter, healthy, match_index, stale))| MemberObs {
                 id: if *stale { 1_000 + u64::from(*o) } else { id_of(*o) },
-                ordinal: Some(*o),
+                // Now and then a member whose pod is unknown (pod-IP addressing, nothing recalled).
+                ordinal: Some(*o).filter(|o| Some(*o) != unplaced),
                 kind: if *voter { MemberKind::Voter } else { MemberKind::Learner },
                 match_index: Some(*match_index),
                 healthy: *healthy,
@@ -432,10 +523,17 @@ prop_compose! {
                 (o, PodObs { ordinal: o, ready, terminating: false, up_to_date, node })
             })
             .collect();
+        // A mark names the ordinal's pod's other id, its default id, or a stale member's id.
+        let removed_member_claims = marks
+            .into_iter()
+            .filter(|(o, _)| claims.contains(o))
+            .map(|(o, variant)| (o, [id_of(o) + 500, id_of(o), 1_000 + u64::from(o)][variant as usize]))
+            .collect();
         Observed {
             statefulset_replicas,
             pods,
             claims,
+            removed_member_claims,
             membership: has_membership.then_some(MembershipObs { leader_id, members }),
             bootstrap: bootstrap.map(|state| BootstrapRecord { member_id: id_of(0), state, cluster_id: None }),
         }
@@ -554,5 +652,23 @@ proptest! {
             }
             _ => {}
         }
+    }
+
+    #[test]
+    fn never_resets_a_silent_pods_volume_that_a_member_may_own(obs in arb_observed(), replicas in 1u32..10) {
+        let step = plan(&desired(replicas), &obs);
+        let Step::ResetVolume { ordinal } = step else {
+            return Ok(());
+        };
+        if obs.pods.get(&ordinal).is_some_and(|p| p.node.is_some()) {
+            // The node itself said it was removed.
+            return Ok(());
+        }
+        // Without the node's word, only a claim marked with a removed member is reset, and only
+        // when every member is placed and none on this ordinal.
+        let members: Vec<&MemberObs> = obs.membership.iter().flat_map(|m| &m.members).collect();
+        prop_assert!(members.iter().all(|m| m.ordinal.is_some_and(|o| o != ordinal)), "{step:?}");
+        let mark = obs.removed_member_claims.get(&ordinal);
+        prop_assert!(mark.is_some_and(|id| members.iter().all(|m| m.id != *id)), "{step:?}");
     }
 }

@@ -1,5 +1,9 @@
-//! The reconciler: one `RaftCluster` through the pipeline read, validate, build, apply,
+//! The reconciler: one `RaftCluster` through the pipeline validate, read, build, apply,
 //! observe, plan, execute, update status.
+//!
+//! A cluster being deleted is left alone; one whose spec is invalid, or whose names are taken
+//! by another owner's objects, gets a status that says so and no other write. The status is
+//! written only when it changed, and a Warning Event marks each new reason to be degraded.
 //!
 //! Only this module (and the [`KubeEffects`] it hands to the executor) talks to the API server;
 //! every decision is made by the pure functions of [`crate::build`], [`crate::plan`] and
@@ -13,26 +17,31 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, instrument, warn, Span};
+use tracing::{debug, info, instrument, warn, Span};
 
-use crate::build::{build, build_statefulset, validate, ClusterObjects, ValidCluster};
+use crate::build::{
+    build, keep_claim_templates, name_conflict, recreated_statefulset_replicas, validate, ClusterObjects, ValidCluster,
+};
 use crate::config::{OperatorConfig, FIELD_MANAGER};
-use crate::crd::{BootstrapRecord, RaftCluster, RaftClusterStatus};
+use crate::crd::{BootstrapRecord, BootstrapState, RaftCluster, RaftClusterStatus};
 use crate::execute::{execute, ClusterEffects, Outcome};
 use crate::metrics::Metrics;
+use crate::names::{ClusterNames, REMOVED_MEMBER_ANNOTATION};
 use crate::node_client::{HttpNodeClient, NodeApi};
-use crate::observe::{assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods};
+use crate::observe::{
+    assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods, removed_member_claims,
+};
 use crate::plan::{plan, Desired, Step};
-use crate::status::{cluster_status, invalid_status};
+use crate::status::{cluster_status, degraded_warning, refused_status, Refusal, SpecIssue};
 use crate::{Error, Result};
 
 /// How soon to look again after each kind of outcome.
@@ -40,6 +49,8 @@ const REQUEUE_AFTER_STEP: Duration = Duration::from_secs(2);
 const REQUEUE_WAITING: Duration = Duration::from_secs(5);
 const REQUEUE_BLOCKED: Duration = Duration::from_secs(15);
 const REQUEUE_CONVERGED: Duration = Duration::from_secs(60);
+/// How long the controller waits for a burst of events about one cluster to end.
+const DEBOUNCE: Duration = Duration::from_secs(1);
 /// Bounds of the error backoff.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -110,57 +121,122 @@ fn now() -> Time {
 /// Reconciles one `RaftCluster`.
 #[instrument(skip_all, fields(cluster = %cluster.name_any(), namespace = cluster.namespace().unwrap_or_default(), step))]
 pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N>>) -> Result<Action> {
+    // A cluster being deleted is left to the garbage collector. Reconciling it would recreate
+    // the children that foreground deletion is removing (and step the membership of a cluster
+    // on its way out); the object's final removal ends the watch.
+    if cluster.metadata.deletion_timestamp.is_some() {
+        debug!("being deleted; nothing to do");
+        return Ok(Action::await_change());
+    }
     let _timer = ctx.metrics.reconcile_started();
     let namespace = cluster
         .namespace()
         .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let name = cluster.name_any();
     let clusters: Api<RaftCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
 
     // Validate: an invalid spec is reported once and then waits for the user to change it.
     let valid = match validate(&cluster, &ctx.config) {
         Ok(valid) => valid,
         Err(Error::InvalidSpec(message)) => {
             warn!(%message, "invalid spec");
-            let names = crate::names::ClusterNames::new(&name, &namespace);
-            let status = invalid_status(
-                &names,
-                cluster.metadata.generation,
-                &message,
-                cluster.status.as_ref(),
-                &now(),
-            );
-            patch_status(&clusters, &name, &status).await?;
+            let names = ClusterNames::new(&name, &namespace);
+            refuse(&clusters, &recorder, &cluster, &names, Refusal::InvalidSpec, &message).await?;
             ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
             return Ok(Action::await_change());
         }
         Err(error) => return Err(error),
     };
 
-    // Read: the StatefulSet's replica count is the operator's own record of how many pods the
-    // membership has been prepared for; a new StatefulSet starts at the desired count, since an
-    // empty cluster has no membership to keep in step.
+    // Read everything first: the objects to write over, and the pods and claims that size a
+    // StatefulSet that has to be recreated.
     let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
     let existing = statefulsets.get_opt(valid.names.statefulset()).await?;
-    let statefulset_replicas = existing
-        .as_ref()
-        .and_then(|s| s.spec.replicas)
-        .map_or(valid.replicas(), |r| r.max(0) as u32);
-    let update_revision = existing
-        .as_ref()
-        .and_then(|s| s.status.as_ref()?.update_revision.clone());
+    let peer_service = services.get_opt(&valid.names.peer_service()).await?;
+    let client_service = services.get_opt(valid.names.client_service()).await?;
+    let pdb = pdbs.get_opt(valid.names.pdb()).await?;
 
-    // Build and apply.
-    let objects = build(&valid, &ctx.config, statefulset_replicas);
-    apply(&ctx.client, &valid, &objects).await?;
+    // Refuse to write over another owner's objects: a cluster named `x-peer` would otherwise take
+    // over cluster `x`'s headless Service (the CRD forbids such names; older objects or a
+    // missing validation may still let one through).
+    let existing_metas: Vec<(&'static str, &ObjectMeta)> = [
+        ("StatefulSet", existing.as_ref().map(|o| &o.metadata)),
+        ("Service", peer_service.as_ref().map(|o| &o.metadata)),
+        ("Service", client_service.as_ref().map(|o| &o.metadata)),
+        ("PodDisruptionBudget", pdb.as_ref().map(|o| &o.metadata)),
+    ]
+    .into_iter()
+    .filter_map(|(kind, meta)| Some((kind, meta?)))
+    .collect();
+    if let Some(conflict) = name_conflict(&valid, &existing_metas) {
+        warn!(%conflict, "name conflict");
+        refuse(
+            &clusters,
+            &recorder,
+            &cluster,
+            &valid.names,
+            Refusal::NameConflict,
+            &conflict.to_string(),
+        )
+        .await?;
+        ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
+        // The other object is not ours to watch: look again later.
+        return Ok(Action::requeue(REQUEUE_BLOCKED));
+    }
 
-    // Observe.
     let selector = valid.names.selector_string();
     let list = ListParams::default().labels(&selector);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
     let pod_list = pods.list(&list).await?;
     let claim_list = claims.list(&list).await?;
+    let claim_ordinals = claim_ordinals(&valid.names, &claim_list.items);
+
+    // The StatefulSet's replica count is the operator's own record of how many pods the
+    // membership has been prepared for; a missing StatefulSet comes back at a size that keeps
+    // every member's pod (see `recreated_statefulset_replicas`).
+    let previous_members = cluster.status.as_ref().map_or(&[][..], |s| &s.members[..]);
+    let statefulset_replicas = match existing.as_ref() {
+        Some(statefulset) => statefulset.spec.replicas.map_or(valid.replicas(), |r| r.max(0) as u32),
+        None => {
+            let bootstrapped = cluster
+                .status
+                .as_ref()
+                .and_then(|s| s.bootstrap.as_ref())
+                .is_some_and(|b| b.state == BootstrapState::Done);
+            let member_ordinals = previous_members
+                .iter()
+                .filter_map(|m| valid.names.pod_ordinal(m.pod.as_deref()?));
+            let replicas =
+                recreated_statefulset_replicas(valid.replicas(), bootstrapped, member_ordinals, &claim_ordinals);
+            if bootstrapped {
+                warn!(replicas, "the StatefulSet is missing; recreating it");
+            }
+            replicas
+        }
+    };
+    let update_revision = existing
+        .as_ref()
+        .and_then(|s| s.status.as_ref()?.update_revision.clone());
+
+    // Build and apply. An existing StatefulSet keeps its claim templates whatever the spec says.
+    let mut objects = build(&valid, &ctx.config, statefulset_replicas);
+    let storage_issue = existing
+        .as_ref()
+        .and_then(|existing| keep_claim_templates(&mut objects.statefulset, existing))
+        .map(|mismatch| SpecIssue {
+            reason: "StorageImmutable",
+            message: mismatch.to_string(),
+        });
+    if let Some(issue) = &storage_issue {
+        warn!(message = %issue.message, "storage change refused");
+    }
+    apply(&ctx.client, &valid, &objects, pdb.is_some()).await?;
+
+    // Observe.
     let facts: Vec<_> = pod_list
         .items
         .iter()
@@ -172,11 +248,11 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         &valid.names,
         statefulset_replicas,
         &facts,
-        claim_ordinals(&valid.names, &claim_list.items),
+        claim_ordinals,
+        removed_member_claims(&valid.names, &claim_list.items),
         &reports,
         cluster.status.as_ref().and_then(|s| s.bootstrap.clone()),
     );
-    let previous_members = cluster.status.as_ref().map_or(&[][..], |s| &s.members[..]);
     recall_member_pods(&valid.names, &mut observed, previous_members);
 
     // Plan and execute one step.
@@ -190,8 +266,8 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         client: ctx.client.clone(),
         cluster: &cluster,
         valid: &valid,
-        config: &ctx.config,
-        recorder: Recorder::new(ctx.client.clone(), ctx.reporter.clone()),
+        statefulset: &objects.statefulset,
+        recorder: recorder.clone(),
     };
     if let Step::Blocked(reason) = &step {
         warn!(reason = reason.reason(), detail = %reason, "membership step refused");
@@ -205,8 +281,17 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
     ctx.metrics.step(step.kind(), outcome);
 
     // Update status.
-    let status = cluster_status(&valid, &observed, &step, &execution, cluster.status.as_ref(), &now());
-    patch_status(&clusters, &name, &status).await?;
+    let status = cluster_status(
+        &valid,
+        &observed,
+        &step,
+        &execution,
+        storage_issue.as_ref(),
+        cluster.status.as_ref(),
+        &now(),
+    );
+    write_status(&clusters, &cluster, &status).await?;
+    warn_when_degraded(&recorder, &cluster, &status).await;
     ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
 
     let requeue = match (&step, &execution.outcome) {
@@ -226,18 +311,70 @@ pub fn error_policy<N: NodeApi>(cluster: Arc<RaftCluster>, error: &Error, ctx: A
     Action::requeue(delay)
 }
 
-async fn patch_status(api: &Api<RaftCluster>, name: &str, status: &RaftClusterStatus) -> Result<()> {
+/// Applies `status` unless `cluster` already has it. Every status write is a change of the
+/// object, which the controller's own watch turns into another reconcile: writing an unchanged
+/// status would keep the cluster reconciling for nothing.
+async fn write_status(api: &Api<RaftCluster>, cluster: &RaftCluster, status: &RaftClusterStatus) -> Result<()> {
+    if cluster.status.as_ref() == Some(status) {
+        debug!("status unchanged; not written");
+        return Ok(());
+    }
     let patch = json!({
         "apiVersion": RaftCluster::api_version(&()),
         "kind": RaftCluster::kind(&()),
         "status": status,
     });
-    api.patch_status(name, &apply_params(), &Patch::Apply(&patch)).await?;
+    api.patch_status(&cluster.name_any(), &apply_params(), &Patch::Apply(&patch))
+        .await?;
     Ok(())
 }
 
-/// Server-side applies every object; removes the PDB when the spec no longer wants one.
-async fn apply(client: &Client, cluster: &ValidCluster, objects: &ClusterObjects) -> Result<()> {
+/// Writes the status a refused cluster gets, with a warning when the refusal is new.
+async fn refuse(
+    clusters: &Api<RaftCluster>,
+    recorder: &Recorder,
+    cluster: &RaftCluster,
+    names: &ClusterNames,
+    refusal: Refusal,
+    message: &str,
+) -> Result<()> {
+    let status = refused_status(
+        names,
+        cluster.metadata.generation,
+        refusal,
+        message,
+        cluster.status.as_ref(),
+        &now(),
+    );
+    write_status(clusters, cluster, &status).await?;
+    warn_when_degraded(recorder, cluster, &status).await;
+    Ok(())
+}
+
+/// Publishes a Warning Event when `status` is newly degraded, or degraded for another reason
+/// than the status `cluster` had: people and alerting watch Events, and a refused step or an
+/// invalid spec otherwise shows only in a condition. Once per change, not per reconcile, so a
+/// cluster that stays blocked does not flood the namespace.
+async fn warn_when_degraded(recorder: &Recorder, cluster: &RaftCluster, status: &RaftClusterStatus) {
+    let Some(warning) = degraded_warning(cluster.status.as_ref(), status) else {
+        return;
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: warning.reason.clone(),
+        note: Some(warning.note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    // The status already says it; an Event that cannot be written must not fail the reconcile.
+    if let Err(error) = recorder.publish(&event, &cluster.object_ref(&())).await {
+        warn!(reason = %warning.reason, %error, "could not publish the warning");
+    }
+}
+
+/// Server-side applies every object; removes the PDB (`pdb_exists`, and ours: checked by the
+/// caller) when the spec no longer wants one.
+async fn apply(client: &Client, cluster: &ValidCluster, objects: &ClusterObjects, pdb_exists: bool) -> Result<()> {
     let ns = &cluster.names.namespace;
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
@@ -268,7 +405,8 @@ async fn apply(client: &Client, cluster: &ValidCluster, objects: &ClusterObjects
         Some(pdb) => {
             pdbs.patch(cluster.names.pdb(), &params, &Patch::Apply(pdb)).await?;
         }
-        None => delete_if_present(&pdbs, cluster.names.pdb()).await?,
+        None if pdb_exists => delete_if_present(&pdbs, cluster.names.pdb()).await?,
+        None => {}
     }
     Ok(())
 }
@@ -289,7 +427,8 @@ pub struct KubeEffects<'a> {
     client: Client,
     cluster: &'a RaftCluster,
     valid: &'a ValidCluster,
-    config: &'a OperatorConfig,
+    /// The StatefulSet as this reconcile applied it; a scale step changes only its replicas.
+    statefulset: &'a StatefulSet,
     recorder: Recorder,
 }
 
@@ -297,7 +436,9 @@ impl ClusterEffects for KubeEffects<'_> {
     async fn scale_statefulset(&self, replicas: u32) -> Result<()> {
         // The whole object is applied, not just `replicas`: an apply that omitted the other
         // fields would drop this manager's ownership of them, and so the fields themselves.
-        let statefulset = build_statefulset(self.valid, self.config, replicas);
+        // It is the object applied at the start of this reconcile, claim templates included.
+        let mut statefulset = self.statefulset.clone();
+        statefulset.spec.replicas = Some(i32::try_from(replicas).unwrap_or(i32::MAX));
         let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.valid.names.namespace);
         api.patch(
             self.valid.names.statefulset(),
@@ -312,6 +453,26 @@ impl ClusterEffects for KubeEffects<'_> {
     async fn delete_claim(&self, ordinal: u32) -> Result<()> {
         let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.valid.names.namespace);
         delete_if_present(&api, &self.valid.names.pvc(ordinal)).await
+    }
+
+    async fn mark_claim_removed(&self, ordinal: u32, member_id: u64) -> Result<()> {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.valid.names.namespace);
+        let patch = json!({
+            "metadata": { "annotations": { REMOVED_MEMBER_ANNOTATION: member_id.to_string() } }
+        });
+        match api
+            .patch(
+                &self.valid.names.pvc(ordinal),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // No claim, no volume to mark: the member's pod never got one.
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(error) => Err(error.into()),
+        }
     }
 
     async fn delete_pod(&self, ordinal: u32) -> Result<()> {
@@ -346,11 +507,11 @@ impl ClusterEffects for KubeEffects<'_> {
     }
 }
 
-/// Runs the controller until `stop` resolves or a signal arrives.
-pub async fn run<N: NodeApi + 'static>(
-    ctx: Arc<Context<N>>,
-    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+/// Runs the controller until a signal arrives; then lets running reconciles finish.
+///
+/// Losing the leader-election Lease is not a reason to finish them: the caller aborts this task
+/// instead (see [`crate::leader::while_leading`]).
+pub async fn run<N: NodeApi + 'static>(ctx: Arc<Context<N>>) {
     let client = ctx.client.clone();
     let clusters: Api<RaftCluster> = Api::all(client.clone());
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=raftkv-operator");
@@ -358,6 +519,9 @@ pub async fn run<N: NodeApi + 'static>(
     // turning ready (a learner caught up, a restarted member back) triggers the next step.
     let pods = watcher::Config::default().labels("app.kubernetes.io/name=raftkv");
     Controller::new(clusters, watcher::Config::default().any_semantic())
+        // Pods of one cluster change in bursts (a rollout, a scale-up): one reconcile after the
+        // burst does what one per event would, without the API and node calls of the rest.
+        .with_config(ControllerConfig::default().debounce(DEBOUNCE))
         .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned)
         .watches(Api::<Pod>::all(client), pods, |pod: Pod| {
@@ -365,7 +529,6 @@ pub async fn run<N: NodeApi + 'static>(
             let namespace = pod.namespace()?;
             Some(ObjectRef::<RaftCluster>::new(&instance).within(&namespace))
         })
-        .graceful_shutdown_on(stop)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -4,6 +4,10 @@
 //! `Progressing` (the operator is moving the cluster towards the spec) and `Degraded` (something
 //! needs attention), each with a CamelCase reason and a message. A condition keeps its
 //! `lastTransitionTime` while its status does not change.
+//!
+//! Messages carry only what changes with the cluster's state (ids, counts of healthy voters),
+//! never figures that change on every attempt (a learner's lag): a status that differs on every
+//! reconcile is written on every reconcile, and each write triggers the next reconcile.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -57,12 +61,23 @@ pub fn spec_warnings(replicas: i32) -> Vec<String> {
     }
 }
 
-/// The status after a reconcile that planned `step` and ended with `execution`.
+/// A part of the spec the operator cannot carry out while it still runs the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecIssue {
+    /// The `Degraded` condition's reason, such as `StorageImmutable`.
+    pub reason: &'static str,
+    /// What differs and what to do about it.
+    pub message: String,
+}
+
+/// The status after a reconcile that planned `step` and ended with `execution`; `issue` is a
+/// part of the spec that was not carried out.
 pub fn cluster_status(
     cluster: &ValidCluster,
     observed: &Observed,
     step: &Step,
     execution: &Execution,
+    issue: Option<&SpecIssue>,
     previous: Option<&RaftClusterStatus>,
     now: &Time,
 ) -> RaftClusterStatus {
@@ -117,11 +132,19 @@ pub fn cluster_status(
         )
     };
 
+    // Only the node's stable error code goes into the condition, not its message: a message
+    // such as "lags the leader by 4711 entries" changes on every attempt, and every status change
+    // triggers another reconcile. The message is in the operator's log.
     let deferred = match &execution.outcome {
-        Outcome::Deferred { code, message } => Some(format!("{step} deferred: {code}: {message}")),
+        Outcome::Deferred { code, .. } => Some(format!("{step} deferred: {code}")),
         _ => None,
     };
     let (progressing, progressing_reason, progressing_message) = match step {
+        Step::Converged if issue.is_some() => (
+            false,
+            "Reconciled",
+            "the membership matches the spec; see the Degraded condition for the rest".to_string(),
+        ),
         Step::Converged => (false, "Reconciled", "the cluster matches the spec".to_string()),
         Step::Blocked(reason) => (false, reason.reason(), reason.to_string()),
         Step::Wait(reason) => (true, "Waiting", reason.to_string()),
@@ -137,8 +160,10 @@ pub fn cluster_status(
         .filter(|m| m.role != MemberRole::Learner && m.healthy == Some(false))
         .map(|m| m.id)
         .collect();
-    let (degraded, degraded_reason, degraded_message) = match step {
-        Step::Blocked(reason) => (true, reason.reason(), reason.to_string()),
+    // A refused step first: it is what stops the cluster from reaching the spec.
+    let (degraded, degraded_reason, degraded_message) = match (step, issue) {
+        (Step::Blocked(reason), _) => (true, reason.reason(), reason.to_string()),
+        (_, Some(issue)) => (true, issue.reason, issue.message.clone()),
         _ if !unhealthy.is_empty() => (true, "MemberUnhealthy", format!("voters not healthy: {unhealthy:?}")),
         _ => (false, "AsExpected", "nothing needs attention".to_string()),
     };
@@ -205,11 +230,38 @@ pub fn cluster_status(
     }
 }
 
-/// The status of a `RaftCluster` whose spec cannot be reconciled. Everything observed earlier is
+/// Why the operator touches nothing of a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The spec cannot be turned into objects.
+    InvalidSpec,
+    /// An object with one of the cluster's names belongs to another owner.
+    NameConflict,
+}
+
+impl Refusal {
+    /// The condition reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::InvalidSpec => "InvalidSpec",
+            Refusal::NameConflict => "NameConflict",
+        }
+    }
+
+    fn phase(self) -> Phase {
+        match self {
+            Refusal::InvalidSpec => Phase::Invalid,
+            Refusal::NameConflict => Phase::Degraded,
+        }
+    }
+}
+
+/// The status of a `RaftCluster` the operator refuses to act on. Everything observed earlier is
 /// kept; only the phase and conditions say why nothing happens.
-pub fn invalid_status(
+pub fn refused_status(
     names: &ClusterNames,
     generation: Option<i64>,
+    refusal: Refusal,
     message: &str,
     previous: Option<&RaftClusterStatus>,
     now: &Time,
@@ -232,14 +284,14 @@ pub fn invalid_status(
             )
         });
     status.selector = names.selector_string();
-    status.phase = Some(Phase::Invalid);
+    status.phase = Some(refusal.phase());
     status.observed_generation = generation;
     status.conditions = vec![
         available,
         condition(
             PROGRESSING,
             false,
-            "InvalidSpec",
+            refusal.reason(),
             message.to_string(),
             generation,
             previous_conditions,
@@ -248,7 +300,7 @@ pub fn invalid_status(
         condition(
             DEGRADED,
             true,
-            "InvalidSpec",
+            refusal.reason(),
             message.to_string(),
             generation,
             previous_conditions,
@@ -256,6 +308,44 @@ pub fn invalid_status(
         ),
     ];
     status
+}
+
+/// A Warning Event about the cluster becoming degraded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DegradedWarning {
+    /// The `Degraded` condition's reason.
+    pub reason: String,
+    /// Its message, cut to the length an Event's note may have.
+    pub note: String,
+}
+
+/// The most an Event's note may hold, in bytes (events.k8s.io/v1).
+const EVENT_NOTE_LIMIT: usize = 1024;
+
+/// The warning to publish when `next` is degraded and `previous` was not, or for another
+/// reason; `None` while nothing changed, so a cluster that stays degraded warns once.
+pub fn degraded_warning(previous: Option<&RaftClusterStatus>, next: &RaftClusterStatus) -> Option<DegradedWarning> {
+    let degraded = |status: &RaftClusterStatus| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == DEGRADED && c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    let (reason, message) = degraded(next)?;
+    if previous.and_then(degraded).is_some_and(|(was, _)| was == reason) {
+        return None;
+    }
+    let mut note = message;
+    if note.len() > EVENT_NOTE_LIMIT {
+        let mut end = EVENT_NOTE_LIMIT - 3;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    Some(DegradedWarning { reason, note })
 }
 
 fn pod_ready(names: &ClusterNames, observed: &Observed, pod: Option<&str>) -> bool {
@@ -286,4 +376,158 @@ fn member_statuses(names: &ClusterNames, observed: &Observed) -> Vec<MemberStatu
         .collect();
     members.sort_by(|a, b| a.pod.cmp(&b.pod).then(a.id.cmp(&b.id)));
     members
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+    use crate::build::validate;
+    use crate::config::OperatorConfig;
+    use crate::crd::{BootstrapRecord, BootstrapState};
+    use crate::fixtures::raft_cluster;
+    use crate::plan::{MemberObs, MembershipObs, PodObs, WaitReason};
+
+    fn valid() -> ValidCluster {
+        validate(&raft_cluster(4, Some("raftkv/node:test")), &OperatorConfig::default()).unwrap()
+    }
+
+    /// Three healthy voters on pods 0..3, led by the first, and a learner on pod 3.
+    fn observed() -> Observed {
+        let member = |id: u64, ordinal: u32, kind: MemberKind| MemberObs {
+            id,
+            ordinal: Some(ordinal),
+            kind,
+            match_index: Some(10),
+            healthy: Some(true),
+        };
+        Observed {
+            statefulset_replicas: 4,
+            pods: (0..4)
+                .map(|o| {
+                    let pod = PodObs {
+                        ordinal: o,
+                        ready: o < 3,
+                        terminating: false,
+                        up_to_date: true,
+                        node: None,
+                    };
+                    (o, pod)
+                })
+                .collect(),
+            claims: BTreeSet::from([0, 1, 2, 3]),
+            removed_member_claims: BTreeMap::new(),
+            membership: Some(MembershipObs {
+                leader_id: 1,
+                members: vec![
+                    member(1, 0, MemberKind::Voter),
+                    member(2, 1, MemberKind::Voter),
+                    member(3, 2, MemberKind::Voter),
+                    member(4, 3, MemberKind::Learner),
+                ],
+            }),
+            bootstrap: Some(BootstrapRecord {
+                member_id: 1,
+                state: BootstrapState::Done,
+                cluster_id: Some(7),
+            }),
+        }
+    }
+
+    fn at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    fn deferred(message: &str) -> Execution {
+        Execution {
+            outcome: Outcome::Deferred {
+                code: "learner_lagging".into(),
+                message: message.into(),
+            },
+            bootstrap: None,
+        }
+    }
+
+    #[test]
+    fn a_deferred_steps_conditions_leave_out_the_nodes_changing_message() {
+        let step = Step::Promote { member_id: 4, via: 0 };
+        let first = cluster_status(
+            &valid(),
+            &observed(),
+            &step,
+            &deferred("learner 4 lags the leader by 120 entries"),
+            None,
+            None,
+            &at(100),
+        );
+        let second = cluster_status(
+            &valid(),
+            &observed(),
+            &step,
+            &deferred("learner 4 lags the leader by 37 entries"),
+            None,
+            Some(&first),
+            &at(105),
+        );
+        assert_eq!(first, second, "nothing worth a write changed");
+        let progressing = second.conditions.iter().find(|c| c.type_ == PROGRESSING).unwrap();
+        assert_eq!(
+            progressing.message,
+            "promote learner 4 to voter deferred: learner_lagging"
+        );
+    }
+
+    fn degraded(reason: &str, message: &str) -> RaftClusterStatus {
+        let nothing = Execution {
+            outcome: Outcome::Nothing,
+            bootstrap: None,
+        };
+        let mut status = cluster_status(&valid(), &observed(), &Step::Converged, &nothing, None, None, &at(1));
+        let condition = status.conditions.iter_mut().find(|c| c.type_ == DEGRADED).unwrap();
+        if !reason.is_empty() {
+            condition.status = "True".into();
+            condition.reason = reason.into();
+            condition.message = message.into();
+        }
+        status
+    }
+
+    #[test]
+    fn a_warning_is_due_when_the_degraded_reason_changes_and_only_then() {
+        let healthy = degraded("", "");
+        let no_leader = degraded("NoLeader", "no member reports a leader");
+        let quorum = degraded("WouldLoseQuorum", "refusing to remove member 3: ...");
+        let warning = |before: Option<&RaftClusterStatus>, after: &RaftClusterStatus| {
+            degraded_warning(before, after).map(|w| w.reason)
+        };
+        assert_eq!(warning(None, &no_leader).as_deref(), Some("NoLeader"));
+        assert_eq!(warning(Some(&healthy), &no_leader).as_deref(), Some("NoLeader"));
+        assert_eq!(warning(Some(&no_leader), &no_leader), None, "still the same reason");
+        assert_eq!(warning(Some(&no_leader), &quorum).as_deref(), Some("WouldLoseQuorum"));
+        assert_eq!(warning(Some(&quorum), &healthy), None, "recovering is no warning");
+        assert_eq!(warning(None, &healthy), None);
+    }
+
+    #[test]
+    fn a_warning_note_fits_an_events_limit() {
+        let long = degraded("StorageImmutable", &"é".repeat(EVENT_NOTE_LIMIT));
+        let warning = degraded_warning(None, &long).unwrap();
+        assert!(warning.note.len() <= EVENT_NOTE_LIMIT);
+        assert!(warning.note.ends_with("..."));
+    }
+
+    #[test]
+    fn an_unchanged_cluster_gets_an_identical_status_later() {
+        let step = Step::Wait(WaitReason::LearnerCatchingUp(4));
+        let nothing = Execution {
+            outcome: Outcome::Nothing,
+            bootstrap: None,
+        };
+        let first = cluster_status(&valid(), &observed(), &step, &nothing, None, None, &at(100));
+        let later = cluster_status(&valid(), &observed(), &step, &nothing, None, Some(&first), &at(160));
+        assert_eq!(first, later);
+    }
 }

@@ -47,6 +47,32 @@ fn the_crd_has_scale_and_status_subresources_and_printer_columns() -> anyhow::Re
 }
 
 #[test]
+fn the_crd_refuses_cluster_names_that_would_take_another_clusters_peer_service() -> anyhow::Result<()> {
+    let crd = serde_json::to_value(RaftCluster::crd())?;
+    let root = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let rules = root["x-kubernetes-validations"]
+        .as_array()
+        .expect("root validation rules");
+    let rule = rules
+        .iter()
+        .find(|r| r["rule"] == "!self.metadata.name.endsWith('-peer')")
+        .expect("a rule on the name's -peer suffix");
+    assert!(rule["message"].as_str().unwrap().contains("-peer"));
+    Ok(())
+}
+
+#[test]
+fn the_crd_refuses_storage_changes_that_the_statefulset_could_not_follow() -> anyhow::Result<()> {
+    let crd = serde_json::to_value(RaftCluster::crd())?;
+    let storage =
+        &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["storage"];
+    let rule = &storage["x-kubernetes-validations"][0];
+    assert_eq!(rule["rule"], "self == oldSelf");
+    assert!(rule["message"].as_str().unwrap().contains("immutable"));
+    Ok(())
+}
+
+#[test]
 fn a_minimal_cluster_takes_the_documented_defaults() -> anyhow::Result<()> {
     let cluster: RaftCluster = serde_saphyr::from_str(
         "apiVersion: raftkv.dev/v1alpha1\nkind: RaftCluster\nmetadata: {name: demo}\nspec: {}\n",

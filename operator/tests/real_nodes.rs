@@ -56,6 +56,8 @@ struct ProcessCluster {
     replicas: Mutex<u32>,
     pods: Mutex<BTreeMap<u32, PodProcess>>,
     bootstrap: Mutex<Option<BootstrapRecord>>,
+    /// The removed-member marks on claims, by ordinal; they go with their data directory.
+    claim_marks: Mutex<BTreeMap<u32, u64>>,
 }
 
 impl ProcessCluster {
@@ -173,6 +175,14 @@ impl ClusterEffects for ProcessCluster {
             "claim {ordinal} deleted under a running pod"
         );
         let _ = std::fs::remove_dir_all(self.data_dir(ordinal));
+        self.claim_marks.lock().remove(&ordinal);
+        Ok(())
+    }
+
+    async fn mark_claim_removed(&self, ordinal: u32, member_id: u64) -> raftkv_operator::Result<()> {
+        if self.data_dir(ordinal).exists() {
+            self.claim_marks.lock().insert(ordinal, member_id);
+        }
         Ok(())
     }
 
@@ -226,6 +236,7 @@ async fn reconcile_until_converged(
             *cluster.replicas.lock(),
             &pods,
             cluster.claims(),
+            cluster.claim_marks.lock().clone(),
             &reports,
             cluster.bootstrap.lock().clone(),
         );
@@ -265,6 +276,7 @@ async fn planner_and_executor_scale_real_nodes_1_3_5_3_1_without_losing_acknowle
         replicas: Mutex::new(1),
         pods: Mutex::new(BTreeMap::new()),
         bootstrap: Mutex::new(None),
+        claim_marks: Mutex::new(BTreeMap::new()),
     });
     let nodes = HttpNodeClient::new(NodeClientTimeouts::default()).unwrap();
 
