@@ -29,6 +29,7 @@ use crate::jsonpath;
 use crate::kubelet;
 use crate::patch::{self, PatchType};
 use crate::protobuf;
+use crate::rbac;
 use crate::resources::ResourceDef;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{self, EventType, Store, Target, WatchEvent, WatchStart};
@@ -239,6 +240,9 @@ async fn resource_request(
     }
     let ns = p.namespace.clone().unwrap_or_default();
     let ct = content_type(headers);
+    if let Err(err) = authorize(server, method, &p, query, &ct, headers) {
+        return error_response(&err);
+    }
     if !body.is_empty() && ct.starts_with("application/cbor") {
         return error_response(&ApiError::unsupported_media_type(&ct));
     }
@@ -264,6 +268,65 @@ async fn resource_request(
         Ok(response) => response,
         Err(err) => error_response(&err),
     }
+}
+
+/// Checks a request made with a pod's service-account token against RBAC; requests with other
+/// credentials (the administrator's kubeconfig) pass.
+fn authorize(
+    server: &ApiServer,
+    method: &Method,
+    p: &ResourcePath,
+    query: &Query,
+    content_type: &str,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let Some(account) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(rbac::ServiceAccount::from_authorization)
+    else {
+        return Ok(());
+    };
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (method.as_str(), p.name.is_some()) {
+        ("GET", true) => "get",
+        ("GET", false) if watching => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => return Ok(()),
+    };
+    let mut request = rbac::Attributes {
+        verb: verb.to_string(),
+        group: p.group.clone(),
+        resource: p.plural.clone(),
+        subresource: p.subresource.clone(),
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+    };
+    rbac::authorize(&server.store, &account, &request).map_err(ApiError::forbidden)?;
+    // A server-side apply of an object that does not exist creates it, and needs `create` too.
+    let applies = verb == "patch" && PatchType::from_content_type(content_type) == Some(PatchType::Apply);
+    if applies && p.subresource.is_none() {
+        let exists = server
+            .store
+            .resolve(&p.group, &p.version, &p.plural)
+            .is_some_and(|res| {
+                let name = p.name.as_deref().unwrap_or_default();
+                server
+                    .store
+                    .get(&res, p.namespace.as_deref().unwrap_or_default(), name)
+                    .is_ok()
+            });
+        if !exists {
+            request.verb = "create".into();
+            rbac::authorize(&server.store, &account, &request).map_err(ApiError::forbidden)?;
+        }
+    }
+    Ok(())
 }
 
 fn decode(body: &[u8]) -> Result<Value, ApiError> {

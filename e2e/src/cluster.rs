@@ -91,7 +91,7 @@ impl SimClusterBuilder {
             .local_addr()
             .map_err(|e| Error::io("reading the bound address", e))?;
         let kubeconfig = self.kubeconfig.unwrap_or_else(|| root.join("kubeconfig"));
-        write_kubeconfig(&kubeconfig, &format!("http://{address}"))?;
+        write_kubeconfig(&kubeconfig, &format!("http://{address}"), None)?;
         let store = Store::new(self.watch_history.unwrap_or(10_000));
         let shutdown = CancellationToken::new();
         let server = Arc::new(ApiServer {
@@ -111,7 +111,7 @@ impl SimClusterBuilder {
                 store: store.clone(),
                 images: self.images,
                 root: root.clone(),
-                kubeconfig: kubeconfig.clone(),
+                server: format!("http://{address}"),
                 ip_octet: self.ip_octet.unwrap_or_else(kubelet::next_ip_octet),
             },
             shutdown.clone(),
@@ -159,10 +159,16 @@ impl ServiceEndpoint {
     }
 }
 
-fn write_kubeconfig(path: &Path, server: &str) -> Result<()> {
+/// Writes a kubeconfig for `server`: the administrator's (no credentials: every request is
+/// allowed) or, with `token`, a service account's (its requests are checked by [`crate::rbac`]).
+pub(crate) fn write_kubeconfig(path: &Path, server: &str, token: Option<&str>) -> Result<()> {
+    let user = match token {
+        Some(token) => format!("\n    token: {token}"),
+        None => " {}".to_string(),
+    };
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: raftkv-sim\n  cluster:\n    server: {server}\n\
-         users:\n- name: raftkv-sim\n  user: {{}}\ncontexts:\n- name: raftkv-sim\n  context:\n    \
+         users:\n- name: raftkv-sim\n  user:{user}\ncontexts:\n- name: raftkv-sim\n  context:\n    \
          cluster: raftkv-sim\n    user: raftkv-sim\n    namespace: default\ncurrent-context: raftkv-sim\n"
     );
     if let Some(dir) = path.parent() {

@@ -163,7 +163,7 @@ impl ApiError {
         )
     }
 
-    /// 403: the namespace is being deleted and refuses new objects.
+    /// 403: the namespace is being deleted and refuses new objects, or RBAC denies the request.
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(403, "Forbidden", message)
     }

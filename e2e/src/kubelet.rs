@@ -6,8 +6,9 @@
 //!   arguments, and extra host paths for `command` entries that name files inside the image.
 //!   `command` replaces the entrypoint and `args` the default arguments, as in Kubernetes.
 //! - **Environment**: the process sees only `PATH`, `HOME` (the pod's scratch directory),
-//!   `HOSTNAME` (the pod name), `KUBECONFIG` (the simulated cluster's kubeconfig, so kube-rs
-//!   `Config::infer` reaches the simulated API server), `RUST_LOG`/`RUST_BACKTRACE` when set on the
+//!   `HOSTNAME` (the pod name), `KUBECONFIG` (a kubeconfig for the simulated API server carrying
+//!   the pod's service-account token, so kube-rs `Config::infer` reaches the server and RBAC
+//!   applies to what the pod does; none with `automountServiceAccountToken: false`), `RUST_LOG`/`RUST_BACKTRACE` when set on the
 //!   host, the mapping's extra variables and the container's `envFrom`/`env`. `env` supports
 //!   `value` with `$(VAR)` expansion, the downward API (`metadata.name`, `metadata.namespace`,
 //!   `metadata.uid`, `metadata.labels['k']`, `metadata.annotations['k']`, `spec.nodeName`,
@@ -166,8 +167,8 @@ pub struct KubeletConfig {
     pub images: ImageTable,
     /// Root directory for volumes, logs and pod scratch directories.
     pub root: PathBuf,
-    /// The kubeconfig handed to every process.
-    pub kubeconfig: PathBuf,
+    /// The API server's URL, for the kubeconfig each pod's service account gets.
+    pub server: String,
     /// Second octet of pod addresses (127.X.a.b), distinct per cluster in one host.
     pub ip_octet: u8,
 }
@@ -568,6 +569,35 @@ impl PodRuntime {
         }
     }
 
+    /// The kubeconfig carrying the token of the pod's service account, as a real kubelet mounts
+    /// the account's token; none when the pod opts out with `automountServiceAccountToken: false`.
+    fn service_account_kubeconfig(&self) -> Option<PathBuf> {
+        if self.pod["spec"]["automountServiceAccountToken"] == Value::Bool(false) {
+            return None;
+        }
+        let account = crate::rbac::ServiceAccount {
+            namespace: self.ns.clone(),
+            name: self.pod["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string(),
+        };
+        let path = self
+            .shared
+            .config
+            .root
+            .join("serviceaccounts")
+            .join(&account.namespace)
+            .join(format!("{}.kubeconfig", account.name));
+        match crate::cluster::write_kubeconfig(&path, &self.shared.config.server, Some(&account.token())) {
+            Ok(()) => Some(path),
+            Err(error) => {
+                tracing::warn!(%error, "writing the service account's kubeconfig");
+                None
+            }
+        }
+    }
+
     fn environment(&self, container: &Value, mapping: &ImageMapping) -> Vec<(String, String)> {
         let store = &self.shared.config.store;
         let mut env: Vec<(String, String)> = vec![
@@ -577,8 +607,10 @@ impl PodRuntime {
             ),
             ("HOME".into(), self.scratch.display().to_string()),
             ("HOSTNAME".into(), self.name.clone()),
-            ("KUBECONFIG".into(), self.shared.config.kubeconfig.display().to_string()),
         ];
+        if let Some(kubeconfig) = self.service_account_kubeconfig() {
+            env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+        }
         for passthrough in ["RUST_LOG", "RUST_BACKTRACE"] {
             if let Ok(v) = std::env::var(passthrough) {
                 env.push((passthrough.into(), v));

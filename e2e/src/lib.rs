@@ -32,6 +32,7 @@
 //! - [`patch`], [`selector`], [`jsonpath`]: patch flavours, selectors, printer-column paths.
 //! - [`controllers`]: StatefulSet, Deployment and ReplicaSet controllers.
 //! - [`kubelet`]: pods as host processes: images, env, volumes, probes, restarts, logs.
+//! - [`rbac`]: the RBAC authorizer for pods' service-account tokens.
 //! - [`error`]: [`Error`] and [`ApiError`].
 
 pub mod apiserver;
@@ -43,6 +44,7 @@ pub mod jsonpath;
 pub mod kubelet;
 pub mod patch;
 pub mod protobuf;
+pub mod rbac;
 pub mod resources;
 pub mod selector;
 pub mod store;

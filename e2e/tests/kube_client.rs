@@ -311,3 +311,91 @@ async fn finalizers_hold_deletion_and_owner_deletion_cascades() -> anyhow::Resul
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_may_do_only_what_its_role_bindings_allow() -> anyhow::Result<()> {
+    scenario(|cluster, admin| async move {
+        admin
+            .create(
+                &PostParams::default(),
+                &config_map("visible", json!({}), json!({"a": "1"}))?,
+            )
+            .await?;
+        let rbac = json!([
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": {"name": "cm-reader", "namespace": "default"},
+             "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "patch"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": "reader", "namespace": "default"},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm-reader"},
+             "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": "default"}]}
+        ]);
+        let client = cluster.kube_client().await?;
+        for object in rbac.as_array().into_iter().flatten() {
+            let (plural, name) = match object["kind"].as_str() {
+                Some("Role") => ("roles", "cm-reader"),
+                _ => ("rolebindings", "reader"),
+            };
+            let resource = kube::discovery::ApiResource {
+                group: "rbac.authorization.k8s.io".into(),
+                version: "v1".into(),
+                api_version: "rbac.authorization.k8s.io/v1".into(),
+                kind: object["kind"].as_str().unwrap_or_default().into(),
+                plural: plural.into(),
+            };
+            let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), "default", &resource);
+            api.patch(name, &PatchParams::apply("e2e-test"), &Patch::Apply(object))
+                .await?;
+        }
+
+        let as_account = |name: &str| -> anyhow::Result<Api<ConfigMap>> {
+            let mut config = kube::Config::new(cluster.url().parse()?);
+            config.headers.push((
+                http::header::AUTHORIZATION,
+                format!("Bearer serviceaccount:default:{name}").parse()?,
+            ));
+            Ok(Api::namespaced(kube::Client::try_from(config)?, "default"))
+        };
+        let reader = as_account("reader")?;
+        ensure!(
+            reader
+                .get("visible")
+                .await?
+                .data
+                .unwrap_or_default()
+                .get("a")
+                .map(String::as_str)
+                == Some("1")
+        );
+        ensure!(reader.list(&ListParams::default()).await?.items.len() == 1);
+        let forbidden = |result: kube::Result<ConfigMap>| match result {
+            Err(kube::Error::Api(status)) => status.code == 403,
+            _ => false,
+        };
+        // Not in the role: delete; and server-side apply of a missing object, which needs `create`.
+        let deleted = reader.delete("visible", &DeleteParams::default()).await;
+        ensure!(
+            matches!(deleted, Err(kube::Error::Api(ref s)) if s.code == 403),
+            "{deleted:?}"
+        );
+        let apply = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "new"}, "data": {}});
+        let created = reader
+            .patch("new", &PatchParams::apply("reader"), &Patch::Apply(&apply))
+            .await;
+        ensure!(forbidden(created), "apply created an object without create");
+        // Patching an existing object needs only `patch`.
+        let update =
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "visible"}, "data": {"b": "2"}});
+        reader
+            .patch("visible", &PatchParams::apply("reader"), &Patch::Apply(&update))
+            .await?;
+        // Another account of the namespace, with no binding, may do nothing.
+        ensure!(forbidden(as_account("stranger")?.get("visible").await));
+        ensure!(
+            admin.get_opt("new").await?.is_none(),
+            "a denied request changed nothing"
+        );
+        Ok(())
+    })
+    .await
+}

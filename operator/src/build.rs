@@ -606,6 +606,8 @@ pub fn build_statefulset(cluster: &ValidCluster, config: &OperatorConfig, replic
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    // A node never talks to the Kubernetes API: it gets no credentials for it.
+                    automount_service_account_token: Some(false),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(NODE_UID),
