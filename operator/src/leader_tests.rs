@@ -338,3 +338,30 @@ fn the_fallback_identity_differs_between_replicas_with_the_same_host_name() {
     assert_eq!(host(&first), host(&second));
     assert!(!first.starts_with('_'), "{first}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_released_lease_is_taken_over_at_the_next_attempt() {
+    let server = LeaseServer::new(u32::MAX, Afterwards::Serve);
+    let mut holder = elector(server.clone(), "me");
+    within(SECOND, holder.acquire()).await;
+    let mut candidate = elector(server.clone(), "other");
+    assert!(!within(SECOND, candidate.try_acquire_or_renew(Instant::now() + SECOND))
+        .await
+        .unwrap());
+    within(SECOND, holder.release()).await.unwrap();
+    let start = Instant::now();
+    within(SECOND, candidate.acquire()).await;
+    assert!(
+        start.elapsed() < timings().lease_duration,
+        "waited {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        server.lock().unwrap().lease.clone().unwrap()["spec"]["holderIdentity"],
+        "other"
+    );
+    // Releasing a Lease another replica holds changes nothing.
+    let writes = server.lock().unwrap().writes;
+    within(SECOND, holder.release()).await.unwrap();
+    assert_eq!(server.lock().unwrap().writes, writes);
+}

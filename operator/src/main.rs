@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use raftkv_operator::config::{OperatorConfig, PeerAddressing, DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT};
 use raftkv_operator::leader::{fallback_identity, while_leading, LeaderElector, LeaseTimings};
@@ -137,6 +137,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(ended) => {
                 ended.context("controller task panicked")?;
                 info!("controller stopped");
+                // Best effort: a replica that cannot release the Lease leaves it to expire.
+                if let Err(error) = elector.release().await {
+                    warn!(%error, "could not release the leader-election lease");
+                }
             }
         },
         result = server => {
