@@ -64,7 +64,14 @@ impl RunningNode {
             }
             r = &mut self.state_machine => {
                 let error = match r {
-                    Ok(Ok(())) => Error::Codec("the state machine stopped".into()),
+                    // The apply channel closed: the consensus thread is ending, and its result
+                    // says why (a failed WAL write, say).
+                    Ok(Ok(())) => {
+                        self.shutdown.cancel();
+                        let r = self.consensus.await;
+                        for t in self.tasks { let _ = t.await; }
+                        return r.map_err(|e| Error::Codec(format!("consensus thread: {e}")))?;
+                    }
                     Ok(Err(e)) => e,
                     Err(e) => Error::Codec(format!("state machine task: {e}")),
                 };

@@ -53,7 +53,11 @@ async fn campaign(faults: &[Fault], sizes: &[usize], runs: usize, seed: u64) {
                         }
                         reports.push(r);
                     }
-                    Err(e) => failures.push(format!("{fault} n={size} seed {seed}: {e:#}")),
+                    Err(e) => {
+                        // Said at once, not only in the final summary: a campaign runs for hours.
+                        eprintln!("{fault} n={size} run {run}: FAILED (seed {seed}): {e:#}");
+                        failures.push(format!("{fault} n={size} seed {seed}: {e:#}"));
+                    }
                 }
             }
         }
