@@ -642,6 +642,15 @@ impl Consensus {
                 ctx.extend_from_slice(&self.read_ctx_nonce.to_le_bytes());
                 ctx.extend_from_slice(&self.next_read_ctx.to_le_bytes());
                 self.next_read_ctx += 1;
+                tracing::debug!(
+                    member_id = self.identity.id,
+                    ctx = ?ctx,
+                    reads = waiters.len(),
+                    term = self.raw.raft.term,
+                    state = ?self.raw.raft.state,
+                    commit = self.raw.raft.raft_log.committed,
+                    "read index issued"
+                );
                 self.raw.read_index(ctx.clone());
                 self.inflight_reads.insert(
                     ctx,
@@ -661,6 +670,7 @@ impl Consensus {
                 .map(|(ctx, _)| ctx.clone())
                 .collect();
             for ctx in stale {
+                tracing::debug!(member_id = self.identity.id, ctx = ?ctx, term = self.raw.raft.term, "read index asked again");
                 self.raw.read_index(ctx.clone());
                 if let Some(b) = self.inflight_reads.get_mut(&ctx) {
                     b.issued = now;
@@ -732,6 +742,15 @@ impl Consensus {
 
     fn resolve_reads(&mut self, states: Vec<raft::ReadState>) {
         for rs in states {
+            tracing::debug!(
+                member_id = self.identity.id,
+                ctx = ?rs.request_ctx,
+                index = rs.index,
+                term = self.raw.raft.term,
+                state = ?self.raw.raft.state,
+                known = self.inflight_reads.contains_key(&rs.request_ctx),
+                "read index resolved"
+            );
             if let Some(batch) = self.inflight_reads.remove(&rs.request_ctx) {
                 for w in batch.waiters {
                     let _ = w.send(Ok(rs.index));

@@ -184,7 +184,12 @@ async fn run_on(c: &mut FaultCluster, fault: Fault, size: usize, seed: u64) -> R
         let name = format!("{}-n{size}-seed{seed}", fault.to_string().replace([':', '@'], "_"));
         let run =
             json!({"fault": fault.to_string(), "size": size, "seed": seed, "anomalies": anomalies, "proof": proof});
-        Some(recorder.write(&name, run)?)
+        let path = recorder.write(&name, run)?;
+        // The members' own logs go beside the history: what each member decided, and when.
+        for m in &c.members {
+            let _ = std::fs::copy(&m.log, path.with_extension(format!("member-{}.log", m.id)));
+        }
+        Some(path)
     } else {
         None
     };

@@ -97,7 +97,11 @@ impl Member {
             .arg("--addr-file")
             .arg(&addr_file)
             .args(&self.args)
-            .env("RUST_LOG", "info,raft_rs=info")
+            // RAFTKV_MEMBER_LOG sets the members' log filter, to see more of a failing run.
+            .env(
+                "RUST_LOG",
+                std::env::var("RAFTKV_MEMBER_LOG").unwrap_or_else(|_| "info,raft_rs=info".into()),
+            )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
