@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::identity::{self, Identity, Tombstone};
 use crate::kv::{KvState, MemberRole, Membership};
 use crate::metrics::Metrics;
+use crate::read_index::ReadContexts;
 use crate::snapshot::SnapshotStore;
 use crate::state_machine::{write_snapshot, AppliedConfChange, ApplyMsg, Committed};
 use crate::storage::LogStore;
@@ -323,11 +324,8 @@ pub struct Consensus {
     written_hs: HardState,
     pending_reads: Vec<oneshot::Sender<Result<u64, NotProposed>>>,
     inflight_reads: HashMap<Vec<u8>, ReadBatch>,
-    /// Read-index contexts are this process's random nonce followed by a counter. The leader
-    /// keys pending reads by context bytes alone and ignores a duplicate, so contexts must not
-    /// repeat across members or across runs of one member.
-    read_ctx_nonce: u64,
-    next_read_ctx: u64,
+    /// Contexts for read-index rounds, none ever sent twice (see [`crate::read_index`]).
+    read_contexts: ReadContexts,
     leader_commit: u64,
     last_leader: u64,
     removed: bool,
@@ -462,8 +460,7 @@ impl Consensus {
             written_hs: hard_state,
             pending_reads: Vec::new(),
             inflight_reads: HashMap::new(),
-            read_ctx_nonce: rand::random(),
-            next_read_ctx: 1,
+            read_contexts: ReadContexts::new(),
             leader_commit: 0,
             last_leader: 0,
             removed: false,
@@ -638,27 +635,10 @@ impl Consensus {
                 }
             } else {
                 // One read-index round serves every read that arrived since the last one.
-                let mut ctx = Vec::with_capacity(16);
-                ctx.extend_from_slice(&self.read_ctx_nonce.to_le_bytes());
-                ctx.extend_from_slice(&self.next_read_ctx.to_le_bytes());
-                self.next_read_ctx += 1;
-                tracing::debug!(
-                    member_id = self.identity.id,
-                    ctx = ?ctx,
-                    reads = waiters.len(),
-                    term = self.raw.raft.term,
-                    state = ?self.raw.raft.state,
-                    commit = self.raw.raft.raft_log.committed,
-                    "read index issued"
-                );
-                self.raw.read_index(ctx.clone());
-                self.inflight_reads.insert(
-                    ctx,
-                    ReadBatch {
-                        waiters,
-                        issued: Instant::now(),
-                    },
-                );
+                self.send_read_index(ReadBatch {
+                    waiters,
+                    issued: Instant::now(),
+                });
             }
         }
         let now = Instant::now();
@@ -670,13 +650,32 @@ impl Consensus {
                 .map(|(ctx, _)| ctx.clone())
                 .collect();
             for ctx in stale {
-                tracing::debug!(member_id = self.identity.id, ctx = ?ctx, term = self.raw.raft.term, "read index asked again");
-                self.raw.read_index(ctx.clone());
-                if let Some(b) = self.inflight_reads.get_mut(&ctx) {
-                    b.issued = now;
+                if let Some(mut batch) = self.inflight_reads.remove(&ctx) {
+                    tracing::debug!(member_id = self.identity.id, old_ctx = ?ctx, term = self.raw.raft.term, "read index asked again");
+                    batch.issued = now;
+                    self.send_read_index(batch);
                 }
             }
         }
+    }
+
+    /// Asks Raft for a read index on behalf of `batch`.
+    ///
+    /// SAFETY OF READS: every round, a retry included, takes a context never sent before; a
+    /// context sent twice can let a deposed leader confirm a read (see [`crate::read_index`]).
+    fn send_read_index(&mut self, batch: ReadBatch) {
+        let ctx = self.read_contexts.next_context();
+        tracing::debug!(
+            member_id = self.identity.id,
+            ctx = ?ctx,
+            reads = batch.waiters.len(),
+            term = self.raw.raft.term,
+            state = ?self.raw.raft.state,
+            commit = self.raw.raft.raft_log.committed,
+            "read index issued"
+        );
+        self.raw.read_index(ctx.clone());
+        self.inflight_reads.insert(ctx, batch);
     }
 
     fn on_ready(&mut self) -> Result<()> {

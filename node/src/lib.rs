@@ -7,6 +7,7 @@
 //! - [`consensus`]: the thread that owns the Raft `RawNode`; runs the `Ready` loop in raft-rs's
 //!   order, persists to the WAL before anything depends on it, applies membership changes.
 //! - [`wal`]: the write-ahead log: segmented, checksummed, torn-tail recovery.
+//! - [`read_index`]: contexts for ReadIndex rounds, and why none may be sent twice.
 //! - [`storage`]: the Raft log as raft-rs reads it (the in-memory tail after the last snapshot).
 //! - [`snapshot`]: snapshot files: atomic creation, streaming reception, retention.
 //! - [`state_machine`]: applies committed batches to the key-value state and answers waiting clients.
@@ -34,6 +35,7 @@ pub mod kv;
 pub mod local;
 pub mod metrics;
 pub mod node;
+pub mod read_index;
 pub mod snapshot;
 pub mod state_machine;
 pub mod storage;
