@@ -130,6 +130,17 @@ pub async fn run(fault: Fault, size: usize, seed: u64) -> Result<RunReport> {
     if result.as_ref().map_or(true, |r| !r.anomalies.is_empty()) {
         c.dump_logs();
     }
+    if result.is_err() {
+        // The members' whole logs, for a run that could not finish (a tail rarely says why).
+        let dir = super::history::histories_dir();
+        let name = format!("{}-n{size}-seed{seed}", fault.to_string().replace([':', '@'], "_"));
+        if std::fs::create_dir_all(&dir).is_ok() {
+            for m in &c.members {
+                let _ = std::fs::copy(&m.log, dir.join(format!("{name}.member-{}.log", m.id)));
+            }
+            eprintln!("members' logs: {}/{name}.member-*.log", dir.display());
+        }
+    }
     let stopped = c.shutdown().await;
     let report = result?;
     stopped.context("stopping the cluster")?;
