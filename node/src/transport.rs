@@ -437,10 +437,31 @@ fn check_cluster(ctx: &TransportContext, headers: &HeaderMap) -> Result<(), Box<
     Ok(())
 }
 
+/// How long a refused request's body is still read, so that its refusal reaches the sender.
+const REFUSAL_DRAIN: Duration = Duration::from_secs(5);
+
+/// Answers a peer request with `refusal` while its body is still arriving. The rest of the body
+/// is read and discarded (for a few seconds at most) rather than left unread: a connection
+/// closed with unread data is reset, and the reset can destroy the refusal before the sender
+/// reads it. A removed member learns of its removal from exactly such a refusal.
+fn refuse(
+    body: impl futures::Stream<Item = Result<Bytes, axum::Error>> + Send + 'static,
+    refusal: Response,
+) -> Response {
+    tokio::spawn(async move {
+        let drained = async {
+            futures::pin_mut!(body);
+            while let Some(Ok(_)) = body.next().await {}
+        };
+        let _ = tokio::time::timeout(REFUSAL_DRAIN, drained).await;
+    });
+    refusal
+}
+
 /// `POST /raft/stream`: steps every message of an endless body into consensus.
 pub async fn receive_stream(State(ctx): State<TransportContext>, headers: HeaderMap, body: Body) -> Response {
     if let Err(resp) = check_cluster(&ctx, &headers) {
-        return *resp;
+        return refuse(body.into_data_stream(), *resp);
     }
     let from = headers
         .get(FROM_HEADER)
@@ -475,23 +496,25 @@ pub async fn receive_stream(State(ctx): State<TransportContext>, headers: Header
         buf.extend_from_slice(&chunk);
         let msgs = match decode_frames(&mut buf) {
             Ok(m) => m,
-            Err(e) => return crate::api::json_error(StatusCode::BAD_REQUEST, "bad_frame", e),
+            Err(e) => return refuse(stream, crate::api::json_error(StatusCode::BAD_REQUEST, "bad_frame", e)),
         };
         for msg in msgs {
             // A stream opened before its sender was removed must end as soon as it is.
             if ctx.removed.read().contains(&msg.from) {
-                return crate::api::json_error(
+                let gone = crate::api::json_error(
                     StatusCode::GONE,
                     "member_removed",
                     format!("member {} was removed from this cluster", msg.from),
                 );
+                return refuse(stream, gone);
             }
             if msg.to != ctx.self_id {
-                return crate::api::json_error(
+                let wrong = crate::api::json_error(
                     StatusCode::BAD_REQUEST,
                     "wrong_member",
                     format!("message for member {} reached member {}", msg.to, ctx.self_id),
                 );
+                return refuse(stream, wrong);
             }
             if ctx.inbox.send_async(RaftInput::Peer(msg)).await.is_err() {
                 return StatusCode::SERVICE_UNAVAILABLE.into_response();
@@ -503,7 +526,7 @@ pub async fn receive_stream(State(ctx): State<TransportContext>, headers: Header
 /// `POST /raft/snapshot`: writes the streamed snapshot to disk, verifies it, then steps the message.
 pub async fn receive_snapshot(State(ctx): State<TransportContext>, headers: HeaderMap, body: Body) -> Response {
     if let Err(resp) = check_cluster(&ctx, &headers) {
-        return *resp;
+        return refuse(body.into_data_stream(), *resp);
     }
     match receive_snapshot_inner(&ctx, body).await {
         Ok(()) => StatusCode::OK.into_response(),
