@@ -349,11 +349,13 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
             if needs_snapshot {
                 let rest: Vec<usize> = c.live();
                 let floor = c.status_max(&rest, "applied_index").await;
+                // Every other member, not just one, must have compacted past it: whichever
+                // leads when it returns must send a snapshot rather than entries.
                 wait_until(
                     "the cluster to compact past the stopped member",
                     RECOVERY_DEADLINE,
                     || async {
-                        let snap = c.status_max(&rest, "snapshot_index").await;
+                        let snap = c.status_min(&rest, "snapshot_index").await;
                         (snap > floor + SNAPSHOT_CATCHUP + 5).then_some(())
                     },
                 )
@@ -437,6 +439,19 @@ impl FaultCluster {
             max = max.max(status_u64(self, i, field).await.unwrap_or(0));
         }
         max
+    }
+
+    /// The smallest `field` among members `group` (0 when one does not answer).
+    async fn status_min(&self, group: &[usize], field: &str) -> u64 {
+        let mut min = u64::MAX;
+        for &i in group {
+            min = min.min(status_u64(self, i, field).await.unwrap_or(0));
+        }
+        if min == u64::MAX {
+            0
+        } else {
+            min
+        }
     }
 }
 
