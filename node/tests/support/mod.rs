@@ -1,6 +1,7 @@
-//! A cluster of real `raftkv-node` processes on 127.0.0.1 for integration tests: each member in
-//! its own temporary data directory, bound to port 0 first and to the same ports on restart, its
-//! output in a log file printed when a test fails. Every process is killed when the test ends.
+//! A cluster of real `raftkv-node` processes on loopback for integration tests: each member in
+//! its own temporary data directory, on its own loopback address, bound to port 0 first and to the
+//! same ports on restart, its output in a log file printed when a test fails. Every process is
+//! killed when the test ends.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -48,6 +49,27 @@ where
     }
 }
 
+/// A loopback address of 127.0.0.0/8 other than 127.0.0.1, drawn at random for one member.
+///
+/// A restarted member binds the ports it had before. On 127.0.0.1 another process's outgoing
+/// connection may meanwhile have been given one of them as its source port (connections to any
+/// loopback address leave from 127.0.0.1), and the restart fails with "address in use"; no
+/// connection leaves from an address of its own.
+pub fn member_ip() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(
+        127,
+        rand::random_range(1..=254),
+        rand::random(),
+        rand::random_range(1..=254),
+    )
+}
+
+fn is_backtrace_frame(line: &str) -> bool {
+    let t = line.trim_start();
+    let indented = t.len() < line.len();
+    indented && (t.starts_with("at ") || t.split_once(": ").is_some_and(|(n, _)| n.parse::<u32>().is_ok()))
+}
+
 /// One member process.
 pub struct Member {
     pub id: u64,
@@ -62,15 +84,16 @@ pub struct Member {
 }
 
 impl Member {
-    /// Starts a member on fresh ports and waits until it listens.
+    /// Starts a member on fresh ports of its own loopback address and waits until it listens.
     pub async fn spawn(root: &Path, name: &str, args: &[&str]) -> Result<Member> {
         let dir = root.join(name);
+        let ip = member_ip();
         let mut m = Member {
             id: 0,
             log: root.join(format!("{name}.log")),
             dir,
-            client_addr: "127.0.0.1:0".into(),
-            peer_addr: "127.0.0.1:0".into(),
+            client_addr: format!("{ip}:0"),
+            peer_addr: format!("{ip}:0"),
             env: Vec::new(),
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
@@ -221,9 +244,11 @@ impl Member {
             .expect("run raftkv-node")
     }
 
+    /// The last 60 lines of the member's output, without backtrace frames, so that an error
+    /// printed before its backtrace stays in view.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
+        let lines: Vec<&str> = text.lines().filter(|l| !is_backtrace_frame(l)).collect();
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
 }
