@@ -57,6 +57,10 @@ pub struct NodeConfig {
     /// bind port 0).
     #[arg(long, env = "RAFTKV_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// Shut down, as on SIGTERM, once the process with this id is no longer the parent: `local`
+    /// passes its own id so that its members never outlive it, however it ended.
+    #[arg(long, hide = true)]
+    pub stop_with_parent: Option<u32>,
 }
 
 impl NodeConfig {

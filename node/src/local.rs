@@ -11,6 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
 
 /// Prints a line for the user; a closed stdout (a pipe whose reader left) is not an error
 /// worth stopping the cluster for.
@@ -76,6 +77,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             .arg(format!("127.0.0.1:{peer}"))
             .arg("--initial-cluster")
             .arg(&initial)
+            .arg("--stop-with-parent")
+            .arg(std::process::id().to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -119,8 +122,14 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         Err(e) => warn_user!("warning: {e:#}"),
     }
     let exited = wait_any_exit(&mut children);
+    // Ctrl-C, `kill`, `timeout` and a closed terminal all stop the members the same way; should
+    // this process die without a chance to (SIGKILL), the members notice their parent is gone.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => say!("stopping..."),
+        _ = term.recv() => say!("SIGTERM: stopping..."),
+        _ = hangup.recv() => say!("SIGHUP: stopping..."),
         (i, status) = exited => warn_user!("member {i} exited ({status}); stopping the others"),
     }
     stop_all(&mut children).await;

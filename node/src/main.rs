@@ -56,18 +56,36 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Local(args)) => local::run(args).await,
         None => {
+            let parent = cli.node.stop_with_parent;
             let node = raftkv_node::node::start(cli.node).await?;
-            node.run_until(shutdown_signal()).await?;
+            node.run_until(shutdown_signal(parent)).await?;
             Ok(())
         }
     }
 }
 
-async fn shutdown_signal() {
+async fn shutdown_signal(parent: Option<u32>) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing the SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = parent_gone(parent) => tracing::warn!(parent, "the launching process is gone; shutting down"),
+    }
+}
+
+/// Resolves once `parent` is no longer this process's parent (it exited, even by SIGKILL, and
+/// the process was reparented); never without a parent to watch. Polled rather than armed with
+/// `PR_SET_PDEATHSIG` so that it works on every Unix and needs no `unsafe` `pre_exec`.
+async fn parent_gone(parent: Option<u32>) {
+    let Some(parent) = parent else {
+        return std::future::pending().await;
+    };
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        every.tick().await;
+        if std::os::unix::process::parent_id() != parent {
+            return;
+        }
     }
 }

@@ -8,6 +8,8 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
+use std::os::unix::process::ExitStatusExt;
 use support::{wait_until, BIN, DEADLINE};
 
 /// A base port whose member ports (base+1..=base+3, base+101..=base+103) are free on 127.0.0.1.
@@ -77,19 +79,25 @@ async fn start_local(base: u16, data: &std::path::Path) -> (Launcher, Vec<String
 }
 
 /// Sends Ctrl-C to the launcher and waits until it and its members are gone.
-async fn stop_local(mut launcher: Launcher, base: u16) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(launcher.0.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+async fn stop_local(launcher: Launcher, base: u16) {
+    signal_local(launcher, base, Signal::SIGINT).await;
+}
+
+/// Sends `signal` to the launcher and waits until it and its members are gone; the launcher
+/// exits cleanly unless the signal is SIGKILL.
+async fn signal_local(mut launcher: Launcher, base: u16, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.0.id() as i32), signal).unwrap();
     let status = wait_until("the launcher to exit", DEADLINE, || {
         let r = launcher.0.try_wait();
         async move { r.ok().flatten() }
     })
     .await
     .unwrap();
-    assert!(status.success(), "{status}");
+    if signal == Signal::SIGKILL {
+        assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "{status}");
+    } else {
+        assert!(status.success(), "{status}");
+    }
     // Every member stopped: their ports are free again.
     for i in 1..=3 {
         let port = base + i;
@@ -190,4 +198,27 @@ async fn a_member_that_lost_its_data_is_refused_rather_than_bootstrapped_again()
     );
     assert!(log.contains("members [2] have none"), "{log}");
     assert!(!data.path().join("node-2").exists(), "no member was started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_stop_with_the_launcher_on_sigterm_and_even_on_sigkill() {
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        let data = tempfile::tempdir().unwrap();
+        let base = free_base_port();
+        let (launcher, _) = start_local(base, data.path()).await;
+        put(base, 2, "before", "stop").await;
+        // SIGTERM: the launcher stops its members as on Ctrl-C. SIGKILL: it gets no chance, and
+        // each member shuts down on noticing its parent is gone; either way no port stays taken.
+        signal_local(launcher, base, signal).await;
+        for i in 1..=3 {
+            let peer = base + 100 + i;
+            wait_until(
+                "the member's peer port to be released",
+                Duration::from_secs(20),
+                || async move { TcpListener::bind(("127.0.0.1", peer)).ok().map(|_| ()) },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("after {signal}: {e:#}"));
+        }
+    }
 }
