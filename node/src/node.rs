@@ -55,36 +55,44 @@ impl RunningNode {
     /// Waits until the consensus thread or the state machine stops on its own (a fatal storage
     /// error) or `stop` fires.
     pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
-        tokio::select! {
+        // The consensus thread ended, or the state machine ended cleanly because the apply
+        // channel closed, which means consensus is ending: either way its result says why (a
+        // failed WAL write, say).
+        let consensus = tokio::select! {
             r = &mut self.consensus => {
                 self.shutdown.cancel();
                 let _ = self.state_machine.await;
-                for t in self.tasks { let _ = t.await; }
-                return r.map_err(|e| Error::Codec(format!("consensus thread: {e}")))?;
+                r
             }
-            r = &mut self.state_machine => {
-                let error = match r {
-                    // The apply channel closed: the consensus thread is ending, and its result
-                    // says why (a failed WAL write, say).
-                    Ok(Ok(())) => {
-                        self.shutdown.cancel();
-                        let r = self.consensus.await;
-                        for t in self.tasks { let _ = t.await; }
-                        return r.map_err(|e| Error::Codec(format!("consensus thread: {e}")))?;
-                    }
-                    Ok(Err(e)) => e,
-                    Err(e) => Error::Codec(format!("state machine task: {e}")),
-                };
-                tracing::error!(member_id = self.id, %error, "state machine failed; stopping the member");
-                self.shutdown.cancel();
-                let _ = self.inbox.send_async(RaftInput::Shutdown).await;
-                let _ = self.consensus.await;
-                for t in self.tasks { let _ = t.await; }
-                return Err(error);
-            }
-            _ = stop => {}
+            r = &mut self.state_machine => match r {
+                Ok(Ok(())) => {
+                    self.shutdown.cancel();
+                    self.consensus.await
+                }
+                Ok(Err(e)) => return self.stop_after_state_machine_failed(e).await,
+                Err(e) => {
+                    let error = Error::Codec(format!("state machine task: {e}"));
+                    return self.stop_after_state_machine_failed(error).await;
+                }
+            },
+            _ = stop => return self.shutdown().await,
+        };
+        for t in self.tasks {
+            let _ = t.await;
         }
-        self.shutdown().await
+        consensus.map_err(|e| Error::Codec(format!("consensus thread: {e}")))?
+    }
+
+    /// The state machine failed while consensus runs on: stops the member and returns `error`.
+    async fn stop_after_state_machine_failed(self, error: Error) -> Result<()> {
+        tracing::error!(member_id = self.id, %error, "state machine failed; stopping the member");
+        self.shutdown.cancel();
+        let _ = self.inbox.send_async(RaftInput::Shutdown).await;
+        let _ = self.consensus.await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        Err(error)
     }
 
     /// Stops accepting requests, stops consensus (syncing the WAL), and waits for every task.
