@@ -132,19 +132,34 @@ pub async fn run(fault: Fault, size: usize, seed: u64) -> Result<RunReport> {
     }
     if result.is_err() {
         // The members' whole logs, for a run that could not finish (a tail rarely says why).
-        let dir = super::history::histories_dir();
-        let name = format!("{}-n{size}-seed{seed}", fault.to_string().replace([':', '@'], "_"));
-        if std::fs::create_dir_all(&dir).is_ok() {
-            for m in &c.members {
-                let _ = std::fs::copy(&m.log, dir.join(format!("{name}.member-{}.log", m.id)));
-            }
-            eprintln!("members' logs: {}/{name}.member-*.log", dir.display());
+        let name = run_name(fault, size, seed);
+        if save_member_logs(&c, &name).is_ok() {
+            eprintln!(
+                "members' logs: {}/{name}.member-*.log",
+                super::history::histories_dir().display()
+            );
         }
     }
     let stopped = c.shutdown().await;
     let report = result?;
     stopped.context("stopping the cluster")?;
     Ok(report)
+}
+
+/// What a run's files in the histories directory are named after.
+fn run_name(fault: Fault, size: usize, seed: u64) -> String {
+    format!("{}-n{size}-seed{seed}", fault.to_string().replace([':', '@'], "_"))
+}
+
+/// Copies every member's log to `<histories>/<name>.member-<id>.log`, as many as can be; fails
+/// only when there is no directory to copy them to.
+fn save_member_logs(c: &FaultCluster, name: &str) -> std::io::Result<()> {
+    let dir = super::history::histories_dir();
+    std::fs::create_dir_all(&dir)?;
+    for m in &c.members {
+        let _ = std::fs::copy(&m.log, dir.join(format!("{name}.member-{}.log", m.id)));
+    }
+    Ok(())
 }
 
 async fn run_on(c: &mut FaultCluster, fault: Fault, size: usize, seed: u64) -> Result<RunReport> {
@@ -192,14 +207,12 @@ async fn run_on(c: &mut FaultCluster, fault: Fault, size: usize, seed: u64) -> R
     anomalies.extend(checked.anomalies);
     let (ok, fail, unknown) = count(&ops);
     let history = if !anomalies.is_empty() || std::env::var_os("RAFTKV_FAULT_KEEP_HISTORIES").is_some() {
-        let name = format!("{}-n{size}-seed{seed}", fault.to_string().replace([':', '@'], "_"));
+        let name = run_name(fault, size, seed);
         let run =
             json!({"fault": fault.to_string(), "size": size, "seed": seed, "anomalies": anomalies, "proof": proof});
         let path = recorder.write(&name, run)?;
         // The members' own logs go beside the history: what each member decided, and when.
-        for m in &c.members {
-            let _ = std::fs::copy(&m.log, path.with_extension(format!("member-{}.log", m.id)));
-        }
+        let _ = save_member_logs(c, &name);
         Some(path)
     } else {
         None
@@ -432,26 +445,23 @@ async fn status_u64(c: &FaultCluster, i: usize, field: &str) -> Option<u64> {
 }
 
 impl FaultCluster {
+    /// `field` of each member of `group`, 0 for one that does not answer.
+    async fn status_values(&self, group: &[usize], field: &str) -> Vec<u64> {
+        let mut values = Vec::with_capacity(group.len());
+        for &i in group {
+            values.push(status_u64(self, i, field).await.unwrap_or(0));
+        }
+        values
+    }
+
     /// The largest `field` among members `group`.
     async fn status_max(&self, group: &[usize], field: &str) -> u64 {
-        let mut max = 0;
-        for &i in group {
-            max = max.max(status_u64(self, i, field).await.unwrap_or(0));
-        }
-        max
+        self.status_values(group, field).await.into_iter().max().unwrap_or(0)
     }
 
     /// The smallest `field` among members `group` (0 when one does not answer).
     async fn status_min(&self, group: &[usize], field: &str) -> u64 {
-        let mut min = u64::MAX;
-        for &i in group {
-            min = min.min(status_u64(self, i, field).await.unwrap_or(0));
-        }
-        if min == u64::MAX {
-            0
-        } else {
-            min
-        }
+        self.status_values(group, field).await.into_iter().min().unwrap_or(0)
     }
 }
 
