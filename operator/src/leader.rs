@@ -319,9 +319,7 @@ impl LeaderElector {
             }
         }
     }
-}
 
-impl LeaderElector {
     /// Gives the Lease up once this replica stopped reconciling (on SIGTERM), so that another
     /// replica takes over at its next attempt rather than a whole lease duration later. Only a
     /// Lease this replica still holds is touched, and the write carries the resourceVersion read.
