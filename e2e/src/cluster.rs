@@ -105,7 +105,7 @@ impl SimClusterBuilder {
                 tracing::error!(error = %e, "API server stopped");
             }
         });
-        let controllers_task = controllers::spawn(store.clone(), shutdown.clone());
+        let controllers_task = controllers::spawn(store.clone(), root.clone(), shutdown.clone());
         let kubelet_task = kubelet::spawn(
             KubeletConfig {
                 store: store.clone(),
@@ -275,9 +275,9 @@ impl SimCluster {
             .join("\n")
     }
 
-    /// The host directory backing a PersistentVolumeClaim.
-    pub fn pvc_dir(&self, namespace: &str, claim: &str) -> PathBuf {
-        kubelet::pvc_path(&self.root, namespace, claim)
+    /// The host directory of the volume a PersistentVolumeClaim is bound to.
+    pub fn pvc_dir(&self, namespace: &str, claim: &str) -> Result<PathBuf> {
+        kubelet::claim_path(&self.store, namespace, claim)
     }
 
     /// The ready endpoints of a Service: the ready pods its selector picks (all of them when

@@ -8,8 +8,10 @@
 //! - pods `<name>-<ordinal>` for ordinals below `spec.replicas`, all at once (every
 //!   `podManagementPolicy` behaves as `Parallel`); a deleted pod is recreated with the same name
 //!   once the old one is gone; pods above the count are deleted;
-//! - PVCs `<template>-<name>-<ordinal>` from `volumeClaimTemplates`, created before their pod,
-//!   kept on scale-down and on deletion unless `persistentVolumeClaimRetentionPolicy` says `Delete`;
+//! - PVCs `<template>-<name>-<ordinal>` from `volumeClaimTemplates`, created before their pod
+//!   (and again for a pod whose claim is gone), kept on scale-down and on deletion unless
+//!   `persistentVolumeClaimRetentionPolicy` says `Delete`; a pod whose claim is being deleted is
+//!   not created until the claim is gone;
 //! - the revision is `<name>-<hash of spec.template>`, carried by each pod's
 //!   `controller-revision-hash` label. `RollingUpdate` replaces outdated pods at or above the
 //!   partition one at a time, highest ordinal first, only while every pod is Ready; `OnDelete`
@@ -20,6 +22,7 @@
 //! the newest gets `spec.replicas`, older ones are scaled to zero once it is fully ready
 //! (immediately with `Recreate`). ReplicaSets keep `spec.replicas` pods named `<rs>-<suffix>`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,13 +33,17 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ApiError;
 use crate::resources::ResourceDef;
 use crate::store::{self, now_rfc3339, DeleteOptions, Store, Target};
+use crate::volumes::Volumes;
 
-/// Starts the controllers; they stop when `shutdown` is cancelled.
-pub fn spawn(store: Arc<Store>, shutdown: CancellationToken) -> JoinHandle<()> {
+/// Starts the controllers, the storage ones keeping volume directories under `root`; they stop
+/// when `shutdown` is cancelled.
+pub fn spawn(store: Arc<Store>, root: PathBuf, shutdown: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut events = store.subscribe();
+        let volumes = Volumes::new(store.clone(), root);
         let controllers = Controllers::new(store);
         loop {
+            volumes.reconcile();
             controllers.reconcile_all();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -245,9 +252,13 @@ impl Controllers {
         let claim_name = |template: &Value, ordinal: i64| format!("{}-{name}-{ordinal}", name_of(template));
 
         for ordinal in 0..replicas {
+            // A pod whose claim is being deleted is not created until the claim is gone and a
+            // new one exists: it would otherwise start on the old volume, or wait for it forever.
+            let mut claims_terminating = false;
             for claim in &claims {
                 let claim_name = claim_name(claim, ordinal);
-                if self.store.get(&self.pvcs, ns, &claim_name).is_ok() {
+                if let Ok(existing) = self.store.get(&self.pvcs, ns, &claim_name) {
+                    claims_terminating |= deleting(&existing);
                     continue;
                 }
                 let mut labels = labels_of(claim);
@@ -265,7 +276,13 @@ impl Controllers {
                     self.store.create(&self.pvcs, ns, pvc, false),
                 );
             }
-            if pod_at(ordinal).is_none() {
+            if pod_at(ordinal).is_none() && claims_terminating {
+                tracing::debug!(
+                    statefulset = name,
+                    ordinal,
+                    "a claim of the pod is being deleted; not creating it yet"
+                );
+            } else if pod_at(ordinal).is_none() {
                 let pod_name = format!("{name}-{ordinal}");
                 let mut extra = Map::new();
                 extra.insert("statefulset.kubernetes.io/pod-name".into(), json!(pod_name));

@@ -27,6 +27,9 @@ pub enum Error {
     /// A pod asked for an image that the image table does not map to a host binary.
     #[error("no host binary is mapped for image {0:?}")]
     UnmappedImage(String),
+    /// A pod's claim has no usable volume yet (missing, unbound, or its volume is gone).
+    #[error("volume not ready: {0}")]
+    VolumeNotReady(String),
     /// Encoding or decoding JSON failed.
     #[error(transparent)]
     Json(#[from] serde_json::Error),

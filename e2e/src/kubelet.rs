@@ -28,7 +28,8 @@
 //!   readiness drives the `Ready` condition; liveness failures restart the container.
 //! - **Lifecycle**: a pod being deleted gets SIGTERM (to its process group), then SIGKILL after
 //!   its grace period, and is removed from the store once its processes are gone. A process that
-//!   exits is restarted with exponential backoff (1 s doubling to 30 s) according to
+//!   exits is restarted with a real kubelet's back-off (10 s doubling to 5 minutes, reset after 10
+//!   minutes of running) according to
 //!   `restartPolicy`, counting `restartCount`. Init containers run to completion first, in order.
 //! - **Logs**: stdout and stderr of each container go to [`log_path`], served by `pods/log`.
 
@@ -54,6 +55,14 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use crate::patch::PatchType;
 use crate::store::{self, now_rfc3339, DeleteOptions, Store, Target};
+use crate::volumes;
+
+/// A crashed container's first restart delay, doubled on every crash (the kubelet's own).
+const CRASH_BACKOFF_START: Duration = Duration::from_secs(10);
+/// The longest restart delay.
+const CRASH_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Running this long resets the restart delay.
+const CRASH_BACKOFF_RESET: Duration = Duration::from_secs(600);
 
 /// The one node of the simulated cluster.
 pub const NODE_NAME: &str = "sim-node";
@@ -154,9 +163,31 @@ pub fn log_path(root: &Path, namespace: &str, pod: &str, container: &str) -> Pat
         .join(format!("{container}.log"))
 }
 
-/// The host directory backing a PersistentVolumeClaim.
-pub fn pvc_path(root: &Path, namespace: &str, claim: &str) -> PathBuf {
-    root.join("volumes").join("pvc").join(namespace).join(claim)
+/// Where a container writes its termination message (Kubernetes' default when unset).
+fn termination_message_path(container: &Value) -> String {
+    container["terminationMessagePath"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .unwrap_or("/dev/termination-log")
+        .to_string()
+}
+
+/// The host directory of the volume a PersistentVolumeClaim is bound to.
+pub fn claim_path(store: &Store, namespace: &str, claim: &str) -> Result<PathBuf> {
+    let claims = store.builtin("", "persistentvolumeclaims");
+    let bound = store
+        .get(&claims, namespace, claim)
+        .ok()
+        .filter(volumes::is_bound)
+        .ok_or_else(|| Error::VolumeNotReady(format!("claim {namespace}/{claim} is not bound")))?;
+    let volume_name = bound["spec"]["volumeName"].as_str().unwrap_or_default();
+    let volume = store
+        .get(&store.builtin("", "persistentvolumes"), "", volume_name)
+        .map_err(|_| Error::VolumeNotReady(format!("volume {volume_name} of claim {namespace}/{claim} is missing")))?;
+    volume["spec"]["hostPath"]["path"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or_else(|| Error::VolumeNotReady(format!("volume {volume_name} has no host path")))
 }
 
 /// What the kubelet needs to run pods.
@@ -346,8 +377,98 @@ fn container_state(container: &Value) -> ContainerState {
     }
 }
 
+/// Why the pod's claims cannot be mounted yet (missing, unbound, or being deleted), or `None`
+/// once every one can.
+fn unmountable_claim(store: &Store, pod: &Value, ns: &str) -> Option<String> {
+    let claims = store.builtin("", "persistentvolumeclaims");
+    volumes::claims_of(pod)
+        .iter()
+        .find_map(|claim| volumes::claim_unusable(store.get(&claims, ns, claim).ok().as_ref(), claim))
+}
+
+/// Writes the status of a pod whose volumes are not ready: `Pending`, no address yet, every
+/// container `ContainerCreating` with the reason, as a real kubelet reports a mount that waits.
+fn publish_waiting_for_volumes(store: &Store, pod: &Value, why: &str) {
+    let pods = store.builtin("", "pods");
+    let (ns, name) = ns_name(pod);
+    let Ok(mut current) = store.get(&pods, &ns, &name) else {
+        return;
+    };
+    if uid(&current) != uid(pod) {
+        return;
+    }
+    let waiting = |c: &Value| {
+        json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": false, "started": false,
+            "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating", "message": why}},
+            "lastState": {}})
+    };
+    let list = |field: &str| -> Vec<Value> { pod["spec"][field].as_array().cloned().unwrap_or_default() };
+    let previous = &current["status"];
+    let since = previous["conditions"][0]["lastTransitionTime"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(now_rfc3339);
+    let condition = |kind: &str, value: bool| {
+        json!({"type": kind, "status": if value { "True" } else { "False" }, "lastProbeTime": null,
+            "lastTransitionTime": since})
+    };
+    current["status"] = json!({
+        "phase": "Pending",
+        "conditions": [condition("PodScheduled", true), condition("Initialized", false),
+            condition("ContainersReady", false), condition("Ready", false)],
+        "hostIP": "127.0.0.1",
+        "hostIPs": [{"ip": "127.0.0.1"}],
+        "qosClass": "BestEffort",
+        "initContainerStatuses": list("initContainers").iter().map(waiting).collect::<Vec<_>>(),
+        "containerStatuses": list("containers").iter().map(waiting).collect::<Vec<_>>(),
+    });
+    if let Some(m) = current["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+    }
+    if let Err(e) = store.update(&pods, &ns, &name, current, Target::Status, false) {
+        tracing::debug!(pod = %name, error = %e, "publishing a waiting pod's status");
+    }
+}
+
+/// Waits until every claim of the pod can be mounted; `false` when the pod is stopped first.
+async fn wait_for_volumes(
+    shared: &Shared,
+    pod: &Value,
+    ns: &str,
+    stop: &mut watch::Receiver<Option<Duration>>,
+) -> bool {
+    let store = &shared.config.store;
+    let mut events = store.subscribe();
+    loop {
+        if stop.borrow().is_some() {
+            return false;
+        }
+        let Some(why) = unmountable_claim(store, pod, ns) else {
+            return true;
+        };
+        tracing::debug!(pod = name_of_pod(pod), %why, "waiting for volumes");
+        publish_waiting_for_volumes(store, pod, &why);
+        tokio::select! {
+            _ = stopped(stop) => return false,
+            _ = events.recv() => {
+                while events.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+fn name_of_pod(pod: &Value) -> &str {
+    pod["metadata"]["name"].as_str().unwrap_or_default()
+}
+
 async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Option<Duration>>) {
     let (ns, name) = ns_name(&pod);
+    if !wait_for_volumes(&shared, &pod, &ns, &mut stop).await {
+        remove_if_deleting(&shared.config.store, &pod);
+        tracing::info!(pod = %name, namespace = %ns, "pod stopped before its volumes were ready");
+        return;
+    }
     let ip = shared.addresses.address_of(&ns, &name);
     let root = shared.config.root.clone();
     let scratch = root.join("pods").join(&ns).join(uid(&pod));
@@ -399,10 +520,16 @@ async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Opti
         // Every container finished under restartPolicy Never/OnFailure: the pod stays, completed.
         stopped(&mut stop).await;
     }
-    let store = &shared.config.store;
+    remove_if_deleting(&shared.config.store, &runtime.pod);
+    tracing::info!(pod = %name, namespace = %ns, "pod stopped");
+}
+
+/// Removes the pod from the store once its processes are gone, if it is being deleted.
+fn remove_if_deleting(store: &Store, pod: &Value) {
+    let (ns, name) = ns_name(pod);
     let pods_res = store.builtin("", "pods");
     if let Ok(current) = store.get(&pods_res, &ns, &name) {
-        if uid(&current) == uid(&runtime.pod) && !current["metadata"]["deletionTimestamp"].is_null() {
+        if uid(&current) == uid(pod) && !current["metadata"]["deletionTimestamp"].is_null() {
             let force = DeleteOptions {
                 grace_period_seconds: Some(0),
                 ..Default::default()
@@ -410,7 +537,6 @@ async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Opti
             let _ = store.delete(&pods_res, &ns, &name, &force, false);
         }
     }
-    tracing::info!(pod = %name, namespace = %ns, "pod stopped");
 }
 
 fn prepare_volumes(shared: &Shared, pod: &Value, ns: &str, scratch: &Path) -> Result<BTreeMap<String, PathBuf>> {
@@ -420,7 +546,7 @@ fn prepare_volumes(shared: &Shared, pod: &Value, ns: &str, scratch: &Path) -> Re
     for volume in pod["spec"]["volumes"].as_array().into_iter().flatten() {
         let name = volume["name"].as_str().unwrap_or_default().to_string();
         let dir = if let Some(claim) = volume["persistentVolumeClaim"]["claimName"].as_str() {
-            pvc_path(&shared.config.root, ns, claim)
+            claim_path(store, ns, claim)?
         } else if let Some(path) = volume["hostPath"]["path"].as_str() {
             PathBuf::from(path)
         } else {
@@ -680,8 +806,56 @@ impl PodRuntime {
                 Some((m["mountPath"].as_str()?.trim_end_matches('/').to_string(), dir))
             })
             .collect();
+        let path = termination_message_path(container);
+        mounts.push((path, self.termination_log(container)));
         mounts.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
         mounts
+    }
+
+    /// The host file behind a container's `terminationMessagePath`.
+    fn termination_log(&self, container: &Value) -> PathBuf {
+        let name = container["name"].as_str().unwrap_or_default();
+        self.scratch.join("termination").join(name)
+    }
+
+    /// Empties the container's termination message file before a start, as a real kubelet
+    /// gives every container instance a fresh one.
+    fn reset_termination_log(&self, container: &Value) {
+        let path = self.termination_log(container);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = std::fs::write(&path, b"") {
+            tracing::warn!(pod = %self.name, error = %e, "resetting the termination message file");
+        }
+    }
+
+    /// The termination message of a container instance that ended with `exit_code`: what it
+    /// wrote to its `terminationMessagePath` (at most 4096 bytes), or with
+    /// `terminationMessagePolicy: FallbackToLogsOnError` and a failure, the last 80 lines (at
+    /// most 2048 bytes) of its log.
+    fn termination_message(&self, container: &Value, exit_code: Option<i32>) -> Option<String> {
+        let mut written = std::fs::read(self.termination_log(container)).unwrap_or_default();
+        written.truncate(4096);
+        if !written.is_empty() {
+            return Some(String::from_utf8_lossy(&written).into_owned());
+        }
+        if container["terminationMessagePolicy"] != "FallbackToLogsOnError" || exit_code == Some(0) {
+            return None;
+        }
+        let name = container["name"].as_str().unwrap_or_default();
+        let log = std::fs::read(log_path(&self.shared.config.root, &self.ns, &self.name, name)).ok()?;
+        let text = String::from_utf8_lossy(&log);
+        let lines: Vec<&str> = text.lines().collect();
+        let mut tail = lines[lines.len().saturating_sub(80)..].join("\n");
+        if tail.len() > 2048 {
+            let mut cut = tail.len() - 2048;
+            while !tail.is_char_boundary(cut) {
+                cut += 1;
+            }
+            tail = tail[cut..].to_string();
+        }
+        (!tail.is_empty()).then_some(tail)
     }
 
     fn spawn_process(&self, container: &Value) -> Result<tokio::process::Child> {
@@ -1004,7 +1178,7 @@ async fn run_container(
             .as_u64()
             .unwrap_or(30),
     );
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = CRASH_BACKOFF_START;
     loop {
         if stop.borrow().is_some() {
             return Outcome::Stopped;
@@ -1016,6 +1190,7 @@ async fn run_container(
             .resolve(container["image"].as_str().unwrap_or_default())
             .map(|m| runtime.environment(&container, m))
             .unwrap_or_default();
+        runtime.reset_termination_log(&container);
         let (exit_code, reason) = match runtime.spawn_process(&container) {
             Err(e) => {
                 tracing::warn!(pod = %runtime.name, error = %e, "container failed to start");
@@ -1063,7 +1238,9 @@ async fn run_container(
                             let code = terminate(&mut child, grace).await;
                             runtime.update_container(init, index, |s| {
                                 s.ready = false;
-                                s.state = json!({"terminated": {"exitCode": code.unwrap_or(137), "reason": "Completed",
+                                let code = code.unwrap_or(137);
+                                s.state = json!({"terminated": {"exitCode": code,
+                                    "reason": if code == 0 { "Completed" } else { "Error" },
                                     "startedAt": started_at, "finishedAt": now_rfc3339()}});
                             });
                             return Outcome::Stopped;
@@ -1114,16 +1291,19 @@ async fn run_container(
                     }
                 };
                 let (code, reason) = outcome;
-                let finished = json!({"terminated": {"exitCode": code.unwrap_or(1),
+                let mut finished = json!({"terminated": {"exitCode": code.unwrap_or(1),
                     "reason": if code == Some(0) { "Completed" } else { reason },
                     "startedAt": started_at, "finishedAt": now_rfc3339()}});
+                if let Some(message) = runtime.termination_message(&container, code) {
+                    finished["terminated"]["message"] = json!(message);
+                }
                 runtime.update_container(init, index, |s| {
                     s.ready = false;
                     s.pid = None;
                     s.state = finished.clone();
                 });
-                if started.elapsed() > Duration::from_secs(60) {
-                    backoff = Duration::from_secs(1);
+                if started.elapsed() > CRASH_BACKOFF_RESET {
+                    backoff = CRASH_BACKOFF_START;
                 }
                 (code, reason)
             }
@@ -1150,7 +1330,7 @@ async fn run_container(
             _ = tokio::time::sleep(backoff) => {}
             _ = stopped(&mut stop) => return Outcome::Stopped,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(CRASH_BACKOFF_MAX);
     }
 }
 

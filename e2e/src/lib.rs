@@ -31,6 +31,7 @@
 //! - [`protobuf`]: request bodies in Kubernetes protobuf, as kubectl's typed clients send.
 //! - [`patch`], [`selector`], [`jsonpath`]: patch flavours, selectors, printer-column paths.
 //! - [`controllers`]: StatefulSet, Deployment and ReplicaSet controllers.
+//! - [`volumes`]: PersistentVolume provisioning, binding and reclaiming; claim protection.
 //! - [`kubelet`]: pods as host processes: images, env, volumes, probes, restarts, logs.
 //! - [`rbac`]: the RBAC authorizer for pods' service-account tokens.
 //! - [`error`]: [`Error`] and [`ApiError`].
@@ -49,6 +50,7 @@ pub mod resources;
 pub mod selector;
 pub mod store;
 pub mod table;
+pub mod volumes;
 
 pub use cluster::{eventually, ServiceEndpoint, SimCluster, SimClusterBuilder};
 pub use error::{ApiError, Error, Result};

@@ -245,7 +245,7 @@ impl Store {
             .expect("seeding the node");
         let class = json!({"metadata": {"name": "standard",
                 "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-            "provisioner": "raftkv.dev/host-directory", "reclaimPolicy": "Delete",
+            "provisioner": crate::volumes::PROVISIONER, "reclaimPolicy": "Delete",
             "volumeBindingMode": "Immediate"});
         self.create(&self.builtin("storage.k8s.io", "storageclasses"), "", class, false)
             .expect("seeding the storage class");
@@ -824,15 +824,20 @@ fn apply_defaults(inner: &mut Inner, res: &ResourceDef, object: &mut Value, exis
             }
         }
         "/persistentvolumeclaims" => {
-            let uid = meta(object, "uid");
-            default(object, &["spec", "volumeName"], json!(format!("pvc-{uid}")));
-            default(object, &["spec", "storageClassName"], json!("standard"));
             default(object, &["spec", "volumeMode"], json!("Filesystem"));
-            let modes = object["spec"]["accessModes"].clone();
-            let capacity = object["spec"]["resources"]["requests"].clone();
-            default(object, &["status", "phase"], json!("Bound"));
-            default(object, &["status", "accessModes"], modes);
-            default(object, &["status", "capacity"], capacity);
+            default(object, &["status", "phase"], json!("Pending"));
+            if existing.is_none() {
+                // The DefaultStorageClass admission plugin.
+                default(object, &["spec", "storageClassName"], json!("standard"));
+                // The admission plugin of the same name: a claim in use is not removed until
+                // no pod uses it (see `volumes`).
+                let finalizers = meta_mut(object).entry("finalizers").or_insert_with(|| json!([]));
+                if let Some(list) = finalizers.as_array_mut() {
+                    if !list.iter().any(|f| f == crate::volumes::PVC_PROTECTION) {
+                        list.push(json!(crate::volumes::PVC_PROTECTION));
+                    }
+                }
+            }
         }
         "apps/statefulsets" => {
             default(object, &["spec", "replicas"], json!(1));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, PersistentVolume, PersistentVolumeClaim, Pod, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use raftkv_e2e::{eventually, ImageMapping, SimCluster};
 use serde_json::json;
@@ -121,7 +121,7 @@ async fn statefulset_pods_run_real_processes_and_become_ready() -> anyhow::Resul
         for endpoint in &endpoints {
             std::fs::write(
                 cluster
-                    .pvc_dir("default", &format!("data-{}", endpoint.pod))
+                    .pvc_dir("default", &format!("data-{}", endpoint.pod))?
                     .join("who"),
                 &endpoint.pod,
             )?;
@@ -204,7 +204,7 @@ async fn scaling_down_keeps_volumes_and_deleted_pods_return_with_name_and_addres
             "scale-down keeps PVCs: {names:?}"
         );
 
-        std::fs::write(cluster.pvc_dir("default", "data-web-1").join("kept"), "still here")?;
+        std::fs::write(cluster.pvc_dir("default", "data-web-1")?.join("kept"), "still here")?;
         sets.patch(
             "web",
             &PatchParams::default(),
@@ -217,6 +217,227 @@ async fn scaling_down_keeps_volumes_and_deleted_pods_return_with_name_and_addres
         ensure!(
             body.ends_with("still here"),
             "web-1 came back on its old volume: {body}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// The uid of the pod, once it exists and is ready.
+async fn ready_pod_uid(pods: &Api<Pod>, name: &str, not: Option<&str>) -> anyhow::Result<String> {
+    let found = eventually(WAIT, &format!("{name} to be ready"), || {
+        let pods = pods.clone();
+        let name = name.to_string();
+        let not = not.map(str::to_string);
+        async move {
+            let pod = pods.get(&name).await.ok()?;
+            let ready = pod
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let uid = pod.metadata.uid?;
+            (ready && Some(&uid) != not.as_ref()).then_some(uid)
+        }
+    })
+    .await?;
+    Ok(found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_claim_waits_for_its_pod_and_its_successor_gets_a_new_empty_volume() -> anyhow::Result<()> {
+    scenario(|cluster, client| async move {
+        let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+        let volumes: Api<PersistentVolume> = Api::all(client.clone());
+        sets.create(&PostParams::default(), &statefulset(1)?).await?;
+        ready_replicas(&sets, 1).await?;
+        let first_pod = ready_pod_uid(&pods, "web-0", None).await?;
+        let claim = claims.get("data-web-0").await?;
+        let first_volume = claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_name.clone())
+            .context("bound")?;
+        let volume = volumes.get(&first_volume).await?;
+        ensure!(
+            volume
+                .spec
+                .as_ref()
+                .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+                == Some("Delete"),
+            "the default class deletes released volumes: {volume:?}"
+        );
+        let dir = cluster.pvc_dir("default", "data-web-0")?;
+        std::fs::write(dir.join("old"), "the first volume")?;
+
+        // In use: the claim is only marked for deletion.
+        claims.delete("data-web-0", &DeleteParams::default()).await?;
+        let held = claims.get("data-web-0").await?;
+        ensure!(held.metadata.deletion_timestamp.is_some(), "the claim is terminating");
+        ensure!(
+            held.metadata
+                .finalizers
+                .unwrap_or_default()
+                .iter()
+                .any(|f| f == "kubernetes.io/pvc-protection"),
+            "the protection finalizer holds it"
+        );
+        let still = ready_pod_uid(&pods, "web-0", None).await?;
+        ensure!(still == first_pod, "the pod keeps running on its claim");
+        ensure!(dir.join("old").exists(), "the data stays while the pod uses it");
+
+        // Once the pod is gone, the claim and the volume's data go, and the StatefulSet's new
+        // pod gets a new claim bound to a new, empty volume.
+        pods.delete("web-0", &DeleteParams::default()).await?;
+        let second_pod = ready_pod_uid(&pods, "web-0", Some(&first_pod)).await?;
+        let claim = claims.get("data-web-0").await?;
+        let second_volume = claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_name.clone())
+            .context("bound")?;
+        ensure!(second_volume != first_volume, "a new claim gets a new volume");
+        ensure!(!dir.exists(), "the released volume's data is deleted");
+        ensure!(
+            volumes.get_opt(&first_volume).await?.is_none(),
+            "the released volume is deleted"
+        );
+        let new_dir = cluster.pvc_dir("default", "data-web-0")?;
+        ensure!(std::fs::read_dir(&new_dir)?.next().is_none(), "the new volume is empty");
+        let endpoint = SocketAddr::new(
+            pods.get("web-0")
+                .await?
+                .status
+                .and_then(|s| s.pod_ip)
+                .context("an address")?
+                .parse()?,
+            8080,
+        );
+        let body = http_get(endpoint, "/old").await?;
+        ensure!(
+            body.starts_with("HTTP/1.0 404"),
+            "the new pod does not see the old data: {body}"
+        );
+        ensure!(second_pod != first_pod);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_volume_keeps_its_data_and_is_never_handed_to_a_new_claim() -> anyhow::Result<()> {
+    scenario(|cluster, client| async move {
+        let classes: Api<k8s_openapi::api::storage::v1::StorageClass> = Api::all(client.clone());
+        classes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "keep"},
+                    "provisioner": "raftkv.dev/host-directory", "reclaimPolicy": "Retain"}))?,
+            )
+            .await?;
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+        let volumes: Api<PersistentVolume> = Api::all(client.clone());
+        let claim = |name: &str| -> anyhow::Result<PersistentVolumeClaim> {
+            Ok(serde_json::from_value(json!({"metadata": {"name": name},
+                "spec": {"storageClassName": "keep", "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "1Gi"}}}}))?)
+        };
+        let bound_volume = |claims: Api<PersistentVolumeClaim>| async move {
+            eventually(WAIT, "the claim to be bound", || {
+                let claims = claims.clone();
+                async move {
+                    let c = claims.get("kept").await.ok()?;
+                    (c.status?.phase.as_deref() == Some("Bound")).then_some(c.spec?.volume_name?)
+                }
+            })
+            .await
+        };
+        claims.create(&PostParams::default(), &claim("kept")?).await?;
+        let first = bound_volume(claims.clone()).await?;
+        let dir = cluster.pvc_dir("default", "kept")?;
+        std::fs::write(dir.join("precious"), "yes")?;
+
+        claims.delete("kept", &DeleteParams::default()).await?;
+        eventually(WAIT, "the volume to be released", || {
+            let volumes = volumes.clone();
+            let first = first.clone();
+            async move {
+                let v = volumes.get(&first).await.ok()?;
+                (v.status?.phase.as_deref() == Some("Released")).then_some(())
+            }
+        })
+        .await?;
+        ensure!(dir.join("precious").exists(), "a retained volume keeps its data");
+
+        claims.create(&PostParams::default(), &claim("kept")?).await?;
+        let second = bound_volume(claims.clone()).await?;
+        ensure!(
+            second != first,
+            "a released volume is not handed to a new claim of the same name"
+        );
+        ensure!(
+            std::fs::read_dir(cluster.pvc_dir("default", "kept")?)?.next().is_none(),
+            "the new claim's volume is empty"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_containers_termination_message_is_in_its_status() -> anyhow::Result<()> {
+    scenario(|_cluster, client| async move {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let crashing = |name: &str, policy: &str, script: &str| -> anyhow::Result<Pod> {
+            Ok(serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"containers": [{
+                    "name": "main", "image": "e2e/http-server:1",
+                    "command": ["python3", "-c", script, "/dev/termination-log"],
+                    "terminationMessagePolicy": policy,
+                }]},
+            }))?)
+        };
+        let written = "import sys; open(sys.argv[1], 'w').write('boom: the volume is damaged'); sys.exit(3)";
+        let logged = "import sys; print('starting'); print('last words', file=sys.stderr); sys.exit(2)";
+        pods.create(&PostParams::default(), &crashing("writes", "File", written)?)
+            .await?;
+        pods.create(
+            &PostParams::default(),
+            &crashing("logs", "FallbackToLogsOnError", logged)?,
+        )
+        .await?;
+        async fn terminated(pods: &Api<Pod>, name: &str) -> anyhow::Result<ContainerStateTerminated> {
+            let found = eventually(WAIT, &format!("{name} to have crashed"), || {
+                let pods = pods.clone();
+                let name = name.to_string();
+                async move {
+                    let status = pods.get(&name).await.ok()?.status?;
+                    let container = status.container_statuses?.into_iter().next()?;
+                    let state = container.state.and_then(|s| s.terminated);
+                    let last = container.last_state.and_then(|s| s.terminated);
+                    state.or(last)
+                }
+            })
+            .await?;
+            Ok(found)
+        }
+        let first = terminated(&pods, "writes").await?;
+        ensure!(first.exit_code == 3, "{first:?}");
+        ensure!(
+            first.message.as_deref() == Some("boom: the volume is damaged"),
+            "the file's content is the message: {first:?}"
+        );
+        let second = terminated(&pods, "logs").await?;
+        ensure!(second.exit_code == 2, "{second:?}");
+        let message = second.message.unwrap_or_default();
+        ensure!(
+            message.contains("last words") && message.contains("starting"),
+            "FallbackToLogsOnError takes the log's tail: {message:?}"
         );
         Ok(())
     })

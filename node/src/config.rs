@@ -57,6 +57,11 @@ pub struct NodeConfig {
     /// bind port 0).
     #[arg(long, env = "RAFTKV_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// Where a fatal error's line is also written, for the supervisor to read: on Kubernetes
+    /// the container's `terminationMessagePath` (`/dev/termination-log`), so that
+    /// `kubectl describe pod` and the operator see why the node stopped.
+    #[arg(long, env = "RAFTKV_TERMINATION_MESSAGE_PATH")]
+    pub termination_message_path: Option<PathBuf>,
     /// Shut down, as on SIGTERM, once the process with this id is no longer the parent: `local`
     /// passes its own id so that its members never outlive it, however it ended.
     #[arg(long, hide = true)]

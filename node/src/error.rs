@@ -57,6 +57,24 @@ pub enum Error {
     Codec(String),
 }
 
+impl Error {
+    /// A short, stable code for the kind of failure, with the facts a supervisor acts on as
+    /// `key=value` pairs: the first word of the `[...]` tag on a fatal error's line, which the
+    /// operator reads from the pod's termination message to decide what to do with the volume.
+    pub fn code(&self) -> String {
+        match self {
+            Error::Io { .. } => "io".into(),
+            Error::Wal(WalError::Corrupt { .. }) => "wal_damaged".into(),
+            Error::Wal(_) => "wal".into(),
+            Error::Raft(_) => "raft".into(),
+            Error::Snapshot { .. } => "snapshot_damaged".into(),
+            Error::Removed { id, cluster_id, .. } => format!("removed_member member={id} cluster={cluster_id}"),
+            Error::Config(_) => "config".into(),
+            Error::Codec(_) => "codec".into(),
+        }
+    }
+}
+
 /// Attaches a description of the failed operation to an I/O error.
 pub trait IoContext<T> {
     /// Wraps the error with `context`, computed only on failure.

@@ -1,5 +1,8 @@
 //! `raftkv-node`: run one member, or (`raftkv-node local`) a local cluster of members.
 
+use std::path::Path;
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 use raftkv_node::config::NodeConfig;
 use raftkv_node::local::{self, LocalArgs};
@@ -28,9 +31,48 @@ enum Command {
     Local(LocalArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let termination_log = cli.node.termination_message_path.clone();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return fatal(&anyhow::Error::new(error).context("starting the async runtime"), None),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fatal(&error, termination_log.as_deref()),
+    }
+}
+
+/// Reports a fatal error as one line, `raftkv-node: fatal [code]: what: why: ...`, on stderr and
+/// in the termination message file, and returns the failure exit code. The `[code]` tag is
+/// [`raftkv_node::Error::code`] when the error is the node's own (`[error]` otherwise). A
+/// backtrace is printed only when `RUST_BACKTRACE` asks for one.
+fn fatal(error: &anyhow::Error, termination_log: Option<&Path>) -> ExitCode {
+    let code = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<raftkv_node::Error>())
+        .map_or_else(|| "error".to_string(), raftkv_node::Error::code);
+    let line = format!("raftkv-node: fatal [{code}]: {error:#}").replace('\n', " ");
+    eprintln!("{line}");
+    if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+        eprintln!("{}", error.backtrace());
+    }
+    if let Some(path) = termination_log {
+        // Kubernetes keeps at most 4096 bytes of a termination message.
+        let mut message = line.into_bytes();
+        message.truncate(4096);
+        if let Err(write_error) = std::fs::write(path, message) {
+            eprintln!(
+                "raftkv-node: could not write the termination message to {}: {write_error}",
+                path.display()
+            );
+        }
+    }
+    ExitCode::FAILURE
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
