@@ -438,6 +438,9 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// Where the node container writes why it stopped (Kubernetes' default path).
+pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+
 /// The node's command line. Flags rather than environment, so the pod spec shows the whole
 /// configuration; `$(VAR)` is expanded by the kubelet from the downward-API variables.
 fn node_args(cluster: &ValidCluster, config: &OperatorConfig) -> Vec<String> {
@@ -465,6 +468,8 @@ fn node_env(cluster: &ValidCluster) -> Vec<EnvVar> {
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("POD_IP", "status.podIP"),
+        // The node writes its fatal error there, for `kubectl describe pod` and the operator.
+        value_env("RAFTKV_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH),
     ];
     let raft = &cluster.spec.raft;
     if let Some(v) = raft.snapshot_count {
@@ -540,6 +545,10 @@ pub fn build_statefulset(cluster: &ValidCluster, config: &OperatorConfig, replic
             initial_delay_seconds: Some(10),
             ..http_probe("/healthz", 10, 6)
         }),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
+        // A crash the node could not report itself (a panic, a signal) still leaves the end of
+        // its log as the message.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         resources: spec.resources.clone(),
         volume_mounts: Some(vec![VolumeMount {
             name: DATA_VOLUME.into(),

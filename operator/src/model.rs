@@ -19,7 +19,7 @@ use crate::execute::{execute, ClusterEffects};
 use crate::names::ClusterNames;
 use crate::node_client::{codes, Bootstrapped, Member, MemberKind, Members, NodeApi, NodeMembership, NodeStatus};
 use crate::observe::{assemble, endpoints, query_nodes, PodFacts};
-use crate::plan::{plan, quorum, Desired, Step};
+use crate::plan::{plan, quorum, Desired, FatalCode, PodFailure, Step};
 use crate::{Error, Result};
 
 /// Entries the model's leader commits per tick; larger than [`MAX_LAG`], so a new learner is
@@ -237,6 +237,19 @@ impl World {
                 terminating: false,
                 up_to_date: p.revision == self.template_revision,
                 ip: Some(pod_ip(*o)),
+                // What the kubelet reports for a node that refused its volume.
+                failure: (!p.up).then(|| {
+                    let message = format!(
+                        "raftkv-node: fatal [removed_member member={} cluster={}]: the volume cannot rejoin",
+                        p.member_id, self.cluster_id
+                    );
+                    PodFailure {
+                        code: FatalCode::parse(&message),
+                        message,
+                        restarts: 1,
+                    }
+                }),
+                unready_since: None,
             })
             .collect()
     }

@@ -7,13 +7,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::jiff::Timestamp;
 use tracing::debug;
 
 use crate::config::OperatorConfig;
 use crate::crd::{BootstrapRecord, MemberStatus};
-use crate::names::{ClusterNames, REMOVED_MEMBER_ANNOTATION, REVISION_LABEL};
+use crate::names::{ClusterNames, NODE_CONTAINER, REMOVED_MEMBER_ANNOTATION, REVISION_LABEL};
 use crate::node_client::{Members, NodeApi, NodeMembership, NodeStatus};
-use crate::plan::{MemberObs, MembershipObs, NodeObs, Observed, PodObs};
+use crate::plan::{FatalCode, MemberObs, MembershipObs, NodeObs, Observed, PodFailure, PodObs};
 
 /// What the operator needs to know about one of the cluster's pods.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +31,63 @@ pub struct PodFacts {
     pub up_to_date: bool,
     /// `status.podIP`, once assigned.
     pub ip: Option<String>,
+    /// Why the node container failed, while it is not running or has not been ready since it
+    /// last crashed.
+    pub failure: Option<PodFailure>,
+    /// Since when the pod has not been ready (its `Ready` condition's last transition, or its
+    /// creation); `None` while it is ready.
+    pub unready_since: Option<Timestamp>,
+}
+
+/// The failure of the node container in `pod`, if it crashed and has not been ready since.
+///
+/// The termination message of the latest finished instance says why (the node writes its fatal
+/// line there); a container that is running and ready again has recovered, whatever its
+/// history.
+pub fn pod_failure(pod: &Pod, ready: bool) -> Option<PodFailure> {
+    let status = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == NODE_CONTAINER)?;
+    let state = status.state.as_ref();
+    let running = state.is_some_and(|s| s.running.is_some());
+    let finished = state
+        .and_then(|s| s.terminated.as_ref())
+        .or_else(|| status.last_state.as_ref()?.terminated.as_ref())
+        .filter(|t| t.exit_code != 0);
+    let restarts = status.restart_count.max(0) as u32;
+    if ready || finished.is_none() || running && restarts == 0 {
+        return None;
+    }
+    let waiting = state.and_then(|s| s.waiting.as_ref());
+    let message = finished
+        .and_then(|t| t.message.clone())
+        .filter(|m| !m.trim().is_empty())
+        .map(|m| m.trim().to_string())
+        .or_else(|| {
+            let waiting = waiting?;
+            Some(format!(
+                "{}: {}",
+                waiting.reason.as_deref().unwrap_or("Waiting"),
+                waiting.message.as_deref().unwrap_or_default()
+            ))
+        })
+        .unwrap_or_else(|| {
+            let t = finished.expect("checked above");
+            format!(
+                "exited with code {}{}",
+                t.exit_code,
+                t.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+            )
+        });
+    Some(PodFailure {
+        code: FatalCode::parse(&message),
+        message,
+        restarts,
+    })
 }
 
 /// Facts about `pod`, or `None` when it is not one of this cluster's StatefulSet pods.
@@ -53,6 +111,16 @@ pub fn pod_facts(names: &ClusterNames, pod: &Pod, update_revision: Option<&str>)
         (Some(wanted), Some(has)) => wanted == has,
         _ => true,
     };
+    let unready_since = if ready {
+        None
+    } else {
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            .and_then(|c| c.last_transition_time.as_ref())
+            .or(pod.metadata.creation_timestamp.as_ref())
+            .map(|t| t.0)
+    };
     Some(PodFacts {
         ordinal,
         name,
@@ -60,6 +128,8 @@ pub fn pod_facts(names: &ClusterNames, pod: &Pod, update_revision: Option<&str>)
         terminating: pod.metadata.deletion_timestamp.is_some(),
         up_to_date,
         ip: status.and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
+        failure: pod_failure(pod, ready),
+        unready_since,
     })
 }
 
@@ -161,6 +231,8 @@ pub fn assemble(
                 terminating: p.terminating,
                 up_to_date: p.up_to_date,
                 node,
+                failure: p.failure.clone(),
+                unready_since: p.unready_since,
             };
             (p.ordinal, obs)
         })
@@ -260,6 +332,51 @@ mod tests {
             claim("data-other-4", Some("108"), false),
         ];
         assert_eq!(removed_member_claims(&names, &claims), BTreeMap::from([(1, 105)]));
+    }
+
+    #[test]
+    fn a_crash_looping_node_is_read_from_its_container_status() {
+        let pod = |state: serde_json::Value, ready: bool| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "demo-1"},
+                "status": {
+                    "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" },
+                        "lastTransitionTime": "2026-12-01T10:00:00Z"}],
+                    "containerStatuses": [{"name": NODE_CONTAINER, "image": "x", "imageID": "", "ready": ready,
+                        "restartCount": 2, "state": state,
+                        "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                            "message": "raftkv-node: fatal [wal_damaged]: write-ahead log segment x is corrupt at offset 9\n"}}}],
+                },
+            }))
+            .unwrap()
+        };
+        let names = ClusterNames::new("demo", "ns");
+        let waiting = serde_json::json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s"}});
+        let facts = pod_facts(&names, &pod(waiting, false), None).unwrap();
+        let failure = facts.failure.expect("a failure");
+        assert_eq!(failure.code, Some(FatalCode::WalDamaged));
+        assert_eq!(failure.restarts, 2);
+        assert_eq!(
+            failure.message,
+            "raftkv-node: fatal [wal_damaged]: write-ahead log segment x is corrupt at offset 9"
+        );
+        assert_eq!(
+            facts.unready_since.map(|t| t.to_string()).as_deref(),
+            Some("2026-12-01T10:00:00Z")
+        );
+
+        let running = serde_json::json!({"running": {"startedAt": "2026-12-01T10:01:00Z"}});
+        let recovered = pod_facts(&names, &pod(running.clone(), true), None).unwrap();
+        assert_eq!(
+            (recovered.failure, recovered.unready_since),
+            (None, None),
+            "ready again: recovered"
+        );
+        let restarted = pod_facts(&names, &pod(running, false), None).unwrap();
+        assert!(
+            restarted.failure.is_some(),
+            "running again but not ready since the crash"
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! 1. Bootstrap exactly once: only when no node anywhere belongs to a cluster and the status holds
 //!    no completed bootstrap record; a node found already in a cluster is adopted instead.
 //! 2. Without a leader nothing changes.
-//! 3. A member whose pod came back with a new member id (its volume was lost) is removed first,
-//!    so the pod can join again under its new id.
+//! 3. A member whose pod came back with a new member id (its volume was lost) is replaced: the
+//!    new member joins as a learner and is promoted, then the old id is removed.
 //! 4. Scale-up raises the StatefulSet first; pods below the target join as learners one at a time
 //!    and are promoted once caught up.
 //! 5. Scale-down removes learners, then followers from the highest ordinal down, then the leader
@@ -27,6 +27,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+
+use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{BootstrapRecord, BootstrapState};
 use crate::node_client::{MemberKind, NodeMembership};
@@ -55,6 +57,61 @@ pub struct NodeObs {
     pub peer_url: String,
 }
 
+/// What a node said when it stopped, parsed from the tag of its fatal line
+/// (`raftkv-node: fatal [code key=value ...]: ...`, see the node's `Error::code`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FatalCode {
+    /// The volume holds member `member` of cluster `cluster`, which was removed from it.
+    RemovedMember {
+        /// The removed member's id.
+        member: u64,
+        /// The cluster it was removed from.
+        cluster: u64,
+    },
+    /// The write-ahead log on the volume is damaged.
+    WalDamaged,
+    /// A snapshot on the volume is damaged.
+    SnapshotDamaged,
+    /// Another fatal error, by its code.
+    Other(String),
+}
+
+impl FatalCode {
+    /// The code in a termination message, when the message is a node's fatal line.
+    pub fn parse(message: &str) -> Option<Self> {
+        let tag = message.split_once("fatal [")?.1.split_once(']')?.0;
+        let mut words = tag.split_whitespace();
+        let code = words.next()?;
+        let field = |name: &str| -> Option<u64> {
+            tag.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))?
+                .parse()
+                .ok()
+        };
+        Some(match code {
+            "removed_member" => FatalCode::RemovedMember {
+                member: field("member")?,
+                cluster: field("cluster")?,
+            },
+            "wal_damaged" => FatalCode::WalDamaged,
+            "snapshot_damaged" => FatalCode::SnapshotDamaged,
+            other => FatalCode::Other(other.to_string()),
+        })
+    }
+}
+
+/// Why a pod's node is not running, from its container's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodFailure {
+    /// The node's fatal line (the termination message), or the container's waiting reason and
+    /// message when it left none.
+    pub message: String,
+    /// The fatal line's code, when the message is one.
+    pub code: Option<FatalCode>,
+    /// How often the container has been restarted.
+    pub restarts: u32,
+}
+
 /// One pod of the StatefulSet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodObs {
@@ -68,6 +125,10 @@ pub struct PodObs {
     pub up_to_date: bool,
     /// The node's status, when the pod answered.
     pub node: Option<NodeObs>,
+    /// Why the pod's node stopped, while it has not run again (see [`crate::observe::pod_failure`]).
+    pub failure: Option<PodFailure>,
+    /// Since when the pod has not been ready; `None` while it is.
+    pub unready_since: Option<Timestamp>,
 }
 
 /// One member of the applied membership, as the leader sees it.
@@ -582,11 +643,21 @@ impl Planner<'_> {
         self.check_quorum(step, &after, None)
     }
 
-    /// A member whose pod answers with another member id lost its volume; the pod can only
-    /// rejoin under its new id once the old one is gone.
+    /// A member whose pod answers with another member id lost its volume. Its successor (the
+    /// pod's new member) joins first, as a learner that is then promoted, and only then is the
+    /// old id removed: the cluster never has fewer voters than before the loss, so it keeps
+    /// tolerating a failure while the replacement catches up. A stale learner holds no vote and
+    /// goes at once.
     fn replace_stale_member(&self) -> Option<Step> {
         let stale = self.membership.members.iter().find(|m| {
-            m.id != self.leader_id && m.ordinal.and_then(|o| self.pod_node(o)).is_some_and(|n| n.id != m.id)
+            let successor = m.ordinal.and_then(|o| self.pod_node(o)).filter(|n| n.id != m.id);
+            let successor_votes = successor.is_some_and(|n| {
+                self.membership
+                    .members
+                    .iter()
+                    .any(|s| s.id == n.id && s.kind == MemberKind::Voter)
+            });
+            m.id != self.leader_id && successor.is_some() && (m.kind == MemberKind::Learner || successor_votes)
         })?;
         Some(self.remove(stale, RemovalReason::Replaced))
     }
@@ -677,8 +748,9 @@ impl Planner<'_> {
             }
             let Some(node) = &pod.node else {
                 // A pod on a removed member's volume never answers: its node refuses to start
-                // on the tombstone. Only the claim's mark tells it from a pod still starting.
-                if self.holds_removed_member(ordinal) {
+                // on the tombstone. Its termination message says so, and the claim's mark says
+                // so before the pod has even crashed once.
+                if self.holds_removed_member(ordinal) || self.refuses_removed_volume(pod) {
                     return Some(Step::ResetVolume { ordinal });
                 }
                 continue;
@@ -725,6 +797,24 @@ impl Planner<'_> {
         self.claim_is_memberless(ordinal)
             && self.membership.members.iter().all(|m| m.id != *removed)
             && self.pod_node(ordinal).is_none_or(|n| n.id == *removed)
+    }
+
+    /// Whether the pod's node stopped because its volume holds a member of this cluster that is
+    /// no longer in the membership: that data can never serve again, so the volume may go. A
+    /// removed member that is somehow still listed, or one of another cluster, is left alone
+    /// (and reported): its data may still be needed.
+    fn refuses_removed_volume(&self, pod: &PodObs) -> bool {
+        let Some(FatalCode::RemovedMember { member, cluster }) = pod.failure.as_ref().and_then(|f| f.code.as_ref())
+        else {
+            return false;
+        };
+        let ours = self
+            .observed
+            .bootstrap
+            .as_ref()
+            .and_then(|b| b.cluster_id)
+            .is_some_and(|id| id == *cluster);
+        ours && self.membership.members.iter().all(|m| m.id != *member)
     }
 
     /// Before the StatefulSet grows, the claims it would reuse that belong to no member: they

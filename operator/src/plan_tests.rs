@@ -57,6 +57,8 @@ fn cluster(n: u32, leader: u32) -> Observed {
                     terminating: false,
                     up_to_date: true,
                     node: Some(node(id_of(o), NodeMembership::Voter, 7)),
+                    failure: None,
+                    unready_since: None,
                 };
                 (o, pod)
             })
@@ -81,6 +83,8 @@ fn with_fresh_pod(mut obs: Observed, ordinal: u32, id: u64) -> Observed {
             terminating: false,
             up_to_date: true,
             node: Some(node(id, NodeMembership::None, 0)),
+            failure: None,
+            unready_since: None,
         },
     );
     obs.claims.insert(ordinal);
@@ -309,6 +313,8 @@ fn scale_up_waits_for_a_retired_pod_to_go_before_deleting_its_claim() {
             terminating: true,
             up_to_date: true,
             node: None,
+            failure: None,
+            unready_since: None,
         },
     );
     assert_eq!(plan(&desired(3), &obs), Step::Wait(WaitReason::PodTerminating(2)));
@@ -373,10 +379,34 @@ fn a_claims_mark_is_ignored_once_its_volume_holds_another_member() {
 }
 
 #[test]
-fn a_member_whose_pod_came_back_with_a_new_id_is_removed_first() {
+fn a_member_whose_pod_came_back_with_a_new_id_is_succeeded_before_it_is_removed() {
     let mut obs = cluster(3, 0);
     obs.pods.get_mut(&2).unwrap().node = Some(node(300, NodeMembership::None, 0));
     member_mut(&mut obs, id_of(2)).healthy = Some(false);
+    assert!(
+        matches!(
+            plan(&desired(3), &obs),
+            Step::AddLearner {
+                member_id: 300,
+                ordinal: 2,
+                ..
+            }
+        ),
+        "the new member joins first: {:?}",
+        plan(&desired(3), &obs)
+    );
+    obs.membership
+        .as_mut()
+        .unwrap()
+        .members
+        .push(member(300, 2, MemberKind::Learner));
+    obs.pods.get_mut(&2).unwrap().node = Some(node(300, NodeMembership::Learner, 7));
+    assert_eq!(
+        plan(&desired(3), &obs),
+        Step::Promote { member_id: 300, via: 0 },
+        "promoted with 3 of 4 voters healthy"
+    );
+    member_mut(&mut obs, 300).kind = MemberKind::Voter;
     assert_eq!(
         plan(&desired(3), &obs),
         Step::RemoveMember {
@@ -384,8 +414,57 @@ fn a_member_whose_pod_came_back_with_a_new_id_is_removed_first() {
             ordinal: Some(2),
             reason: RemovalReason::Replaced,
             via: 0
-        }
+        },
+        "then the lost id goes"
     );
+}
+
+#[test]
+fn a_pod_refusing_a_removed_members_volume_gets_a_fresh_one_only_when_that_member_is_gone() {
+    let mut obs = cluster(3, 0);
+    let failed = |member: u64, cluster: u64| PodFailure {
+        message: format!("raftkv-node: fatal [removed_member member={member} cluster={cluster}]: ..."),
+        code: FatalCode::parse(&format!(
+            "fatal [removed_member member={member} cluster={cluster}]: ..."
+        )),
+        restarts: 2,
+    };
+    obs.membership.as_mut().unwrap().members.retain(|m| m.id != id_of(2));
+    let pod = obs.pods.get_mut(&2).unwrap();
+    pod.node = None;
+    pod.failure = Some(failed(id_of(2), 7));
+    assert_eq!(plan(&desired(3), &obs), Step::ResetVolume { ordinal: 2 });
+
+    obs.pods.get_mut(&2).unwrap().failure = Some(failed(id_of(2), 8));
+    assert_ne!(
+        plan(&desired(3), &obs),
+        Step::ResetVolume { ordinal: 2 },
+        "another cluster's data is not deleted"
+    );
+    obs.pods.get_mut(&2).unwrap().failure = Some(failed(id_of(1), 7));
+    assert_ne!(
+        plan(&desired(3), &obs),
+        Step::ResetVolume { ordinal: 2 },
+        "member 101 is still a voter: its data may be needed"
+    );
+}
+
+#[test]
+fn fatal_lines_are_read_by_their_tag() {
+    assert_eq!(
+        FatalCode::parse("raftkv-node: fatal [removed_member member=5 cluster=9]: member 5 was removed"),
+        Some(FatalCode::RemovedMember { member: 5, cluster: 9 })
+    );
+    assert_eq!(
+        FatalCode::parse("raftkv-node: fatal [wal_damaged]: write-ahead log: segment x is corrupt"),
+        Some(FatalCode::WalDamaged)
+    );
+    assert_eq!(
+        FatalCode::parse("raftkv-node: fatal [io]: bind 0.0.0.0:8080"),
+        Some(FatalCode::Other("io".into()))
+    );
+    assert_eq!(FatalCode::parse("panicked at src/main.rs"), None);
+    assert_eq!(FatalCode::parse("fatal [removed_member member=x cluster=9]"), None);
 }
 
 #[test]
@@ -460,6 +539,8 @@ fn a_removed_volume_below_the_target_gets_a_fresh_one() {
             terminating: false,
             up_to_date: true,
             node: Some(node(400, NodeMembership::Removed, 7)),
+            failure: None,
+            unready_since: None,
         },
     );
     assert_eq!(plan(&desired(4), &obs), Step::ResetVolume { ordinal: 3 });
@@ -520,7 +601,7 @@ prop_compose! {
                     commit_index: 50,
                     peer_url: format!("http://pod-{o}:8081"),
                 });
-                (o, PodObs { ordinal: o, ready, terminating: false, up_to_date, node })
+                (o, PodObs { ordinal: o, ready, terminating: false, up_to_date, node, failure: None, unready_since: None })
             })
             .collect();
         // A mark names the ordinal's pod's other id, its default id, or a stale member's id.

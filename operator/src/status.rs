@@ -16,7 +16,7 @@ use crate::crd::{BootstrapState, MemberRole, MemberStatus, Phase, RaftClusterSta
 use crate::execute::{Execution, Outcome};
 use crate::names::ClusterNames;
 use crate::node_client::MemberKind;
-use crate::plan::{quorum, Observed, Step, TransferReason};
+use crate::plan::{quorum, FatalCode, Observed, PodObs, Step, TransferReason};
 
 /// Condition type: the cluster serves reads and writes.
 pub const AVAILABLE: &str = "Available";
@@ -160,10 +160,12 @@ pub fn cluster_status(
         .filter(|m| m.role != MemberRole::Learner && m.healthy == Some(false))
         .map(|m| m.id)
         .collect();
+    let pod_problem = pod_problem(names, cluster.replicas(), observed, now);
     // A refused step first: it is what stops the cluster from reaching the spec.
-    let (degraded, degraded_reason, degraded_message) = match (step, issue) {
-        (Step::Blocked(reason), _) => (true, reason.reason(), reason.to_string()),
-        (_, Some(issue)) => (true, issue.reason, issue.message.clone()),
+    let (degraded, degraded_reason, degraded_message) = match (step, issue, &pod_problem) {
+        (Step::Blocked(reason), _, _) => (true, reason.reason(), reason.to_string()),
+        (_, Some(issue), _) => (true, issue.reason, issue.message.clone()),
+        (_, _, Some((reason, message))) => (true, *reason, message.clone()),
         _ if !unhealthy.is_empty() => (true, "MemberUnhealthy", format!("voters not healthy: {unhealthy:?}")),
         _ => (false, "AsExpected", "nothing needs attention".to_string()),
     };
@@ -173,7 +175,7 @@ pub fn cluster_status(
             Step::Blocked(_) => Phase::Degraded,
             _ => Phase::Creating,
         }
-    } else if degraded && matches!(step, Step::Blocked(_)) || !available {
+    } else if degraded && (matches!(step, Step::Blocked(_)) || pod_problem.is_some()) || !available {
         Phase::Degraded
     } else {
         match step {
@@ -348,6 +350,90 @@ pub fn degraded_warning(previous: Option<&RaftClusterStatus>, next: &RaftCluster
     Some(DegradedWarning { reason, note })
 }
 
+/// How long a pod may be unready, or crash without saying why, before the cluster is reported
+/// degraded: longer than a member takes to start and catch up on a loaded node, short enough
+/// that a stuck pod is noticed while someone still remembers what changed.
+pub const POD_UNREADY_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The first pod that needs a person's attention, as a `Degraded` reason and message.
+///
+/// A node that stopped with a fatal error it names is reported at once: damaged data, a volume
+/// of a removed member the operator may not replace, any other fatal error. A pod that crashes
+/// without a fatal line, or is just not ready, is reported once it has been so for
+/// [`POD_UNREADY_GRACE`]. A pod whose node answers for another cluster holds data that is not
+/// this cluster's. A removed member's volume that the planner replaces is its own step, not a
+/// problem, and so are pods at or above `replicas`, which a scale-down retires. Nothing here is
+/// ever deleted: the messages say so.
+fn pod_problem(names: &ClusterNames, replicas: u32, observed: &Observed, now: &Time) -> Option<(&'static str, String)> {
+    let ours = observed.bootstrap.as_ref().and_then(|b| b.cluster_id);
+    let members: Vec<u64> = observed
+        .membership
+        .as_ref()
+        .map(|m| m.members.iter().map(|m| m.id).collect())
+        .unwrap_or_default();
+    let overdue = |pod: &PodObs| {
+        pod.unready_since
+            .is_some_and(|since| now.0.as_second() - since.as_second() >= POD_UNREADY_GRACE.as_secs() as i64)
+    };
+    // Pods at or above the target are on their way out with their members.
+    let current = observed
+        .pods
+        .values()
+        .filter(|p| !p.terminating && p.ordinal < replicas);
+    current.into_iter().find_map(|pod| {
+        let name = names.pod(pod.ordinal);
+        if let Some(failure) = &pod.failure {
+            let line = &failure.message;
+            match &failure.code {
+                Some(FatalCode::RemovedMember { member, cluster })
+                    if Some(*cluster) == ours && !members.contains(member) =>
+                {
+                    return None;
+                }
+                Some(FatalCode::RemovedMember { member, cluster }) => {
+                    return Some((
+                        "VolumeRefused",
+                        format!(
+                            "pod {name} refuses its volume, which holds removed member {member} of cluster {cluster}; it is not replaced automatically and nothing was deleted: {line}"
+                        ),
+                    ))
+                }
+                Some(FatalCode::WalDamaged | FatalCode::SnapshotDamaged) => {
+                    return Some((
+                        "VolumeDamaged",
+                        format!(
+                            "pod {name} stopped on damaged data; nothing was deleted, as its volume may still be needed: {line}"
+                        ),
+                    ))
+                }
+                Some(FatalCode::Other(_)) => {
+                    return Some(("PodFailing", format!("pod {name} stopped: {line}")));
+                }
+                None if overdue(pod) => {
+                    return Some(("PodCrashLooping", format!("pod {name} keeps crashing: {line}")));
+                }
+                None => {}
+            }
+        }
+        if let (Some(node), Some(ours)) = (&pod.node, ours) {
+            if node.cluster_id != 0 && node.cluster_id != ours {
+                return Some((
+                    "ForeignVolume",
+                    format!(
+                        "pod {name} holds member {} of cluster {}, not of this cluster ({ours}); nothing was deleted",
+                        node.id, node.cluster_id
+                    ),
+                ));
+            }
+        }
+        if overdue(pod) {
+            let since = pod.unready_since.map(|t| t.to_string()).unwrap_or_default();
+            return Some(("PodNotReady", format!("pod {name} has not been ready since {since}")));
+        }
+        None
+    })
+}
+
 fn pod_ready(names: &ClusterNames, observed: &Observed, pod: Option<&str>) -> bool {
     pod.and_then(|p| names.pod_ordinal(p))
         .and_then(|o| observed.pods.get(&o))
@@ -414,6 +500,8 @@ mod tests {
                         terminating: false,
                         up_to_date: true,
                         node: None,
+                        failure: None,
+                        unready_since: None,
                     };
                     (o, pod)
                 })
@@ -517,6 +605,85 @@ mod tests {
         let warning = degraded_warning(None, &long).unwrap();
         assert!(warning.note.len() <= EVENT_NOTE_LIMIT);
         assert!(warning.note.ends_with("..."));
+    }
+
+    fn degraded_condition(observed: &Observed, now: i64) -> (String, String, Option<Phase>) {
+        let nothing = Execution {
+            outcome: Outcome::Nothing,
+            bootstrap: None,
+        };
+        let step = Step::Wait(WaitReason::MemberNotHealthy(2));
+        let status = cluster_status(&valid(), observed, &step, &nothing, None, None, &at(now));
+        let c = status.conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
+        (c.status.clone(), format!("{}: {}", c.reason, c.message), status.phase)
+    }
+
+    fn failure(line: &str) -> Option<crate::plan::PodFailure> {
+        Some(crate::plan::PodFailure {
+            message: line.into(),
+            code: FatalCode::parse(line),
+            restarts: 3,
+        })
+    }
+
+    #[test]
+    fn a_pod_stopped_on_damaged_data_degrades_the_cluster_at_once_and_by_name() {
+        let mut obs = observed();
+        let line = "raftkv-node: fatal [wal_damaged]: write-ahead log segment wal/1.log is corrupt at offset 40";
+        let pod = obs.pods.get_mut(&1).unwrap();
+        pod.ready = false;
+        pod.failure = failure(line);
+        pod.unready_since = Some(at(99).0);
+        let (status, text, phase) = degraded_condition(&obs, 100);
+        assert_eq!(status, "True");
+        assert!(
+            text.starts_with("VolumeDamaged: pod demo-1 stopped on damaged data"),
+            "{text}"
+        );
+        assert!(text.contains("nothing was deleted") && text.ends_with(line), "{text}");
+        assert_eq!(phase, Some(Phase::Degraded));
+    }
+
+    #[test]
+    fn a_pod_that_is_unready_or_crashes_without_a_reason_degrades_the_cluster_after_the_grace() {
+        let mut obs = observed();
+        let pod = obs.pods.get_mut(&2).unwrap();
+        pod.ready = false;
+        pod.unready_since = Some(at(1000).0);
+        let grace = POD_UNREADY_GRACE.as_secs() as i64;
+        assert_eq!(
+            degraded_condition(&obs, 1000 + grace - 1).0,
+            "False",
+            "within the grace"
+        );
+        let (status, text, _) = degraded_condition(&obs, 1000 + grace);
+        assert_eq!(status, "True");
+        assert_eq!(
+            text,
+            "PodNotReady: pod demo-2 has not been ready since 1970-01-01T00:16:40Z"
+        );
+
+        obs.pods.get_mut(&2).unwrap().failure = failure("CrashLoopBackOff: back-off 40s restarting failed container");
+        let (_, text, _) = degraded_condition(&obs, 1000 + grace);
+        assert!(
+            text.starts_with("PodCrashLooping: pod demo-2 keeps crashing: CrashLoopBackOff"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_removed_members_volume_being_replaced_is_not_a_problem_but_a_listed_members_is() {
+        let mut obs = observed();
+        let pod = obs.pods.get_mut(&2).unwrap();
+        pod.ready = false;
+        pod.failure = failure("raftkv-node: fatal [removed_member member=55 cluster=7]: ...");
+        assert_eq!(degraded_condition(&obs, 100).0, "False", "the planner replaces it");
+        obs.pods.get_mut(&2).unwrap().failure = failure("raftkv-node: fatal [removed_member member=3 cluster=7]: ...");
+        let (status, text, _) = degraded_condition(&obs, 100);
+        assert_eq!(status, "True", "member 3 is still listed");
+        assert!(text.starts_with("VolumeRefused: pod demo-2"), "{text}");
+        obs.pods.get_mut(&2).unwrap().failure = failure("raftkv-node: fatal [removed_member member=55 cluster=8]: ...");
+        assert_eq!(degraded_condition(&obs, 100).0, "True", "another cluster's member");
     }
 
     #[test]

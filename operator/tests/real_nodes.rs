@@ -228,6 +228,8 @@ async fn reconcile_until_converged(
                 terminating: false,
                 up_to_date: true,
                 ip: Some(url.clone()),
+                failure: None,
+                unready_since: None,
             });
         }
         let reports = query_nodes(nodes, &endpoints).await;
