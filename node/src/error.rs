@@ -20,8 +20,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The write-ahead log could not be opened, recovered or written.
-    #[error("write-ahead log: {0}")]
+    /// The write-ahead log could not be opened, recovered or written (its messages say so).
+    #[error(transparent)]
     Wal(#[from] WalError),
     /// The Raft library refused an operation.
     #[error("raft: {0}")]

@@ -53,7 +53,19 @@ fn fatal(error: &anyhow::Error, termination_log: Option<&Path>) -> ExitCode {
         .chain()
         .find_map(|cause| cause.downcast_ref::<raftkv_node::Error>())
         .map_or_else(|| "error".to_string(), raftkv_node::Error::code);
-    let line = format!("raftkv-node: fatal [{code}]: {error:#}").replace('\n', " ");
+    // The cause chain, each cause once: an error that shows its source in its own message
+    // (thiserror's `{0}` with `#[from]`) would otherwise print it twice.
+    let mut chain = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !chain.contains(&text) {
+            if !chain.is_empty() {
+                chain.push_str(": ");
+            }
+            chain.push_str(&text);
+        }
+    }
+    let line = format!("raftkv-node: fatal [{code}]: {chain}").replace('\n', " ");
     eprintln!("{line}");
     if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
         eprintln!("{}", error.backtrace());

@@ -62,3 +62,20 @@ fn a_backtrace_is_printed_only_when_asked_for() {
         "the termination message stays one line: {message}"
     );
 }
+
+#[test]
+fn a_damaged_wal_is_named_once_with_its_file_and_offset() {
+    let volume = tempfile::tempdir().expect("a temporary directory");
+    let wal = volume.path().join("wal");
+    std::fs::create_dir_all(&wal).expect("a WAL directory");
+    let segment = wal.join("0000000000000001-0000000000000001.wal");
+    std::fs::write(&segment, b"NOTAWAL!\x01\x00\x00\x00 and more").expect("a damaged segment");
+    let log = volume.path().join("termination-log");
+    let output = start_on(volume.path(), &log, "0");
+    assert!(!output.status.success(), "the node refuses a damaged WAL");
+    let message = std::fs::read_to_string(&log).expect("the termination message was written");
+    assert!(message.starts_with("raftkv-node: fatal [wal_damaged]: "), "{message}");
+    let named = segment.display().to_string();
+    assert_eq!(message.matches(&named).count(), 1, "the file is named once: {message}");
+    assert!(message.contains("at offset 0"), "{message}");
+}

@@ -145,6 +145,41 @@ fn a_member_that_lost_its_volume_is_replaced_under_a_new_id() {
     assert_ne!(w.pods[&1].member_id, old);
 }
 
+/// Loses the volumes of `ordinals` at once (pod and claim), then lets the operator heal it.
+fn lose_volumes_and_heal(replicas: u32, ordinals: &[u32]) {
+    let model = new_model(replicas);
+    converge(&model, replicas, 60).unwrap();
+    let old: Vec<u64> = ordinals.iter().map(|o| model.world().pods[o].member_id).collect();
+    {
+        let mut w = model.world();
+        for o in ordinals {
+            w.pods.remove(o);
+            w.claims.remove(o);
+        }
+    }
+    converge(&model, replicas, 80).unwrap();
+    assert_converged(&model, replicas);
+    let w = model.world();
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
+    for (o, id) in ordinals.iter().zip(&old) {
+        assert!(w.removed.contains(id), "member {id} of ordinal {o} was removed");
+        assert_ne!(w.pods[o].member_id, *id, "ordinal {o} has a new member");
+    }
+}
+
+#[test]
+fn a_three_member_cluster_survives_the_loss_of_any_one_volume() {
+    for ordinal in 0..3 {
+        lose_volumes_and_heal(3, &[ordinal]);
+    }
+}
+
+#[test]
+fn a_five_member_cluster_survives_the_loss_of_two_volumes_at_once() {
+    lose_volumes_and_heal(5, &[0, 3]);
+    lose_volumes_and_heal(5, &[3, 4]);
+}
+
 #[test]
 fn scaling_back_up_before_a_removed_members_claim_is_deleted_gives_its_pod_a_fresh_volume() {
     let model = new_model(3);

@@ -319,6 +319,83 @@ impl Backend {
         Ok(url)
     }
 
+    /// Overwrites 4 bytes at `offset` of the first WAL segment on the volume of `claim`, as a
+    /// failing disk would: in place, the file's length and every other byte unchanged. Returns
+    /// the segment's path inside the volume.
+    ///
+    /// On the simulation the volume is a host directory; on a real cluster a short-lived pod
+    /// (`RAFTKV_E2E_TOOLBOX_IMAGE`, default `busybox:1.36`) mounts the claim and uses `dd`.
+    pub async fn damage_first_wal_segment(&self, namespace: &str, claim: &str, offset: u64) -> anyhow::Result<String> {
+        match &self.kind {
+            Kind::Simulated(cluster) => {
+                let wal = cluster.pvc_dir(namespace, claim)?.join("wal");
+                let mut segments: Vec<PathBuf> = std::fs::read_dir(&wal)
+                    .with_context(|| format!("listing {}", wal.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+                    .collect();
+                segments.sort();
+                let first = segments.first().context("the volume holds no WAL segment")?;
+                let mut file = std::fs::OpenOptions::new().write(true).open(first)?;
+                use std::io::{Seek, SeekFrom, Write};
+                file.seek(SeekFrom::Start(offset))?;
+                file.write_all(b"XXXX")?;
+                file.sync_all()?;
+                let name = first.file_name().unwrap_or_default().to_string_lossy();
+                Ok(format!("wal/{name}"))
+            }
+            Kind::Kubeconfig => {
+                let image = std::env::var("RAFTKV_E2E_TOOLBOX_IMAGE").unwrap_or_else(|_| "busybox:1.36".into());
+                let pod = format!("damage-{claim}");
+                let script = format!(
+                    "f=$(ls /data/wal/*.wal | sort | head -n 1) && printf XXXX | dd of=\"$f\" bs=1 seek={offset} conv=notrunc 2>/dev/null && sync && echo \"${{f#/data/}}\""
+                );
+                let overrides = serde_json::json!({
+                    "apiVersion": "v1",
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [{"name": "damage", "image": image, "command": ["sh", "-c", script],
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+                    },
+                });
+                let output = self
+                    .kubectl(&[
+                        "run",
+                        &pod,
+                        "--namespace",
+                        namespace,
+                        "--image",
+                        &image,
+                        "--restart=Never",
+                        "--rm",
+                        "-i",
+                        "--quiet",
+                        "--overrides",
+                        &overrides.to_string(),
+                        "--pod-running-timeout=2m",
+                    ])
+                    .await?;
+                Ok(output.trim().to_string())
+            }
+        }
+    }
+
+    /// The provisioner of the cluster's default StorageClass, for a class of another reclaim
+    /// policy that provisions the same way.
+    pub async fn default_provisioner(&self) -> anyhow::Result<String> {
+        let classes = self.kubectl(&["get", "storageclasses", "-o", "json"]).await?;
+        let classes: serde_json::Value = serde_json::from_str(&classes)?;
+        classes["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true")
+            .and_then(|c| c["provisioner"].as_str())
+            .map(str::to_string)
+            .context("the cluster has no default StorageClass")
+    }
+
     /// Everything that helps explain a failure: the objects' YAML and every pod's logs in the
     /// given namespaces, and on the simulated backend its own report.
     pub async fn diagnostics(&self, namespaces: &[&str]) -> String {

@@ -37,6 +37,9 @@ pub struct NodeStatus {
     pub role: String,
     /// `voter`, `learner`, `none`, `removed`.
     pub membership: String,
+    /// The peer URL the member advertises.
+    #[serde(default)]
+    pub peer_url: Option<String>,
 }
 
 /// An HTTP client for the node API.
@@ -87,11 +90,39 @@ impl Kv {
         Ok(response.json::<Members>().await?.members)
     }
 
+    /// `POST /v1/members`: adds a learner, as the operator does; returns once applied.
+    pub async fn add_learner(&self, base: &str, id: u64, peer_url: &str) -> anyhow::Result<()> {
+        let body = serde_json::json!({"id": id, "peer_url": peer_url, "learner": true});
+        let response = self.http.post(format!("{base}/v1/members")).json(&body).send().await?;
+        ensure_ok(response, "adding a learner").await
+    }
+
+    /// `DELETE /v1/members/{id}`: removes a member, as the operator does; returns once applied.
+    pub async fn remove_member(&self, base: &str, id: u64) -> anyhow::Result<()> {
+        let response = self.http.delete(format!("{base}/v1/members/{id}")).send().await?;
+        ensure_ok(response, "removing a member").await
+    }
+
+    /// `POST /v1/leader`: moves leadership to `id` and waits until it happened.
+    pub async fn transfer_leader(&self, base: &str, id: u64) -> anyhow::Result<()> {
+        let body = serde_json::json!({"id": id});
+        let response = self.http.post(format!("{base}/v1/leader")).json(&body).send().await?;
+        ensure_ok(response, "transferring leadership").await
+    }
+
     /// `GET /v1/status`.
     pub async fn status(&self, base: &str) -> anyhow::Result<NodeStatus> {
         let response = self.http.get(format!("{base}/v1/status")).send().await?;
         Ok(response.error_for_status()?.json().await?)
     }
+}
+
+async fn ensure_ok(response: reqwest::Response, what: &str) -> anyhow::Result<()> {
+    let status = response.status();
+    if !status.is_success() {
+        bail!("{what}: {status}: {}", response.text().await.unwrap_or_default());
+    }
+    Ok(())
 }
 
 /// What a [`Writer`] saw.
@@ -107,6 +138,17 @@ pub struct WriterReport {
     pub other: BTreeMap<String, u64>,
     /// The longest time between two acknowledged writes.
     pub longest_gap: Duration,
+}
+
+impl WriterReport {
+    /// Writes whose outcome the writer cannot know: `504 unknown_outcome`, timeouts and broken
+    /// connections (the write may or may not have been applied).
+    pub fn unknown(&self) -> u64 {
+        ["504", "timeout", "transport"]
+            .iter()
+            .filter_map(|k| self.other.get(*k))
+            .sum()
+    }
 }
 
 impl std::fmt::Display for WriterReport {

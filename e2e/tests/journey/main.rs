@@ -11,6 +11,7 @@ mod backend;
 mod binaries;
 mod helm;
 mod kv;
+mod lifecycle;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -28,6 +29,7 @@ use tokio::time::Instant;
 use crate::backend::Backend;
 use crate::helm::{Helm, HelmMissing};
 use crate::kv::{verify_acked, Kv, Writer};
+use crate::lifecycle::Whose;
 
 /// The Helm release; the chart names its objects `raftkv-operator`.
 const RELEASE: &str = "raftkv";
@@ -144,6 +146,41 @@ impl Journey {
         .await?;
         self.step("roll out a new image tag without losing quorum", self.roll_out_image())
             .await?;
+        self.step(
+            "scale 3 to 4, 2, 3, 5, 1 and 3 while a client writes",
+            self.scale_through_every_size(),
+        )
+        .await?;
+        self.step(
+            "lose a follower's disk; a new member replaces it",
+            self.lose_a_disk(Whose::Follower),
+        )
+        .await?;
+        self.step(
+            "lose the leader's disk; a new member replaces it",
+            self.lose_a_disk(Whose::Leader),
+        )
+        .await?;
+        self.step(
+            "damage a member's WAL; it is reported and nothing is deleted",
+            self.damage_a_wal(),
+        )
+        .await?;
+        self.step(
+            "stop the operator between a removal and the shrink; the next one finishes it",
+            self.finish_an_interrupted_removal(),
+        )
+        .await?;
+        self.step(
+            "stop the operator between adding a learner and promoting it; the next one finishes it",
+            self.finish_an_interrupted_addition(),
+        )
+        .await?;
+        self.step(
+            "a removed member's retained volume handed back is replaced on scale-up",
+            self.replace_a_reused_volume(),
+        )
+        .await?;
         self.step(
             "delete the RaftCluster; its objects are collected",
             self.delete_cluster(),
@@ -492,13 +529,19 @@ impl Journey {
         }
     }
 
-    /// Waits until the cluster is exactly `replicas` ready pods running `image`, the
+    /// Waits until the quick start's cluster has converged on `replicas` (see
+    /// [`Journey::converged_as`]).
+    async fn converged(&self, replicas: usize, image: &str) -> anyhow::Result<()> {
+        self.converged_as(CLUSTER, replicas, image).await
+    }
+
+    /// Waits until `cluster` is exactly `replicas` ready pods running `image`, the
     /// RaftCluster reports them all as healthy voters for its current generation, and the Raft
     /// membership (the nodes' own `GET /v1/members`) is exactly those pods' members.
-    async fn converged(&self, replicas: usize, image: &str) -> anyhow::Result<()> {
+    async fn converged_as(&self, cluster: &str, replicas: usize, image: &str) -> anyhow::Result<()> {
         // A remaining difference is reported as an error, so a timeout names the last one.
-        self.wait_for(&format!("{replicas} ready voters on {image}"), || async {
-            match self.convergence_gap(replicas, image).await? {
+        self.wait_for(&format!("{replicas} ready voters of {cluster} on {image}"), || async {
+            match self.convergence_gap(cluster, replicas, image).await? {
                 None => Ok(Some(())),
                 Some(gap) => Err(anyhow::anyhow!(gap)),
             }
@@ -509,8 +552,15 @@ impl Journey {
     }
 
     /// What still differs from `replicas` converged members, or `None` when nothing does.
-    async fn convergence_gap(&self, replicas: usize, image: &str) -> anyhow::Result<Option<String>> {
-        let json = self.kubectl_ns(&["get", "raftcluster", CLUSTER, "-o", "json"]).await?;
+    async fn convergence_gap(
+        &self,
+        cluster_name: &str,
+        replicas: usize,
+        image: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let json = self
+            .kubectl_ns(&["get", "raftcluster", cluster_name, "-o", "json"])
+            .await?;
         let cluster: Value = serde_json::from_str(&json)?;
         let status = &cluster["status"];
         if status["observedGeneration"] != cluster["metadata"]["generation"] {
@@ -518,6 +568,14 @@ impl Journey {
         }
         if status["phase"] != "Running" {
             return Ok(Some(format!("phase {}", status["phase"])));
+        }
+        let degraded = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Degraded" && c["status"] != "False");
+        if let Some(degraded) = degraded {
+            return Ok(Some(format!("degraded: {degraded}")));
         }
         let available = status["conditions"]
             .as_array()
@@ -536,10 +594,12 @@ impl Journey {
         }
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let pods = pods
-            .list(&ListParams::default().labels("app.kubernetes.io/name=raftkv,app.kubernetes.io/instance=demo"))
+            .list(&ListParams::default().labels(&format!(
+                "app.kubernetes.io/name=raftkv,app.kubernetes.io/instance={cluster_name}"
+            )))
             .await?
             .items;
-        let expected: BTreeSet<String> = (0..replicas).map(|i| format!("{CLUSTER}-{i}")).collect();
+        let expected: BTreeSet<String> = (0..replicas).map(|i| format!("{cluster_name}-{i}")).collect();
         let names: BTreeSet<String> = pods.iter().filter_map(|p| p.metadata.name.clone()).collect();
         if names != expected {
             return Ok(Some(format!("pods {names:?}")));
@@ -563,7 +623,10 @@ impl Journey {
             }
             pod_members.insert(node.id);
         }
-        let urls = self.backend.service_urls(&self.namespace, CLUSTER, "client").await?;
+        let urls = self
+            .backend
+            .service_urls(&self.namespace, cluster_name, "client")
+            .await?;
         let base = urls.first().context("the client Service has no endpoints")?;
         let members = self.kv.members(base).await?;
         let voters: BTreeSet<u64> = members.iter().filter(|m| m.role == "voter").map(|m| m.id).collect();
