@@ -687,6 +687,25 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_holding_another_clusters_member_is_reported_and_left_alone() {
+        let mut obs = observed();
+        obs.pods.get_mut(&1).unwrap().node = Some(crate::plan::NodeObs {
+            id: 900,
+            cluster_id: 8,
+            membership: crate::node_client::NodeMembership::Voter,
+            commit_index: 10,
+            peer_url: "http://demo-1:8081".into(),
+        });
+        let (status, text, phase) = degraded_condition(&obs, 100);
+        assert_eq!(status, "True");
+        assert_eq!(
+            text,
+            "ForeignVolume: pod demo-1 holds member 900 of cluster 8, not of this cluster (7); nothing was deleted"
+        );
+        assert_eq!(phase, Some(Phase::Degraded));
+    }
+
+    #[test]
     fn an_unchanged_cluster_gets_an_identical_status_later() {
         let step = Step::Wait(WaitReason::LearnerCatchingUp(4));
         let nothing = Execution {
