@@ -30,7 +30,7 @@ use serde_json::{json, Map, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
+use crate::object::{deleting, log_failure, name_of, ns_of, uid_of};
 use crate::resources::ResourceDef;
 use crate::store::{self, now_rfc3339, DeleteOptions, Store, Target};
 use crate::volumes::Volumes;
@@ -100,22 +100,6 @@ pub fn template_hash(value: &Value) -> String {
     format!("{:010x}", hash & 0xff_ffff_ffff)
 }
 
-fn name_of(object: &Value) -> &str {
-    object["metadata"]["name"].as_str().unwrap_or_default()
-}
-
-fn ns_of(object: &Value) -> &str {
-    object["metadata"]["namespace"].as_str().unwrap_or_default()
-}
-
-fn uid_of(object: &Value) -> &str {
-    object["metadata"]["uid"].as_str().unwrap_or_default()
-}
-
-fn deleting(object: &Value) -> bool {
-    !object["metadata"]["deletionTimestamp"].is_null()
-}
-
 fn is_ready(pod: &Value) -> bool {
     pod["status"]["conditions"]
         .as_array()
@@ -164,14 +148,6 @@ fn pod_from_template(
     }
     pod["metadata"]["ownerReferences"] = json!([owner]);
     pod
-}
-
-fn log_failure(what: &str, object: &str, result: Result<Value, ApiError>) {
-    if let Err(e) = result {
-        if e.code != 409 && e.code != 404 {
-            tracing::warn!(object, error = %e, "{what}");
-        }
-    }
 }
 
 impl Controllers {

@@ -33,6 +33,7 @@
 //! - [`controllers`]: StatefulSet, Deployment and ReplicaSet controllers.
 //! - [`volumes`]: PersistentVolume provisioning, binding and reclaiming; claim protection.
 //! - [`kubelet`]: pods as host processes: images, env, volumes, probes, restarts, logs.
+//! - [`object`]: reading stored objects' metadata, for the controllers.
 //! - [`rbac`]: the RBAC authorizer for pods' service-account tokens.
 //! - [`error`]: [`Error`] and [`ApiError`].
 
@@ -43,6 +44,7 @@ pub mod discovery;
 pub mod error;
 pub mod jsonpath;
 pub mod kubelet;
+pub mod object;
 pub mod patch;
 pub mod protobuf;
 pub mod rbac;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::error::ApiError;
+use crate::object::{deleting, log_failure, name_of, ns_of, uid_of};
 use crate::resources::ResourceDef;
 use crate::store::{self, Store, Target};
 
@@ -35,22 +35,6 @@ pub const PROVISIONER: &str = "raftkv.dev/host-directory";
 /// The host directory of a PersistentVolume.
 pub fn volume_path(root: &Path, volume: &str) -> PathBuf {
     root.join("volumes").join("pv").join(volume)
-}
-
-fn name_of(object: &Value) -> &str {
-    object["metadata"]["name"].as_str().unwrap_or_default()
-}
-
-fn ns_of(object: &Value) -> &str {
-    object["metadata"]["namespace"].as_str().unwrap_or_default()
-}
-
-fn uid_of(object: &Value) -> &str {
-    object["metadata"]["uid"].as_str().unwrap_or_default()
-}
-
-fn deleting(object: &Value) -> bool {
-    !object["metadata"]["deletionTimestamp"].is_null()
 }
 
 /// Whether `claim` is bound to a volume and usable by a pod.
@@ -78,14 +62,6 @@ pub fn claims_of(pod: &Value) -> Vec<String> {
         .filter_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
         .map(str::to_string)
         .collect()
-}
-
-fn log_failure(what: &str, object: &str, result: Result<Value, ApiError>) {
-    if let Err(e) = result {
-        if e.code != 409 && e.code != 404 {
-            tracing::warn!(object, error = %e, "{what}");
-        }
-    }
 }
 
 /// The storage controllers of one cluster.

@@ -161,22 +161,7 @@ async fn scaling_down_keeps_volumes_and_deleted_pods_return_with_name_and_addres
         let first_ip = address_of(first);
 
         pods.delete("web-1", &DeleteParams::default()).await?;
-        eventually(WAIT, "web-1 to be recreated and ready", || {
-            let pods = pods.clone();
-            let first_uid = first_uid.clone();
-            async move {
-                let pod = pods.get("web-1").await.ok()?;
-                let ready = pod
-                    .status
-                    .as_ref()?
-                    .conditions
-                    .as_ref()?
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                (pod.metadata.uid != first_uid && ready).then_some(())
-            }
-        })
-        .await?;
+        ready_pod_uid(&pods, "web-1", first_uid.as_deref()).await?;
         ensure!(
             address_of(pods.get("web-1").await?) == first_ip,
             "a recreated pod keeps its address"
