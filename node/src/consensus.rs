@@ -7,7 +7,7 @@
 //! disk would stall every HTTP request in the process. Everything it drains from the inbox between
 //! two `Ready`s is handled by one `Ready`, so concurrent client writes share one fsync.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,265 +15,25 @@ use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::prelude::{
-    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, HardState, Message, MessageType,
-    Snapshot, SnapshotMetadata,
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, HardState, MessageType, Snapshot,
+    SnapshotMetadata,
 };
 use raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole};
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::admission::{LeaderView, LearnerProgress};
 use crate::command::{self, ConfChangeContext};
 use crate::error::{Error, Result};
 use crate::identity::{self, Identity, Tombstone};
+use crate::inbox::{AdminCommand, AdminError, NotProposed, PeerProgress, RaftInput, RaftStatus, Role};
 use crate::kv::{KvState, MemberRole, Membership};
 use crate::metrics::Metrics;
 use crate::read_index::ReadContexts;
 use crate::snapshot::SnapshotStore;
-use crate::state_machine::{write_snapshot, AppliedConfChange, ApplyMsg, Committed};
+use crate::state_machine::{AppliedConfChange, ApplyMsg, Committed};
 use crate::storage::LogStore;
 use crate::transport::Transport;
 use crate::wal::Wal;
-
-/// Why a proposal or read could not be handed to Raft; in every case nothing was proposed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotProposed {
-    /// No leader is known (election in progress or no quorum).
-    NoLeader,
-    /// This member is not (or no longer) part of a cluster.
-    NotMember,
-    /// Raft dropped it (leadership transfer in progress, uncommitted log too large).
-    Dropped,
-}
-
-/// Why an admin request was refused. Nothing was proposed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AdminError {
-    /// This member is not the leader; the request should go to `leader_id` (0 = unknown).
-    #[error("this member is not the leader")]
-    NotLeader {
-        /// The leader, if known.
-        leader_id: u64,
-    },
-    /// Another membership change has not been applied yet.
-    #[error("another membership change is still pending; retry once it is applied")]
-    ChangePending,
-    /// The learner is too far behind the leader to be promoted.
-    #[error("member {id} lags the leader by {lag} entries (at most {max} allowed); retry once it caught up")]
-    LearnerLagging {
-        /// The learner.
-        id: u64,
-        /// How far behind it is.
-        lag: u64,
-        /// The allowed lag.
-        max: u64,
-    },
-    /// Removing the member, or making it a voter, would leave fewer healthy voters than a quorum.
-    #[error("this change to member {id} would leave {healthy} healthy voters of {voters}, fewer than a quorum")]
-    WouldLoseQuorum {
-        /// The member to remove or promote.
-        id: u64,
-        /// Healthy voters after the change.
-        healthy: usize,
-        /// Voters after the change.
-        voters: usize,
-    },
-    /// The leader cannot remove itself; transfer leadership first.
-    #[error("member {id} is the leader; transfer leadership first (POST /v1/leader)")]
-    IsLeader {
-        /// The leader's id.
-        id: u64,
-    },
-    /// No such member.
-    #[error("member {id} is not a member of this cluster")]
-    NotMember {
-        /// The id asked for.
-        id: u64,
-    },
-    /// Already a member in the requested role.
-    #[error("member {id} is already a {role}")]
-    AlreadyMember {
-        /// The id asked for.
-        id: u64,
-        /// Its current role.
-        role: &'static str,
-    },
-    /// The id belonged to a removed member; ids are never reused.
-    #[error("member id {id} was removed from this cluster and cannot be reused")]
-    IdRemoved {
-        /// The id asked for.
-        id: u64,
-    },
-    /// Bootstrap was asked of a member that already belongs to a cluster.
-    #[error("this member already belongs to cluster {cluster_id}")]
-    AlreadyInitialized {
-        /// Its cluster.
-        cluster_id: u64,
-    },
-    /// Bootstrap needs to know how peers reach this member.
-    #[error("this member has no advertised peer URL; start it with --advertise-peer-url")]
-    NoPeerUrl,
-    /// The request itself is invalid.
-    #[error("{0}")]
-    Invalid(String),
-    /// Writing the bootstrap state failed.
-    #[error("{0}")]
-    Internal(String),
-}
-
-/// A membership request to the leader.
-#[derive(Debug)]
-pub enum AdminCommand {
-    /// Add a member, as a learner unless `learner` is false.
-    AddMember {
-        /// New member id.
-        id: u64,
-        /// Its peer URL.
-        peer_url: String,
-        /// Add as a learner (the safe default).
-        learner: bool,
-        /// The waiter to answer when applied.
-        request_id: u64,
-        /// Whether the change was proposed.
-        reply: oneshot::Sender<Result<(), AdminError>>,
-    },
-    /// Promote a caught-up learner to voter.
-    Promote {
-        /// The learner.
-        id: u64,
-        /// The waiter to answer when applied.
-        request_id: u64,
-        /// Whether the change was proposed.
-        reply: oneshot::Sender<Result<(), AdminError>>,
-    },
-    /// Remove a member.
-    Remove {
-        /// The member.
-        id: u64,
-        /// The waiter to answer when applied.
-        request_id: u64,
-        /// Whether the change was proposed.
-        reply: oneshot::Sender<Result<(), AdminError>>,
-    },
-    /// Start a leadership transfer.
-    TransferLeader {
-        /// The new leader.
-        id: u64,
-        /// Whether the transfer started.
-        reply: oneshot::Sender<Result<(), AdminError>>,
-    },
-    /// Make this uninitialised member the first voter of a new cluster.
-    Bootstrap {
-        /// The new cluster id.
-        reply: oneshot::Sender<Result<u64, AdminError>>,
-    },
-}
-
-/// Everything the consensus thread reacts to.
-#[derive(Debug)]
-pub enum RaftInput {
-    /// A client write.
-    Propose {
-        /// The encoded proposal.
-        data: Vec<u8>,
-        /// Whether Raft accepted it (not whether it committed).
-        reply: oneshot::Sender<Result<(), NotProposed>>,
-    },
-    /// A linearizable read: answered with the read index once the leader confirmed it.
-    ReadIndex {
-        /// The read index, or why none could be had.
-        reply: oneshot::Sender<Result<u64, NotProposed>>,
-    },
-    /// A message from a peer.
-    Peer(Message),
-    /// A membership or leadership request.
-    Admin(AdminCommand),
-    /// The state machine wrote a snapshot.
-    SnapshotCreated {
-        /// Its metadata.
-        meta: SnapshotMetadata,
-    },
-    /// A peer could not be reached.
-    Unreachable(u64),
-    /// A snapshot send to a peer finished.
-    SnapshotSent {
-        /// The peer.
-        to: u64,
-        /// Whether it was delivered.
-        ok: bool,
-    },
-    /// A peer announced its URL on an incoming stream.
-    PeerUrl {
-        /// The peer.
-        id: u64,
-        /// Its advertised peer URL.
-        url: String,
-    },
-    /// A peer answered that this member was removed from the cluster.
-    RemovedByPeer {
-        /// The peer that said so.
-        peer: u64,
-    },
-    /// Stop the loop.
-    Shutdown,
-}
-
-/// The member's Raft role as the API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Leads the cluster.
-    Leader,
-    /// A voter following the leader.
-    Follower,
-    /// Campaigning.
-    Candidate,
-    /// Pre-voting.
-    PreCandidate,
-    /// A non-voting member.
-    Learner,
-    /// Not part of any cluster yet.
-    Uninitialized,
-    /// Removed from its cluster.
-    Removed,
-}
-
-/// A peer's replication progress in the leader's view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerProgress {
-    /// Highest index known replicated on the peer.
-    pub match_index: u64,
-    /// Whether the peer was heard from within the last election timeout.
-    pub recent_active: bool,
-}
-
-/// A snapshot of consensus state, published after every loop iteration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RaftStatus {
-    /// This member's id.
-    pub id: u64,
-    /// Its cluster (0 until known).
-    pub cluster_id: u64,
-    /// Its role.
-    pub role: Role,
-    /// Its membership in the applied configuration.
-    pub membership: MemberRole,
-    /// Current term.
-    pub term: u64,
-    /// The leader (0 = unknown).
-    pub leader_id: u64,
-    /// Highest committed index known here.
-    pub commit_index: u64,
-    /// The leader's commit index as last heard from it (the leader's own when leader).
-    pub leader_commit: u64,
-    /// Last log index.
-    pub last_index: u64,
-    /// Latest snapshot index.
-    pub snapshot_index: u64,
-    /// The leader's view of every peer; empty unless leader.
-    pub progress: HashMap<u64, PeerProgress>,
-    /// Membership as the consensus side applied it.
-    pub members: Membership,
-}
 
 /// Raft tuning.
 #[derive(Debug, Clone)]
@@ -304,30 +64,51 @@ const MAX_INPUTS_PER_READY: usize = 4096;
 
 /// The consensus thread's state.
 pub struct Consensus {
+    /// This member's id and cluster, as stored on its volume; rewritten when the cluster id is
+    /// first learned.
     identity: Identity,
+    /// The data directory, for the identity and the removal tombstone.
     data_dir: PathBuf,
+    /// The URL peers reach this member at; a bootstrap records it as the first member's.
     advertise_peer_url: Option<String>,
+    /// The Raft node; only this thread touches it.
     raw: RawNode<LogStore>,
+    /// The write-ahead log: entries and hard state are fsynced here before anything depends
+    /// on them.
     wal: Wal,
+    /// The snapshot files.
     snapshots: SnapshotStore,
+    /// The send side of the peer transport.
     transport: Transport,
+    /// Everything the other tasks ask of this thread.
     inbox: flume::Receiver<RaftInput>,
+    /// Committed entries and snapshots, in log order, to the state machine.
     apply_tx: mpsc::UnboundedSender<ApplyMsg>,
+    /// The status published after every loop iteration (role, leader, indexes, membership).
     status_tx: watch::Sender<RaftStatus>,
+    /// The cluster id, shared with the transport, which refuses peers of other clusters.
     cluster_id: Arc<AtomicU64>,
+    /// Exported figures.
     metrics: Arc<Metrics>,
+    /// Tick length, election and heartbeat ticks, catch-up and promotion bounds.
     tuning: Tuning,
+    /// raft-rs's logger, bridged to `tracing`; kept to rebuild the node after a bootstrap.
     logger: slog::Logger,
     /// The applied membership, kept here for the transport's peer URLs and the admin checks.
     membership: Membership,
     /// The hard state last handed to the WAL.
     written_hs: HardState,
+    /// Linearizable reads waiting for the next read-index round.
     pending_reads: Vec<oneshot::Sender<Result<u64, NotProposed>>>,
+    /// Read-index rounds sent and not yet confirmed, by their context.
     inflight_reads: HashMap<Vec<u8>, ReadBatch>,
     /// Contexts for read-index rounds, none ever sent twice (see [`crate::read_index`]).
     read_contexts: ReadContexts,
+    /// The leader's commit index as last heard from it, for readiness (caught up or not).
     leader_commit: u64,
+    /// The leader seen in the previous iteration, to notice a change of leader.
     last_leader: u64,
+    /// This member applied its own removal: it answers nothing more and stops campaigning.
     removed: bool,
     /// When each peer was last heard from. raft-rs's own `recent_active` flag is cleared for every
     /// peer at each check-quorum tick, so right after that tick healthy peers look dead; health
@@ -845,13 +626,7 @@ impl Consensus {
     fn apply_received_snapshot(&mut self, snap: Snapshot) -> Result<()> {
         let meta = snap.get_metadata().clone();
         let path = self.snapshots.path(meta.index, meta.term);
-        let header = std::fs::File::open(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|f| KvState::read_snapshot_header(std::io::BufReader::new(f)))
-            .map_err(|reason| Error::Snapshot {
-                path: path.clone(),
-                reason,
-            })?;
+        let header = self.snapshots.load_header(meta.index, meta.term)?;
         // The snapshot file is already durable (the transport fsynced it before stepping the
         // message); the marker makes it this member's current snapshot and discards the old log.
         self.wal.append_snapshot_marker(meta.index, meta.term)?;
@@ -971,26 +746,24 @@ impl Consensus {
             .map_err(|e| AdminError::Internal(format!("raft refused the change: {e}")))
     }
 
+    /// The facts admission decides on: the applied membership and who was heard from lately.
+    fn admit<T>(&self, decide: impl FnOnce(&LeaderView<'_>) -> Result<T, AdminError>) -> Result<T, AdminError> {
+        let healthy: BTreeSet<u64> = self
+            .membership
+            .member_ids()
+            .into_iter()
+            .filter(|id| self.is_healthy(*id))
+            .collect();
+        decide(&LeaderView {
+            membership: &self.membership,
+            leader_id: self.identity.id,
+            healthy: &healthy,
+            max_promote_lag: self.tuning.max_promote_lag,
+        })
+    }
+
     fn propose_add(&mut self, id: u64, peer_url: String, learner: bool, request_id: u64) -> Result<(), AdminError> {
-        if id == 0 || id > identity::MAX_MEMBER_ID {
-            return Err(AdminError::Invalid(format!(
-                "member id must be between 1 and {}",
-                identity::MAX_MEMBER_ID
-            )));
-        }
-        match self.membership.role_of(id) {
-            MemberRole::Voter => return Err(AdminError::AlreadyMember { id, role: "voter" }),
-            MemberRole::Learner => return Err(AdminError::AlreadyMember { id, role: "learner" }),
-            MemberRole::Removed => return Err(AdminError::IdRemoved { id }),
-            MemberRole::None => {}
-        }
-        if !learner {
-            // A voter added empty raises the quorum before it can vote usefully: it does not count
-            // as healthy until it has replicated.
-            self.check_quorum_after(id, false, |voters| {
-                voters.push(id);
-            })?;
-        }
+        self.admit(|view| view.admit_add(id, learner))?;
         let ty = if learner {
             ConfChangeType::AddLearnerNode
         } else {
@@ -1007,30 +780,11 @@ impl Consensus {
     }
 
     fn propose_promote(&mut self, id: u64, request_id: u64) -> Result<(), AdminError> {
-        match self.membership.role_of(id) {
-            MemberRole::Learner => {}
-            MemberRole::Voter => return Err(AdminError::AlreadyMember { id, role: "voter" }),
-            _ => return Err(AdminError::NotMember { id }),
-        }
-        let last = self.raw.raft.raft_log.last_index();
-        let progress = self.raw.raft.prs().get(id);
-        let matched = progress.map_or(0, |p| p.matched);
-        let lag = last.saturating_sub(matched);
-        // Caught up means the learner itself acknowledged the log up to within the allowed lag:
-        // `matched` moves only on its acknowledgements. A learner that acknowledged nothing yet
-        // (matched 0) is refused however short the log is. The progress state is no guide: after
-        // a snapshot raft-rs leaves an idle learner in Probe, not Replicate, until the next write.
-        let acknowledged = progress.is_some_and(|p| p.matched > 0);
-        if !acknowledged || lag > self.tuning.max_promote_lag {
-            return Err(AdminError::LearnerLagging {
-                id,
-                lag,
-                max: self.tuning.max_promote_lag,
-            });
-        }
-        // A promotion raises the quorum: a learner that went silent after catching up would
-        // count toward it without being able to vote.
-        self.check_quorum_after(id, true, |voters| voters.push(id))?;
+        let progress = LearnerProgress {
+            matched: self.raw.raft.prs().get(id).map(|p| p.matched),
+            last_index: self.raw.raft.raft_log.last_index(),
+        };
+        self.admit(|view| view.admit_promote(id, progress))?;
         self.propose_change(
             id,
             ConfChangeType::AddNode,
@@ -1042,16 +796,7 @@ impl Consensus {
     }
 
     fn propose_remove(&mut self, id: u64, request_id: u64) -> Result<(), AdminError> {
-        match self.membership.role_of(id) {
-            MemberRole::Voter => {
-                if id == self.identity.id {
-                    return Err(AdminError::IsLeader { id });
-                }
-                self.check_quorum_after(id, false, |voters| voters.retain(|v| *v != id))?;
-            }
-            MemberRole::Learner => {}
-            _ => return Err(AdminError::NotMember { id }),
-        }
+        self.admit(|view| view.admit_remove(id))?;
         self.propose_change(
             id,
             ConfChangeType::RemoveNode,
@@ -1060,34 +805,6 @@ impl Consensus {
                 request_id,
             },
         )
-    }
-
-    /// Refuses a change after which fewer healthy voters than a quorum would remain. The member
-    /// `id` counts as healthy after the change only when `id_counts` (a promoted learner that was
-    /// heard from recently); a new empty voter or a removed one never does.
-    fn check_quorum_after(
-        &self,
-        id: u64,
-        id_counts: bool,
-        change: impl FnOnce(&mut Vec<u64>),
-    ) -> Result<(), AdminError> {
-        let mut voters: Vec<u64> = self.membership.voters.iter().copied().collect();
-        change(&mut voters);
-        if voters.is_empty() {
-            return Err(AdminError::Invalid("a cluster needs at least one voter".into()));
-        }
-        let healthy = voters
-            .iter()
-            .filter(|&&v| v == self.identity.id || ((v != id || id_counts) && self.is_healthy(v)))
-            .count();
-        if healthy < voters.len() / 2 + 1 {
-            return Err(AdminError::WouldLoseQuorum {
-                id,
-                healthy,
-                voters: voters.len(),
-            });
-        }
-        Ok(())
     }
 
     /// Heard from within two election timeouts.
@@ -1235,7 +952,7 @@ pub fn write_initial_snapshot(
         state.membership.voters.insert(*id);
         state.membership.peer_urls.insert(*id, url.clone());
     }
-    let meta = write_snapshot(snapshots, &state)?;
+    let meta = snapshots.write(&state)?;
     let mut hs = HardState::default();
     hs.term = 1;
     hs.commit = 1;

@@ -55,6 +55,10 @@ pub enum Error {
     /// A record could not be encoded or decoded.
     #[error("codec: {0}")]
     Codec(String),
+    /// A task or thread (the consensus thread, the state machine, file I/O off the async
+    /// workers) panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(String),
 }
 
 impl Error {
@@ -71,6 +75,7 @@ impl Error {
             Error::Removed { id, cluster_id, .. } => format!("removed_member member={id} cluster={cluster_id}"),
             Error::Config(_) => "config".into(),
             Error::Codec(_) => "codec".into(),
+            Error::Task(_) => "task".into(),
         }
     }
 }

@@ -6,6 +6,9 @@
 //!
 //! - [`consensus`]: the thread that owns the Raft `RawNode`; runs the `Ready` loop in raft-rs's
 //!   order, persists to the WAL before anything depends on it, applies membership changes.
+//! - [`admission`]: who may be added, promoted or removed without losing quorum (pure).
+//! - [`inbox`]: what the other tasks send the consensus thread (proposals, reads, peer
+//!   messages, admin commands and their refusals) and the status it publishes.
 //! - [`wal`]: the write-ahead log: segmented, checksummed, torn-tail recovery.
 //! - [`read_index`]: contexts for ReadIndex rounds, and why none may be sent twice.
 //! - [`storage`]: the Raft log as raft-rs reads it (the in-memory tail after the last snapshot).
@@ -14,7 +17,8 @@
 //! - [`kv`]: the replicated state itself (ordered map, revisions, membership) and its snapshot format.
 //! - [`command`]: how client writes and membership contexts are encoded in log entries.
 //! - [`transport`]: peer-to-peer streams of Raft messages and snapshots over HTTP.
-//! - [`api`]: the client and admin HTTP API.
+//! - [`api`]: the client and admin HTTP API (key-value and admin handlers, forwarding to the
+//!   leader, request decoding, error answers); its bodies are the `raftkv-api` crate's types.
 //! - [`identity`]: the member id and tombstone on the data directory.
 //! - [`node`]: recovery, start-up and shutdown of one member.
 //! - [`local`]: a local cluster of member processes in one command.
@@ -24,6 +28,7 @@
 // raft's protobuf messages are built field by field, as raft-rs's own examples build them.
 #![allow(clippy::field_reassign_with_default)]
 
+pub mod admission;
 pub mod api;
 pub mod bench;
 pub mod command;
@@ -31,6 +36,7 @@ pub mod config;
 pub mod consensus;
 pub mod error;
 pub mod identity;
+pub mod inbox;
 pub mod kv;
 pub mod local;
 pub mod metrics;

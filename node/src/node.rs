@@ -1,6 +1,6 @@
 //! Starting and stopping one member: recovery from the data directory (identity, latest
 //! snapshot, write-ahead log replayed on top), static bootstrap, the two listeners, and the tasks
-//! joined by channels as the seed's raftNode is: consensus thread, state machine, servers.
+//! joined by channels in etcd raftexample's shape: consensus thread, state machine, servers.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -20,9 +20,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiContext, Limits};
 use crate::config::NodeConfig;
-use crate::consensus::{self, Consensus, RaftInput, RaftStatus, Recovered, Role, Tuning};
+use crate::consensus::{self, Consensus, Recovered, Tuning};
 use crate::error::{Error, IoContext, Result};
 use crate::identity;
+use crate::inbox::{RaftInput, RaftStatus, Role};
 use crate::kv::{KvState, MemberRole};
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotStore;
@@ -71,7 +72,7 @@ impl RunningNode {
                 }
                 Ok(Err(e)) => return self.stop_after_state_machine_failed(e).await,
                 Err(e) => {
-                    let error = Error::Codec(format!("state machine task: {e}"));
+                    let error = Error::Task(format!("state machine task: {e}"));
                     return self.stop_after_state_machine_failed(error).await;
                 }
             },
@@ -80,7 +81,7 @@ impl RunningNode {
         for t in self.tasks {
             let _ = t.await;
         }
-        consensus.map_err(|e| Error::Codec(format!("consensus thread: {e}")))?
+        consensus.map_err(|e| Error::Task(format!("consensus thread: {e}")))?
     }
 
     /// The state machine failed while consensus runs on: stops the member and returns `error`.
@@ -103,7 +104,7 @@ impl RunningNode {
         let result = self
             .consensus
             .await
-            .map_err(|e| Error::Codec(format!("consensus thread: {e}")))?;
+            .map_err(|e| Error::Task(format!("consensus thread: {e}")))?;
         match self.state_machine.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "state machine ended with an error"),
             Err(e) => tracing::warn!(error = %e, "state machine panicked"),
@@ -146,7 +147,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
     let advertise = advertise_peer_url.clone();
     let (recovered, state) = tokio::task::spawn_blocking(move || recover(&recover_cfg, advertise))
         .await
-        .map_err(|e| Error::Codec(format!("recovery task: {e}")))??;
+        .map_err(|e| Error::Task(format!("recovery task: {e}")))??;
     let id = recovered.identity.id;
     tracing::info!(
         member_id = id,
@@ -232,8 +233,20 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         tasks.push(tokio::spawn(serve(listener, router, shutdown.clone(), name)));
     }
     if let Some(path) = &cfg.addr_file {
-        let body = serde_json::json!({"id": id, "client": client_addr, "peer": peer_addr});
-        identity::write_atomically(path, body.to_string().as_bytes())?;
+        /// What `--addr-file` holds: who listens where, for a launcher that bound port 0.
+        #[derive(serde::Serialize)]
+        struct Listening {
+            id: u64,
+            client: std::net::SocketAddr,
+            peer: std::net::SocketAddr,
+        }
+        let body = serde_json::to_vec(&Listening {
+            id,
+            client: client_addr,
+            peer: peer_addr,
+        })
+        .map_err(|e| Error::Codec(e.to_string()))?;
+        identity::write_atomically(path, &body)?;
     }
     tracing::info!(member_id = id, %client_addr, %peer_addr, "serving");
     Ok(RunningNode {
@@ -423,23 +436,8 @@ fn recover(cfg: &NodeConfig, advertise_peer_url: Option<String>) -> Result<(Reco
     let (snapshot, state) = match log.snapshots.last() {
         None => (SnapshotMetadata::default(), KvState::default()),
         Some(&(index, term)) => {
-            let path = snapshots.path(index, term);
-            let file = std::fs::File::open(&path)
-                .io_context(|| format!("open snapshot {} named by the write-ahead log", path.display()))?;
-            let state = KvState::read_snapshot(std::io::BufReader::with_capacity(1 << 20, file)).map_err(|reason| {
-                Error::Snapshot {
-                    path: path.clone(),
-                    reason,
-                }
-            })?;
-            if state.applied_index != index {
-                return Err(snapshots.corrupt(index, term, format!("holds index {}", state.applied_index)));
-            }
-            let mut meta = SnapshotMetadata::default();
-            meta.index = index;
-            meta.term = term;
-            meta.set_conf_state(state.membership.conf_state());
-            (meta, state)
+            let state = snapshots.load(index, term)?;
+            (crate::snapshot::metadata_of(&state), state)
         }
     };
     if state.cluster_id != 0 && identity.cluster_id != state.cluster_id {

@@ -1,5 +1,6 @@
 //! Snapshot files on the data directory: naming, atomic creation, streaming reception from a
-//! leader, and retention.
+//! leader, retention, and every read and write of a snapshot's contents (the whole state, or
+//! just its header).
 //!
 //! A snapshot is named `{term:016x}-{index:016x}.snap`. Files are written to a `.tmp` name, fsynced,
 //! renamed, and the directory fsynced, so a crash leaves either no snapshot or a whole one. Which
@@ -7,11 +8,14 @@
 //! file: a snapshot received from a leader that Raft then rejected never becomes current.
 
 use std::fs::{self, File};
-use std::io::BufWriter;
+use std::io::{BufReader, BufWriter};
 use std::path::{Path, PathBuf};
+
+use raft::prelude::SnapshotMetadata;
 
 use crate::error::{Error, IoContext, Result};
 use crate::identity::sync_dir;
+use crate::kv::{KvState, SnapshotHeader};
 
 const SUFFIX: &str = ".snap";
 const TMP_SUFFIX: &str = ".snap.tmp";
@@ -145,6 +149,55 @@ impl SnapshotStore {
             reason: reason.into(),
         }
     }
+
+    /// Writes `state` as the durable snapshot at its applied index (temporary file, fsync,
+    /// rename, directory fsync) and returns its metadata. Blocking: call it off the async
+    /// workers.
+    pub fn write(&self, state: &KvState) -> Result<SnapshotMetadata> {
+        let started = std::time::Instant::now();
+        let (index, term) = (state.applied_index, state.applied_term);
+        let pending = self.create(index, term)?;
+        let tmp = pending.tmp_path.clone();
+        let writer = state
+            .write_snapshot(pending.writer)
+            .io_context(|| format!("write snapshot {}", tmp.display()))?;
+        fail::fail_point!("snapshot::before_save");
+        let path = self.commit(PendingSnapshot { writer, ..pending })?;
+        fail::fail_point!("snapshot::after_save");
+        tracing::info!(index, term, keys = state.data.len(), path = %path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "snapshot written");
+        Ok(metadata_of(state))
+    }
+
+    /// Reads the whole snapshot at `(index, term)`, checking its checksum and that it holds
+    /// that index. Blocking: call it off the async workers.
+    pub fn load(&self, index: u64, term: u64) -> Result<KvState> {
+        let path = self.path(index, term);
+        let file = File::open(&path).io_context(|| format!("open snapshot {}", path.display()))?;
+        let state = KvState::read_snapshot(BufReader::with_capacity(1 << 20, file))
+            .map_err(|reason| self.corrupt(index, term, reason))?;
+        if state.applied_index != index {
+            return Err(self.corrupt(index, term, format!("holds index {}", state.applied_index)));
+        }
+        Ok(state)
+    }
+
+    /// Reads only the header of the snapshot at `(index, term)`: its cluster and membership.
+    pub fn load_header(&self, index: u64, term: u64) -> Result<SnapshotHeader> {
+        let path = self.path(index, term);
+        File::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| KvState::read_snapshot_header(BufReader::new(f)))
+            .map_err(|reason| self.corrupt(index, term, reason))
+    }
+}
+
+/// The Raft metadata of a snapshot of `state`: its applied index and term, and its configuration.
+pub fn metadata_of(state: &KvState) -> SnapshotMetadata {
+    let mut meta = SnapshotMetadata::default();
+    meta.index = state.applied_index;
+    meta.term = state.applied_term;
+    meta.set_conf_state(state.membership.conf_state());
+    meta
 }
 
 #[cfg(test)]

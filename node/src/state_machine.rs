@@ -17,8 +17,8 @@ use raft::prelude::{ConfChangeV2, ConfState, SnapshotMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::ConfChangeContext;
-use crate::consensus::RaftInput;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
+use crate::inbox::RaftInput;
 use crate::kv::{ApplyOutcome, KvState};
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotStore;
@@ -175,7 +175,7 @@ impl StateMachine {
                         ApplyMsg::Entries(batch) => log_bytes += self.apply_batch(batch),
                         ApplyMsg::Restore { meta, path } => {
                             snapshot_bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-                            self.restore(meta, path).await?;
+                            self.restore(meta).await?;
                             last_snapshot = self.shared.state.read().applied_index;
                             log_bytes = 0;
                         }
@@ -247,28 +247,14 @@ impl StateMachine {
         bytes
     }
 
-    async fn restore(&self, meta: SnapshotMetadata, path: PathBuf) -> Result<()> {
+    async fn restore(&self, meta: SnapshotMetadata) -> Result<()> {
         let started = std::time::Instant::now();
         fail::fail_point!("snapshot::before_apply");
-        let load_path = path.clone();
-        let state = tokio::task::spawn_blocking(move || -> Result<KvState> {
-            let file = std::fs::File::open(&load_path).io_context(|| format!("open {}", load_path.display()))?;
-            KvState::read_snapshot(std::io::BufReader::with_capacity(1 << 20, file)).map_err(|reason| Error::Snapshot {
-                path: load_path.clone(),
-                reason,
-            })
-        })
-        .await
-        .map_err(|e| Error::Codec(format!("snapshot load task: {e}")))??;
-        if state.applied_index != meta.index {
-            return Err(Error::Snapshot {
-                path,
-                reason: format!(
-                    "holds index {} but Raft restored index {}",
-                    state.applied_index, meta.index
-                ),
-            });
-        }
+        let snapshots = self.snapshots.clone();
+        let (index, term) = (meta.index, meta.term);
+        let state = tokio::task::spawn_blocking(move || snapshots.load(index, term))
+            .await
+            .map_err(|e| Error::Task(format!("snapshot load: {e}")))??;
         let (applied, keys) = (state.applied_index, state.data.len());
         *self.shared.state.write() = state;
         fail::fail_point!("snapshot::after_apply");
@@ -292,31 +278,11 @@ impl StateMachine {
         let state = self.shared.state.read().clone();
         let snapshots = self.snapshots.clone();
         tokio::task::spawn_blocking(move || {
-            let meta = write_snapshot(&snapshots, &state)?;
+            let meta = snapshots.write(&state)?;
             let bytes = std::fs::metadata(snapshots.path(meta.index, meta.term)).map_or(0, |m| m.len());
             Ok((meta, bytes))
         })
     }
-}
-
-/// Writes `state` as the durable snapshot at its applied index and returns its metadata.
-pub fn write_snapshot(snapshots: &SnapshotStore, state: &KvState) -> Result<SnapshotMetadata> {
-    let started = std::time::Instant::now();
-    let (index, term) = (state.applied_index, state.applied_term);
-    let pending = snapshots.create(index, term)?;
-    let tmp = pending.tmp_path.clone();
-    let writer = state
-        .write_snapshot(pending.writer)
-        .io_context(|| format!("write snapshot {}", tmp.display()))?;
-    fail::fail_point!("snapshot::before_save");
-    let path = snapshots.commit(crate::snapshot::PendingSnapshot { writer, ..pending })?;
-    fail::fail_point!("snapshot::after_save");
-    let mut meta = SnapshotMetadata::default();
-    meta.index = index;
-    meta.term = term;
-    meta.set_conf_state(state.membership.conf_state());
-    tracing::info!(index, term, keys = state.data.len(), path = %path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "snapshot written");
-    Ok(meta)
 }
 
 #[cfg(test)]

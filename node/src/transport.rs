@@ -34,7 +34,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::ReaderStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::consensus::RaftInput;
+use raftkv_api::codes;
+
+use crate::api::error::json_error;
+use crate::inbox::RaftInput;
 use crate::kv::KvState;
 use crate::snapshot::SnapshotStore;
 
@@ -406,9 +409,9 @@ fn check_cluster(ctx: &TransportContext, headers: &HeaderMap) -> Result<(), Box<
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     if ctx.removed.read().contains(&from) {
-        return Err(Box::new(crate::api::json_error(
+        return Err(Box::new(json_error(
             StatusCode::GONE,
-            "member_removed",
+            codes::MEMBER_REMOVED,
             format!("member {from} was removed from this cluster"),
         )));
     }
@@ -428,9 +431,9 @@ fn check_cluster(ctx: &TransportContext, headers: &HeaderMap) -> Result<(), Box<
     if theirs != 0 && ours != 0 && theirs != ours {
         let from = headers.get(FROM_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("?");
         tracing::warn!(from, theirs, ours, "refused a peer of another cluster");
-        return Err(Box::new(crate::api::json_error(
+        return Err(Box::new(json_error(
             StatusCode::FORBIDDEN,
-            "cluster_id_mismatch",
+            codes::CLUSTER_ID_MISMATCH,
             format!("this member belongs to cluster {ours}, the peer to cluster {theirs}"),
         )));
     }
@@ -496,22 +499,22 @@ pub async fn receive_stream(State(ctx): State<TransportContext>, headers: Header
         buf.extend_from_slice(&chunk);
         let msgs = match decode_frames(&mut buf) {
             Ok(m) => m,
-            Err(e) => return refuse(stream, crate::api::json_error(StatusCode::BAD_REQUEST, "bad_frame", e)),
+            Err(e) => return refuse(stream, json_error(StatusCode::BAD_REQUEST, codes::BAD_FRAME, e)),
         };
         for msg in msgs {
             // A stream opened before its sender was removed must end as soon as it is.
             if ctx.removed.read().contains(&msg.from) {
-                let gone = crate::api::json_error(
+                let gone = json_error(
                     StatusCode::GONE,
-                    "member_removed",
+                    codes::MEMBER_REMOVED,
                     format!("member {} was removed from this cluster", msg.from),
                 );
                 return refuse(stream, gone);
             }
             if msg.to != ctx.self_id {
-                let wrong = crate::api::json_error(
+                let wrong = json_error(
                     StatusCode::BAD_REQUEST,
-                    "wrong_member",
+                    codes::WRONG_MEMBER,
                     format!("message for member {} reached member {}", msg.to, ctx.self_id),
                 );
                 return refuse(stream, wrong);
@@ -532,7 +535,7 @@ pub async fn receive_snapshot(State(ctx): State<TransportContext>, headers: Head
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "snapshot reception failed");
-            crate::api::json_error(StatusCode::BAD_REQUEST, "bad_snapshot", e)
+            json_error(StatusCode::BAD_REQUEST, codes::BAD_SNAPSHOT, e)
         }
     }
 }

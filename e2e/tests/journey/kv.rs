@@ -1,46 +1,19 @@
-//! The store as a client sees it: the KV and admin HTTP API of `raftkv-node`, and a writer that
-//! keeps writing while the cluster changes and remembers every write that was acknowledged.
+//! The store as a client sees it: the KV and admin HTTP API of `raftkv-node` (its bodies are
+//! `raftkv-api`'s types), and a writer that keeps writing while the cluster changes and
+//! remembers every write that was acknowledged.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use raftkv_api::{AddMemberRequest, MemberView, Members, Status, TransferRequest};
 use reqwest::StatusCode;
-use serde::Deserialize;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
-
-/// A member as `GET /v1/members` lists it.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Member {
-    /// The member id.
-    pub id: u64,
-    /// `voter`, `learner`, ...
-    pub role: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct Members {
-    members: Vec<Member>,
-}
-
-/// A member's own view, from `GET /v1/status`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct NodeStatus {
-    /// This member's id (from its volume).
-    pub id: u64,
-    /// `leader`, `follower`, ...
-    pub role: String,
-    /// `voter`, `learner`, `none`, `removed`.
-    pub membership: String,
-    /// The peer URL the member advertises.
-    #[serde(default)]
-    pub peer_url: Option<String>,
-}
 
 /// An HTTP client for the node API.
 #[derive(Clone)]
@@ -84,7 +57,7 @@ impl Kv {
     }
 
     /// `GET /v1/members`.
-    pub async fn members(&self, base: &str) -> anyhow::Result<Vec<Member>> {
+    pub async fn members(&self, base: &str) -> anyhow::Result<Vec<MemberView>> {
         let response = self.http.get(format!("{base}/v1/members")).send().await?;
         let response = response.error_for_status()?;
         Ok(response.json::<Members>().await?.members)
@@ -92,7 +65,11 @@ impl Kv {
 
     /// `POST /v1/members`: adds a learner, as the operator does; returns once applied.
     pub async fn add_learner(&self, base: &str, id: u64, peer_url: &str) -> anyhow::Result<()> {
-        let body = serde_json::json!({"id": id, "peer_url": peer_url, "learner": true});
+        let body = AddMemberRequest {
+            id,
+            peer_url: peer_url.to_string(),
+            learner: true,
+        };
         let response = self.http.post(format!("{base}/v1/members")).json(&body).send().await?;
         ensure_ok(response, "adding a learner").await
     }
@@ -105,13 +82,13 @@ impl Kv {
 
     /// `POST /v1/leader`: moves leadership to `id` and waits until it happened.
     pub async fn transfer_leader(&self, base: &str, id: u64) -> anyhow::Result<()> {
-        let body = serde_json::json!({"id": id});
+        let body = TransferRequest { id };
         let response = self.http.post(format!("{base}/v1/leader")).json(&body).send().await?;
         ensure_ok(response, "transferring leadership").await
     }
 
     /// `GET /v1/status`.
-    pub async fn status(&self, base: &str) -> anyhow::Result<NodeStatus> {
+    pub async fn status(&self, base: &str) -> anyhow::Result<Status> {
         let response = self.http.get(format!("{base}/v1/status")).send().await?;
         Ok(response.error_for_status()?.json().await?)
     }

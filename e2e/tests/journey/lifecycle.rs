@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{bail, ensure, Context};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::Api;
+use raftkv_api::{Membership, Role};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -230,7 +231,7 @@ impl Journey {
         let pod = format!("{CLUSTER}-2");
         let retiring = self.node_status(&pod).await?;
         let via = self.pod_base(&format!("{CLUSTER}-0")).await?;
-        if retiring.role == "leader" {
+        if retiring.role == Role::Leader {
             let successor = self.node_status(&format!("{CLUSTER}-0")).await?;
             self.kv
                 .transfer_leader(&self.pod_base(&pod).await?, successor.id)
@@ -284,7 +285,7 @@ impl Journey {
         let joining = self
             .wait_for(&format!("{pod} to start as a member of nothing"), || async {
                 let status = self.node_status(&pod).await?;
-                Ok((status.membership == "none").then_some(status))
+                Ok((status.membership == Membership::None).then_some(status))
             })
             .await?;
         let peer_url = joining

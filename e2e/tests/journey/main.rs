@@ -22,6 +22,7 @@ use anyhow::{bail, ensure, Context};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::Api;
+use raftkv_api::{MemberKind, Membership, Role};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -388,7 +389,7 @@ impl Journey {
             .context("status.leader is empty")?
             .to_string();
         let before = self.node_status(&leader).await?;
-        ensure!(before.role == "leader", "{leader} reports role {}", before.role);
+        ensure!(before.role == Role::Leader, "{leader} reports role {:?}", before.role);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let old_uid = pods.get(&leader).await?.metadata.uid;
         self.kubectl_ns(&["delete", "pod", &leader, "--wait=false"]).await?;
@@ -405,7 +406,11 @@ impl Journey {
             after.id,
             before.id
         );
-        ensure!(after.membership == "voter", "{leader} rejoined as {}", after.membership);
+        ensure!(
+            after.membership == Membership::Voter,
+            "{leader} rejoined as {:?}",
+            after.membership
+        );
         // The data written before the failure survived it.
         let urls = self.backend.service_urls(&self.namespace, CLUSTER, "client").await?;
         let base = urls.first().context("no endpoints")?;
@@ -503,7 +508,7 @@ impl Journey {
         Ok(object["status"].clone())
     }
 
-    async fn node_status(&self, pod: &str) -> anyhow::Result<kv::NodeStatus> {
+    async fn node_status(&self, pod: &str) -> anyhow::Result<raftkv_api::Status> {
         let base = self.backend.pod_url(&self.namespace, pod, CLIENT_PORT).await?;
         self.kv.status(&base).await
     }
@@ -618,8 +623,8 @@ impl Journey {
         let mut pod_members = BTreeSet::new();
         for name in &names {
             let node = self.node_status(name).await?;
-            if node.membership != "voter" {
-                return Ok(Some(format!("{name} is a {}", node.membership)));
+            if node.membership != Membership::Voter {
+                return Ok(Some(format!("{name} is a {:?}", node.membership)));
             }
             pod_members.insert(node.id);
         }
@@ -629,7 +634,11 @@ impl Journey {
             .await?;
         let base = urls.first().context("the client Service has no endpoints")?;
         let members = self.kv.members(base).await?;
-        let voters: BTreeSet<u64> = members.iter().filter(|m| m.role == "voter").map(|m| m.id).collect();
+        let voters: BTreeSet<u64> = members
+            .iter()
+            .filter(|m| m.role == MemberKind::Voter)
+            .map(|m| m.id)
+            .collect();
         if voters != pod_members || members.len() != voters.len() {
             return Ok(Some(format!(
                 "membership {members:?} is not the pods' members {pod_members:?}"
