@@ -6,6 +6,12 @@
 //! It is a dedicated OS thread, not a tokio task, because it fsyncs: blocking the async workers on
 //! disk would stall every HTTP request in the process. Everything it drains from the inbox between
 //! two `Ready`s is handled by one `Ready`, so concurrent client writes share one fsync.
+//!
+//! At a little over 900 lines this file is one piece on purpose: it is the one place that owns
+//! `RawNode`, and the durability rules (what is fsynced before what is sent or answered) are only
+//! checkable when the Ready loop, the conf-change application and the bootstrap that rebuilds the
+//! node are read together. What needs no `RawNode` lives elsewhere: the inbox vocabulary in
+//! `inbox`, admission rules in `admission`, snapshot files in `snapshot`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
