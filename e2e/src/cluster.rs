@@ -17,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apiserver::{self, ApiServer};
 use crate::error::{Error, Result};
+use crate::kubeconfig::write_kubeconfig;
 use crate::kubelet::{self, ImageMapping, ImageTable, KubeletConfig};
 use crate::selector::LabelSelector;
 use crate::store::{self, Store};
-use crate::{controllers, jsonpath};
+use crate::{controllers, jsonpath, logs};
 
 /// Configures a [`SimCluster`] before it starts.
 #[derive(Debug, Default)]
@@ -159,24 +160,6 @@ impl ServiceEndpoint {
     }
 }
 
-/// Writes a kubeconfig for `server`: the administrator's (no credentials: every request is
-/// allowed) or, with `token`, a service account's (its requests are checked by [`crate::rbac`]).
-pub(crate) fn write_kubeconfig(path: &Path, server: &str, token: Option<&str>) -> Result<()> {
-    let user = match token {
-        Some(token) => format!("\n    token: {token}"),
-        None => " {}".to_string(),
-    };
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: raftkv-sim\n  cluster:\n    server: {server}\n\
-         users:\n- name: raftkv-sim\n  user:{user}\ncontexts:\n- name: raftkv-sim\n  context:\n    \
-         cluster: raftkv-sim\n    user: raftkv-sim\n    namespace: default\ncurrent-context: raftkv-sim\n"
-    );
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    }
-    std::fs::write(path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
-}
-
 impl SimCluster {
     /// A builder, to map images or choose directories.
     pub fn builder() -> SimClusterBuilder {
@@ -248,12 +231,12 @@ impl SimCluster {
 
     /// The path of a container's log file.
     pub fn pod_log_path(&self, namespace: &str, pod: &str, container: &str) -> PathBuf {
-        kubelet::log_path(&self.root, namespace, pod, container)
+        logs::log_path(&self.root, namespace, pod, container)
     }
 
     /// Everything a pod's containers wrote (all containers, all restarts), headed by container name.
     pub fn pod_logs(&self, namespace: &str, pod: &str) -> String {
-        let dir = kubelet::log_path(&self.root, namespace, pod, "x");
+        let dir = logs::log_path(&self.root, namespace, pod, "x");
         let Some(dir) = dir.parent() else {
             return String::new();
         };

@@ -53,9 +53,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+pub use crate::logs::log_path;
 use crate::patch::PatchType;
 use crate::store::{self, now_rfc3339, DeleteOptions, Store, Target};
 use crate::volumes;
+pub use crate::wellknown::NODE_NAME;
 
 /// A crashed container's first restart delay, doubled on every crash (the kubelet's own).
 const CRASH_BACKOFF_START: Duration = Duration::from_secs(10);
@@ -63,9 +65,6 @@ const CRASH_BACKOFF_START: Duration = Duration::from_secs(10);
 const CRASH_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Running this long resets the restart delay.
 const CRASH_BACKOFF_RESET: Duration = Duration::from_secs(600);
-
-/// The one node of the simulated cluster.
-pub const NODE_NAME: &str = "sim-node";
 
 /// How the kubelet runs an image: the host program standing for its entrypoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,14 +152,6 @@ impl ImageTable {
             .max_by_key(|(prefix, _)| prefix.len())
             .map(|(_, m)| m)
     }
-}
-
-/// Where a container's stdout and stderr are written.
-pub fn log_path(root: &Path, namespace: &str, pod: &str, container: &str) -> PathBuf {
-    root.join("logs")
-        .join(namespace)
-        .join(pod)
-        .join(format!("{container}.log"))
 }
 
 /// Where a container writes its termination message (Kubernetes' default when unset).
@@ -715,7 +706,7 @@ impl PodRuntime {
             .join("serviceaccounts")
             .join(&account.namespace)
             .join(format!("{}.kubeconfig", account.name));
-        match crate::cluster::write_kubeconfig(&path, &self.shared.config.server, Some(&account.token())) {
+        match crate::kubeconfig::write_kubeconfig(&path, &self.shared.config.server, Some(&account.token())) {
             Ok(()) => Some(path),
             Err(error) => {
                 tracing::warn!(%error, "writing the service account's kubeconfig");

@@ -43,7 +43,9 @@ pub mod controllers;
 pub mod discovery;
 pub mod error;
 pub mod jsonpath;
+pub mod kubeconfig;
 pub mod kubelet;
+pub mod logs;
 pub mod object;
 pub mod patch;
 pub mod protobuf;
@@ -53,6 +55,7 @@ pub mod selector;
 pub mod store;
 pub mod table;
 pub mod volumes;
+pub mod wellknown;
 
 pub use cluster::{eventually, ServiceEndpoint, SimCluster, SimClusterBuilder};
 pub use error::{ApiError, Error, Result};

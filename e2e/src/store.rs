@@ -25,6 +25,7 @@ use crate::error::ApiError;
 use crate::patch::{self, PatchType};
 use crate::resources::{Registry, ResourceDef};
 use crate::selector::{FieldSelector, LabelSelector};
+use crate::wellknown;
 
 /// Storage key of pods, which the store deletes gracefully.
 pub const PODS: &str = "/pods";
@@ -237,15 +238,15 @@ impl Store {
             self.create(&namespaces, "", json!({"metadata": {"name": ns}}), false)
                 .expect("seeding a namespace into an empty store");
         }
-        let node = json!({"metadata": {"name": crate::kubelet::NODE_NAME,
-                "labels": {"kubernetes.io/hostname": crate::kubelet::NODE_NAME}},
+        let node = json!({"metadata": {"name": wellknown::NODE_NAME,
+                "labels": {"kubernetes.io/hostname": wellknown::NODE_NAME}},
             "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
                 "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}});
         self.create(&self.builtin("", "nodes"), "", node, false)
             .expect("seeding the node");
         let class = json!({"metadata": {"name": "standard",
                 "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-            "provisioner": crate::volumes::PROVISIONER, "reclaimPolicy": "Delete",
+            "provisioner": wellknown::PROVISIONER, "reclaimPolicy": "Delete",
             "volumeBindingMode": "Immediate"});
         self.create(&self.builtin("storage.k8s.io", "storageclasses"), "", class, false)
             .expect("seeding the storage class");
@@ -833,8 +834,8 @@ fn apply_defaults(inner: &mut Inner, res: &ResourceDef, object: &mut Value, exis
                 // no pod uses it (see `volumes`).
                 let finalizers = meta_mut(object).entry("finalizers").or_insert_with(|| json!([]));
                 if let Some(list) = finalizers.as_array_mut() {
-                    if !list.iter().any(|f| f == crate::volumes::PVC_PROTECTION) {
-                        list.push(json!(crate::volumes::PVC_PROTECTION));
+                    if !list.iter().any(|f| f == wellknown::PVC_PROTECTION) {
+                        list.push(json!(wellknown::PVC_PROTECTION));
                     }
                 }
             }
