@@ -26,11 +26,17 @@ use crate::{controllers, jsonpath, logs};
 /// Configures a [`SimCluster`] before it starts.
 #[derive(Debug, Default)]
 pub struct SimClusterBuilder {
+    /// How the kubelet runs each image.
     images: ImageTable,
+    /// The directory for volumes, logs and pods; a temporary one when unset.
     root: Option<PathBuf>,
+    /// Where to write the administrator's kubeconfig; inside the root when unset.
     kubeconfig: Option<PathBuf>,
+    /// The API server's loopback port; 0 picks a free one.
     port: u16,
+    /// How many watch events the store keeps; 10,000 when unset.
     watch_history: Option<usize>,
+    /// The second octet of pod addresses; one no other cluster in this process uses when unset.
     ip_octet: Option<u8>,
 }
 
@@ -132,11 +138,17 @@ impl SimClusterBuilder {
 
 /// A running simulated cluster.
 pub struct SimCluster {
+    /// Where the API server listens.
     address: SocketAddr,
+    /// The cluster's objects.
     store: Arc<Store>,
+    /// The directory holding volumes, logs and pods' scratch directories.
     root: PathBuf,
+    /// The administrator's kubeconfig, for kubectl and kube-rs clients.
     kubeconfig: PathBuf,
+    /// Stops the API server, controllers and kubelet.
     shutdown: CancellationToken,
+    /// The kubelet, controllers and API server tasks, awaited on shutdown.
     tasks: Vec<JoinHandle<()>>,
     /// Removes the root directory on drop when the cluster created it.
     _tempdir: Option<tempfile::TempDir>,

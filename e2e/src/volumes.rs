@@ -63,10 +63,15 @@ pub fn claims_of(pod: &Value) -> Vec<String> {
 
 /// The storage controllers of one cluster.
 pub struct Volumes {
+    /// The cluster's objects, read and written as a client would.
     store: Arc<Store>,
+    /// The cluster root, under which each volume has its host directory.
     root: PathBuf,
+    /// PersistentVolumeClaims.
     claims: Arc<ResourceDef>,
+    /// PersistentVolumes.
     volumes: Arc<ResourceDef>,
+    /// StorageClasses.
     classes: Arc<ResourceDef>,
 }
 
