@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::discovery;
 use crate::error::ApiError;
 use crate::jsonpath;
-use crate::kubelet;
+use crate::logs;
 use crate::patch::{self, PatchType};
 use crate::protobuf;
 use crate::rbac;
@@ -518,7 +518,7 @@ fn subresource(
                 .cloned()
                 .or_else(|| pod["spec"]["containers"][0]["name"].as_str().map(str::to_string))
                 .unwrap_or_default();
-            let path = kubelet::log_path(&server.log_root, ns, name, &container);
+            let path = logs::log_path(&server.log_root, ns, name, &container);
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             let text = match query.get("tailLines").and_then(|t| t.parse::<usize>().ok()) {
                 Some(n) => {

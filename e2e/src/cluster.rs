@@ -17,19 +17,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apiserver::{self, ApiServer};
 use crate::error::{Error, Result};
+use crate::kubeconfig::write_kubeconfig;
 use crate::kubelet::{self, ImageMapping, ImageTable, KubeletConfig};
 use crate::selector::LabelSelector;
 use crate::store::{self, Store};
-use crate::{controllers, jsonpath};
+use crate::{controllers, jsonpath, logs};
 
 /// Configures a [`SimCluster`] before it starts.
 #[derive(Debug, Default)]
 pub struct SimClusterBuilder {
+    /// How the kubelet runs each image.
     images: ImageTable,
+    /// The directory for volumes, logs and pods; a temporary one when unset.
     root: Option<PathBuf>,
+    /// Where to write the administrator's kubeconfig; inside the root when unset.
     kubeconfig: Option<PathBuf>,
+    /// The API server's loopback port; 0 picks a free one.
     port: u16,
+    /// How many watch events the store keeps; 10,000 when unset.
     watch_history: Option<usize>,
+    /// The second octet of pod addresses; one no other cluster in this process uses when unset.
     ip_octet: Option<u8>,
 }
 
@@ -131,11 +138,17 @@ impl SimClusterBuilder {
 
 /// A running simulated cluster.
 pub struct SimCluster {
+    /// Where the API server listens.
     address: SocketAddr,
+    /// The cluster's objects.
     store: Arc<Store>,
+    /// The directory holding volumes, logs and pods' scratch directories.
     root: PathBuf,
+    /// The administrator's kubeconfig, for kubectl and kube-rs clients.
     kubeconfig: PathBuf,
+    /// Stops the API server, controllers and kubelet.
     shutdown: CancellationToken,
+    /// The kubelet, controllers and API server tasks, awaited on shutdown.
     tasks: Vec<JoinHandle<()>>,
     /// Removes the root directory on drop when the cluster created it.
     _tempdir: Option<tempfile::TempDir>,
@@ -157,24 +170,6 @@ impl ServiceEndpoint {
     pub fn socket_addr(&self, port: &str) -> Option<SocketAddr> {
         self.ports.get(port).map(|p| SocketAddr::new(self.ip, *p))
     }
-}
-
-/// Writes a kubeconfig for `server`: the administrator's (no credentials: every request is
-/// allowed) or, with `token`, a service account's (its requests are checked by [`crate::rbac`]).
-pub(crate) fn write_kubeconfig(path: &Path, server: &str, token: Option<&str>) -> Result<()> {
-    let user = match token {
-        Some(token) => format!("\n    token: {token}"),
-        None => " {}".to_string(),
-    };
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: raftkv-sim\n  cluster:\n    server: {server}\n\
-         users:\n- name: raftkv-sim\n  user:{user}\ncontexts:\n- name: raftkv-sim\n  context:\n    \
-         cluster: raftkv-sim\n    user: raftkv-sim\n    namespace: default\ncurrent-context: raftkv-sim\n"
-    );
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    }
-    std::fs::write(path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 impl SimCluster {
@@ -248,12 +243,12 @@ impl SimCluster {
 
     /// The path of a container's log file.
     pub fn pod_log_path(&self, namespace: &str, pod: &str, container: &str) -> PathBuf {
-        kubelet::log_path(&self.root, namespace, pod, container)
+        logs::log_path(&self.root, namespace, pod, container)
     }
 
     /// Everything a pod's containers wrote (all containers, all restarts), headed by container name.
     pub fn pod_logs(&self, namespace: &str, pod: &str) -> String {
-        let dir = kubelet::log_path(&self.root, namespace, pod, "x");
+        let dir = logs::log_path(&self.root, namespace, pod, "x");
         let Some(dir) = dir.parent() else {
             return String::new();
         };

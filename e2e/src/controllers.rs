@@ -56,12 +56,19 @@ pub fn spawn(store: Arc<Store>, root: PathBuf, shutdown: CancellationToken) -> J
     })
 }
 
+/// The workload controllers of one cluster and the resources they act on.
 struct Controllers {
+    /// The cluster's objects, read and written as a client would.
     store: Arc<Store>,
+    /// Pods, which every controller creates and deletes.
     pods: Arc<ResourceDef>,
+    /// PersistentVolumeClaims, created from StatefulSets' claim templates.
     pvcs: Arc<ResourceDef>,
+    /// StatefulSets.
     statefulsets: Arc<ResourceDef>,
+    /// Deployments.
     deployments: Arc<ResourceDef>,
+    /// ReplicaSets, owned by Deployments and owning pods.
     replicasets: Arc<ResourceDef>,
 }
 

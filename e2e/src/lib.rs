@@ -22,20 +22,30 @@
 //! ```
 //!
 //! # Layout
-//! - [`cluster`]: [`SimCluster`], starting and stopping everything, kubeconfig, kubectl and
-//!   kube-rs clients, pod logs, Service endpoints, failure reports.
+//! - [`cluster`]: [`SimCluster`], starting and stopping everything, kubectl and kube-rs
+//!   clients, pod logs, Service endpoints, failure reports.
 //! - [`apiserver`]: HTTP routing of Kubernetes REST paths, watches, subresources.
-//! - [`store`]: objects, resourceVersions, watch history, deletion and garbage collection.
+//! - [`store`]: objects, resourceVersions and the reads and writes; its files `admission`
+//!   (seeded objects, per-kind defaults, CRD validation), `deletion` (finalizers, graceful
+//!   pod deletion, namespaces, garbage collection) and `watch` (events, history, watch starts).
 //! - [`resources`]: the served kinds, built-in and from CRDs.
 //! - [`discovery`] and [`table`]: discovery and OpenAPI documents, `kubectl get` tables.
 //! - [`protobuf`]: request bodies in Kubernetes protobuf, as kubectl's typed clients send.
 //! - [`patch`], [`selector`], [`jsonpath`]: patch flavours, selectors, printer-column paths.
 //! - [`controllers`]: StatefulSet, Deployment and ReplicaSet controllers.
 //! - [`volumes`]: PersistentVolume provisioning, binding and reclaiming; claim protection.
-//! - [`kubelet`]: pods as host processes: images, env, volumes, probes, restarts, logs.
+//! - [`kubelet`]: pods as host processes; its files `images`, `environment`, `mounts`,
+//!   `probes`, `status` and `lifecycle` (pod worker, container run loop, restarts, termination).
 //! - [`object`]: reading stored objects' metadata, for the controllers.
 //! - [`rbac`]: the RBAC authorizer for pods' service-account tokens.
+//! - [`kubeconfig`]: kubeconfig files, the administrator's and each service account's.
+//! - [`logs`]: where containers' logs live on the host.
+//! - [`wellknown`]: names several parts share: the node, the provisioner, the claim finalizer.
 //! - [`error`]: [`Error`] and [`ApiError`].
+//!
+//! Modules depend on each other in one direction only: `cluster` on everything it starts; the
+//! API server, controllers and kubelet on the store; the store only on `resources`, `patch`,
+//! `selector`, `wellknown` and `error`. No module imports one that imports it back.
 
 pub mod apiserver;
 pub mod cluster;
@@ -43,7 +53,9 @@ pub mod controllers;
 pub mod discovery;
 pub mod error;
 pub mod jsonpath;
+pub mod kubeconfig;
 pub mod kubelet;
+pub mod logs;
 pub mod object;
 pub mod patch;
 pub mod protobuf;
@@ -53,6 +65,7 @@ pub mod selector;
 pub mod store;
 pub mod table;
 pub mod volumes;
+pub mod wellknown;
 
 pub use cluster::{eventually, ServiceEndpoint, SimCluster, SimClusterBuilder};
 pub use error::{ApiError, Error, Result};

@@ -96,7 +96,9 @@ impl ResourceDef {
 /// All resources currently served.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
+    /// The built-in kinds, fixed for the life of the cluster.
     builtins: Vec<Arc<ResourceDef>>,
+    /// The kinds CRDs define, one per served version.
     custom: Vec<Arc<ResourceDef>>,
 }
 

@@ -27,10 +27,7 @@ use crate::object::{deleting, log_failure, name_of, ns_of, uid_of};
 use crate::resources::ResourceDef;
 use crate::store::{self, Store, Target};
 
-/// The finalizer that keeps a claim while a pod uses it.
-pub const PVC_PROTECTION: &str = "kubernetes.io/pvc-protection";
-/// Marks the simulation's dynamically provisioned volumes.
-pub const PROVISIONER: &str = "raftkv.dev/host-directory";
+pub use crate::wellknown::{PROVISIONER, PVC_PROTECTION};
 
 /// The host directory of a PersistentVolume.
 pub fn volume_path(root: &Path, volume: &str) -> PathBuf {
@@ -66,10 +63,15 @@ pub fn claims_of(pod: &Value) -> Vec<String> {
 
 /// The storage controllers of one cluster.
 pub struct Volumes {
+    /// The cluster's objects, read and written as a client would.
     store: Arc<Store>,
+    /// The cluster root, under which each volume has its host directory.
     root: PathBuf,
+    /// PersistentVolumeClaims.
     claims: Arc<ResourceDef>,
+    /// PersistentVolumes.
     volumes: Arc<ResourceDef>,
+    /// StorageClasses.
     classes: Arc<ResourceDef>,
 }
 
