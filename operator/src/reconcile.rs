@@ -35,7 +35,9 @@ use crate::config::{OperatorConfig, FIELD_MANAGER};
 use crate::crd::{BootstrapRecord, BootstrapState, RaftCluster, RaftClusterStatus};
 use crate::execute::{execute, ClusterEffects, Outcome};
 use crate::metrics::Metrics;
-use crate::names::{ClusterNames, REMOVED_MEMBER_ANNOTATION};
+use crate::names::{
+    ClusterNames, APP_NAME, INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL, REMOVED_MEMBER_ANNOTATION,
+};
 use crate::node_client::{HttpNodeClient, NodeApi};
 use crate::observe::{
     assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods, removed_member_claims,
@@ -514,10 +516,10 @@ impl ClusterEffects for KubeEffects<'_> {
 pub async fn run<N: NodeApi + 'static>(ctx: Arc<Context<N>>) {
     let client = ctx.client.clone();
     let clusters: Api<RaftCluster> = Api::all(client.clone());
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=raftkv-operator");
+    let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     // Pods are owned by the StatefulSet, not by the RaftCluster; they are watched so that a pod
     // turning ready (a learner caught up, a restarted member back) triggers the next step.
-    let pods = watcher::Config::default().labels("app.kubernetes.io/name=raftkv");
+    let pods = watcher::Config::default().labels(&format!("{NAME_LABEL}={APP_NAME}"));
     Controller::new(clusters, watcher::Config::default().any_semantic())
         // Pods of one cluster change in bursts (a rollout, a scale-up): one reconcile after the
         // burst does what one per event would, without the API and node calls of the rest.
@@ -525,7 +527,7 @@ pub async fn run<N: NodeApi + 'static>(ctx: Arc<Context<N>>) {
         .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned)
         .watches(Api::<Pod>::all(client), pods, |pod: Pod| {
-            let instance = pod.labels().get("app.kubernetes.io/instance")?.clone();
+            let instance = pod.labels().get(INSTANCE_LABEL)?.clone();
             let namespace = pod.namespace()?;
             Some(ObjectRef::<RaftCluster>::new(&instance).within(&namespace))
         })
