@@ -7,6 +7,7 @@
 //! - [`crd`]: the `RaftCluster` resource, its schema, and its status.
 //! - [`config`]: operator-wide settings from the command line, and how a pod's node is dialled.
 //! - [`names`]: names and labels of a cluster's objects.
+//! - [`quantity`]: the one parser of Kubernetes quantities such as `1Gi`.
 //! - [`build`]: validation and the pure builders of the Kubernetes objects.
 //! - [`node_client`]: the [`node_client::NodeApi`] trait and its HTTP client for the nodes'
 //!   admin API.
@@ -30,6 +31,7 @@ pub mod names;
 pub mod node_client;
 pub mod observe;
 pub mod plan;
+pub mod quantity;
 pub mod reconcile;
 pub mod status;
 
