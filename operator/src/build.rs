@@ -4,7 +4,7 @@
 //! input that is not in the spec is the StatefulSet's replica count: the operator, not the user,
 //! decides it, because pods may only come and go in step with the Raft membership.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
@@ -222,27 +222,6 @@ pub fn keep_claim_templates(statefulset: &mut StatefulSet, existing: &StatefulSe
     });
     statefulset.spec.volume_claim_templates = kept;
     mismatch
-}
-
-/// The replica count of a StatefulSet that does not exist (yet).
-///
-/// A new cluster starts at the desired count: it has no membership to keep in step. A
-/// bootstrapped cluster whose StatefulSet is gone (deleted by hand, or with orphaned pods) still
-/// has members and volumes, possibly at ordinals the spec no longer wants; recreated at the
-/// desired count, the StatefulSet would delete those members' pods without their Raft removal.
-/// So it comes back large enough for the highest member (as last recorded in status) and the
-/// highest claim, and any scale-down then goes through the membership steps.
-pub fn recreated_statefulset_replicas(
-    desired: u32,
-    bootstrapped: bool,
-    member_ordinals: impl IntoIterator<Item = u32>,
-    claim_ordinals: &BTreeSet<u32>,
-) -> u32 {
-    if !bootstrapped {
-        return desired;
-    }
-    let highest = member_ordinals.into_iter().chain(claim_ordinals.iter().copied()).max();
-    highest.map_or(desired, |o| desired.max(o.saturating_add(1)))
 }
 
 /// Everything `apply` sends for one cluster.
@@ -811,23 +790,5 @@ mod tests {
         );
         assert_eq!(mismatch.kept, "size 2Gi and storage class fast");
         assert_eq!(mismatch.wanted, "size 5Gi and the default storage class");
-    }
-
-    #[test]
-    fn a_recreated_statefulset_keeps_every_member_and_claim_of_a_bootstrapped_cluster() {
-        let claims = BTreeSet::from([0, 1, 2, 3]);
-        assert_eq!(
-            recreated_statefulset_replicas(3, false, [0, 1, 4], &claims),
-            3,
-            "a new cluster"
-        );
-        assert_eq!(
-            recreated_statefulset_replicas(3, true, [0, 1, 4], &claims),
-            5,
-            "member 4"
-        );
-        assert_eq!(recreated_statefulset_replicas(3, true, [0, 1], &claims), 4, "claim 3");
-        assert_eq!(recreated_statefulset_replicas(5, true, [0, 1], &claims), 5, "the spec");
-        assert_eq!(recreated_statefulset_replicas(3, true, [], &BTreeSet::new()), 3);
     }
 }

@@ -28,9 +28,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn, Span};
 
-use crate::build::{
-    build, keep_claim_templates, name_conflict, recreated_statefulset_replicas, validate, ClusterObjects, ValidCluster,
-};
+use crate::build::{build, keep_claim_templates, name_conflict, validate, ClusterObjects, ValidCluster};
 use crate::config::{OperatorConfig, FIELD_MANAGER};
 use crate::crd::{BootstrapRecord, BootstrapState, RaftCluster, RaftClusterStatus};
 use crate::execute::{execute, ClusterEffects, Outcome};
@@ -42,7 +40,7 @@ use crate::node_client::{HttpNodeClient, NodeApi};
 use crate::observe::{
     assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods, removed_member_claims,
 };
-use crate::plan::{plan, Desired, Step};
+use crate::plan::{plan, recreated_statefulset_replicas, Desired, Step};
 use crate::status::{cluster_status, degraded_warning, refused_status, Refusal, SpecIssue};
 use crate::{Error, Result};
 
