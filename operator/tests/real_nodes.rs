@@ -16,8 +16,8 @@ use raftkv_operator::crd::BootstrapRecord;
 use raftkv_operator::execute::{execute, ClusterEffects};
 use raftkv_operator::names::ClusterNames;
 use raftkv_operator::node_client::{HttpNodeClient, NodeClientTimeouts};
-use raftkv_operator::observe::{assemble, query_nodes, PodFacts};
-use raftkv_operator::plan::{plan, Desired, Step};
+use raftkv_operator::observe::{observe_and_plan, Inputs, PodFacts};
+use raftkv_operator::plan::{Desired, Step};
 use tokio::time::Instant;
 
 /// The node binary: the one `cargo test --workspace` built next to this test, or built now when
@@ -232,17 +232,20 @@ async fn reconcile_until_converged(
                 unready_since: None,
             });
         }
-        let reports = query_nodes(nodes, &endpoints).await;
-        let observed = assemble(
-            &names,
-            *cluster.replicas.lock(),
-            &pods,
-            cluster.claims(),
-            cluster.claim_marks.lock().clone(),
-            &reports,
-            cluster.bootstrap.lock().clone(),
-        );
-        let step = plan(&desired, &observed);
+        let claims = cluster.claims();
+        let marks = cluster.claim_marks.lock().clone();
+        let bootstrap = cluster.bootstrap.lock().clone();
+        let inputs = Inputs {
+            names: &names,
+            statefulset_replicas: *cluster.replicas.lock(),
+            pods: &pods,
+            endpoints: &endpoints,
+            claims: &claims,
+            removed_member_claims: &marks,
+            bootstrap: bootstrap.as_ref(),
+            previous_members: &[],
+        };
+        let step = observe_and_plan(inputs, &desired, nodes).await.step;
         if step == Step::Converged {
             return Ok(steps);
         }
