@@ -553,11 +553,17 @@ fn plan_bootstrap(observed: &Observed, record: Option<&BootstrapRecord>) -> Step
     }
 }
 
+/// One planning pass over a cluster with a leader on one of its pods.
 struct Planner<'a> {
+    /// What the user asked for.
     desired: &'a Desired,
+    /// What was observed.
     observed: &'a Observed,
+    /// The observed membership (present: without one there is nothing to plan from).
     membership: &'a MembershipObs,
+    /// The leader's member id.
     leader_id: u64,
+    /// The leader's pod ordinal: membership calls go through it.
     via: u32,
 }
 

@@ -46,15 +46,21 @@ fn node_binary() -> &'static Path {
 
 /// One pod: a node process with a data directory that outlives it.
 struct PodProcess {
+    /// The running node.
     child: Child,
+    /// The base URL of its admin API.
     url: String,
 }
 
 /// The Kubernetes side of the test: what a StatefulSet, its pods and its claims would do.
 struct ProcessCluster {
+    /// The directory holding every pod's data directory, address file and log.
     root: PathBuf,
+    /// The StatefulSet's replica count: which ordinals run.
     replicas: Mutex<u32>,
+    /// The running pods, by ordinal.
     pods: Mutex<BTreeMap<u32, PodProcess>>,
+    /// The bootstrap record the `RaftCluster`'s status would hold.
     bootstrap: Mutex<Option<BootstrapRecord>>,
     /// The removed-member marks on claims, by ordinal; they go with their data directory.
     claim_marks: Mutex<BTreeMap<u32, u64>>,
