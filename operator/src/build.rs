@@ -4,7 +4,7 @@
 //! input that is not in the spec is the StatefulSet's replica count: the operator, not the user,
 //! decides it, because pods may only come and go in step with the Raft membership.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
@@ -23,6 +23,7 @@ use kube::{Resource, ResourceExt};
 use crate::config::{OperatorConfig, PeerAddressing};
 use crate::crd::{RaftCluster, RaftClusterSpec, DEFAULT_MAX_LAG, MAX_REPLICAS};
 use crate::names::{ClusterNames, DATA_DIR, DATA_VOLUME, NODE_CONTAINER};
+use crate::quantity::{is_quantity, same_quantity};
 use crate::{Error, Result};
 
 /// The user and group the node runs as: the conventional unprivileged "nonroot" id of
@@ -107,26 +108,6 @@ pub fn validate(cluster: &RaftCluster, config: &OperatorConfig) -> Result<ValidC
         spec: spec.clone(),
         generation: cluster.metadata.generation,
     })
-}
-
-/// A plain-number quantity with an optional binary, decimal or exponent suffix; the same
-/// grammar as the schema's pattern, for API servers that skip schema validation.
-fn is_quantity(value: &str) -> bool {
-    let value = value.strip_prefix(['+', '-']).unwrap_or(value);
-    let number_end = value
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(value.len());
-    let (number, suffix) = value.split_at(number_end);
-    let number_ok = number.matches('.').count() <= 1 && number.chars().any(|c| c.is_ascii_digit());
-    let exponent_ok = |exponent: &str| {
-        let digits = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
-        !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
-    };
-    let suffix_ok = match suffix {
-        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T" | "P" | "E" => true,
-        other => other.strip_prefix(['e', 'E']).is_some_and(exponent_ok),
-    };
-    number_ok && suffix_ok
 }
 
 /// An object with one of this cluster's names that another owner controls, such as the Service
@@ -241,87 +222,6 @@ pub fn keep_claim_templates(statefulset: &mut StatefulSet, existing: &StatefulSe
     });
     statefulset.spec.volume_claim_templates = kept;
     mismatch
-}
-
-/// A quantity's exact amount as `(negative, digits, exponent)`, meaning `digits * 10^exponent`
-/// with trailing zeros moved into the exponent, so that equal amounts compare equal however they
-/// are written (`1Gi` and `1024Mi`, `1.5G` and `1500M`); the API server may store a quantity in
-/// another form than the one it was sent. `None` when it does not parse or overflows.
-fn quantity_amount(text: &str) -> Option<(bool, u128, i32)> {
-    let (negative, rest) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text.strip_prefix('+').unwrap_or(text)),
-    };
-    let number_end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(rest.len());
-    let (number, suffix) = rest.split_at(number_end);
-    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
-    if whole.is_empty() && fraction.is_empty() {
-        return None;
-    }
-    let mut digits: u128 = 0;
-    for c in whole.chars().chain(fraction.chars()) {
-        digits = digits.checked_mul(10)?.checked_add(u128::from(c.to_digit(10)?))?;
-    }
-    let mut exponent = -i32::try_from(fraction.len()).ok()?;
-    let binary_power = match suffix {
-        "Ki" => 10,
-        "Mi" => 20,
-        "Gi" => 30,
-        "Ti" => 40,
-        "Pi" => 50,
-        "Ei" => 60,
-        _ => 0,
-    };
-    digits = digits.checked_mul(1u128 << binary_power)?;
-    exponent += match suffix {
-        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => 0,
-        "n" => -9,
-        "u" => -6,
-        "m" => -3,
-        "k" => 3,
-        "M" => 6,
-        "G" => 9,
-        "T" => 12,
-        "P" => 15,
-        "E" => 18,
-        other => other.strip_prefix(['e', 'E'])?.parse::<i32>().ok()?,
-    };
-    if digits == 0 {
-        return Some((false, 0, 0));
-    }
-    while digits.is_multiple_of(10) {
-        digits /= 10;
-        exponent = exponent.checked_add(1)?;
-    }
-    Some((negative, digits, exponent))
-}
-
-/// Whether two quantities are the same amount.
-fn same_quantity(a: &str, b: &str) -> bool {
-    a == b || quantity_amount(a).is_some_and(|amount| quantity_amount(b) == Some(amount))
-}
-
-/// The replica count of a StatefulSet that does not exist (yet).
-///
-/// A new cluster starts at the desired count: it has no membership to keep in step. A
-/// bootstrapped cluster whose StatefulSet is gone (deleted by hand, or with orphaned pods) still
-/// has members and volumes, possibly at ordinals the spec no longer wants; recreated at the
-/// desired count, the StatefulSet would delete those members' pods without their Raft removal.
-/// So it comes back large enough for the highest member (as last recorded in status) and the
-/// highest claim, and any scale-down then goes through the membership steps.
-pub fn recreated_statefulset_replicas(
-    desired: u32,
-    bootstrapped: bool,
-    member_ordinals: impl IntoIterator<Item = u32>,
-    claim_ordinals: &BTreeSet<u32>,
-) -> u32 {
-    if !bootstrapped {
-        return desired;
-    }
-    let highest = member_ordinals.into_iter().chain(claim_ordinals.iter().copied()).max();
-    highest.map_or(desired, |o| desired.max(o.saturating_add(1)))
 }
 
 /// Everything `apply` sends for one cluster.
@@ -890,49 +790,5 @@ mod tests {
         );
         assert_eq!(mismatch.kept, "size 2Gi and storage class fast");
         assert_eq!(mismatch.wanted, "size 5Gi and the default storage class");
-    }
-
-    #[test]
-    fn equal_quantities_compare_equal_in_any_notation() {
-        for (a, b) in [
-            ("1Gi", "1024Mi"),
-            ("1.5G", "1500M"),
-            ("1e3", "1k"),
-            ("0.5Ki", "512"),
-            ("1E3", "1000"),
-        ] {
-            assert!(same_quantity(a, b), "{a} = {b}");
-        }
-        for (a, b) in [("1Gi", "1G"), ("1Ki", "1k"), ("2Gi", "1Gi"), ("1E", "1000")] {
-            assert!(!same_quantity(a, b), "{a} != {b}");
-        }
-    }
-
-    #[test]
-    fn a_recreated_statefulset_keeps_every_member_and_claim_of_a_bootstrapped_cluster() {
-        let claims = BTreeSet::from([0, 1, 2, 3]);
-        assert_eq!(
-            recreated_statefulset_replicas(3, false, [0, 1, 4], &claims),
-            3,
-            "a new cluster"
-        );
-        assert_eq!(
-            recreated_statefulset_replicas(3, true, [0, 1, 4], &claims),
-            5,
-            "member 4"
-        );
-        assert_eq!(recreated_statefulset_replicas(3, true, [0, 1], &claims), 4, "claim 3");
-        assert_eq!(recreated_statefulset_replicas(5, true, [0, 1], &claims), 5, "the spec");
-        assert_eq!(recreated_statefulset_replicas(3, true, [], &BTreeSet::new()), 3);
-    }
-
-    #[test]
-    fn quantities_follow_the_api_server_grammar() {
-        for ok in ["1Gi", "500Mi", "1.5G", "100", "1e3", "0.5Ti", "10k"] {
-            assert!(is_quantity(ok), "{ok}");
-        }
-        for bad in ["", "Gi", "1GB", "1..5Gi", "lots", "1e", "."] {
-            assert!(!is_quantity(bad), "{bad}");
-        }
     }
 }

@@ -5,13 +5,11 @@
 use futures::executor::block_on;
 use proptest::prelude::*;
 
-use crate::config::OperatorConfig;
 use crate::crd::BootstrapState;
 use crate::execute::execute;
-use crate::model::{converge, reconcile_once, Model, MAX_LAG};
+use crate::model::{converge, plan_once, reconcile_once, Model};
 use crate::names::ClusterNames;
-use crate::observe::{assemble, endpoints, query_nodes};
-use crate::plan::{plan, Desired, Step};
+use crate::plan::Step;
 
 fn new_model(replicas: u32) -> Model {
     let model = Model::new(ClusterNames::new("demo", "ns"));
@@ -99,28 +97,7 @@ fn reconcile_once_failing_second_write(model: &Model) -> Step {
             self.0.publish_event(reason, note, w).await
         }
     }
-    let config = OperatorConfig::default();
-    let (names, facts, claims, marks, sts, bootstrap) = {
-        let w = model.world();
-        (
-            w.names.clone(),
-            w.pod_facts(),
-            w.claim_ordinals(),
-            w.claim_marks.clone(),
-            w.statefulset_replicas,
-            w.bootstrap.clone(),
-        )
-    };
-    let urls = endpoints(&config, &facts);
-    let reports = block_on(query_nodes(model, &urls));
-    let observed = assemble(&names, sts, &facts, claims, marks, &reports, bootstrap);
-    let step = plan(
-        &Desired {
-            replicas: 1,
-            max_lag: MAX_LAG,
-        },
-        &observed,
-    );
+    let (urls, step) = plan_once(model, 1);
     let effects = ArmAfterFirst(model.clone());
     let result = block_on(execute(&step, &urls, model, &effects));
     assert!(result.is_err(), "the Done record was meant to fail");

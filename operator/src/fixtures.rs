@@ -85,7 +85,9 @@ pub fn context(model: Model) -> (Arc<Context<Model>>, ApiServerVerifier) {
 
 /// Checks and answers the reconciler's requests.
 pub struct ApiServerVerifier {
+    /// The server end of the mocked client: each request the reconciler sends, to check and answer.
     handle: Handle<Request<Body>, Response<Body>>,
+    /// The modelled cluster whose pods and claims the answers list.
     model: Model,
     /// The size in the stored StatefulSet's claim template.
     pub stored_storage_size: String,

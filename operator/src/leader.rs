@@ -187,9 +187,13 @@ impl fmt::Display for LeaseLost {
 
 /// A Lease-based lock.
 pub struct LeaderElector {
+    /// The Lease API, in the namespace the Lease lives in.
     api: Api<Lease>,
+    /// The Lease's name, shared by every operator replica.
     name: String,
+    /// This replica's holder identity in the Lease.
     identity: String,
+    /// How long the Lease lasts and how often it is renewed.
     timings: LeaseTimings,
     /// The Lease as last read or written; a candidate's only evidence of the holder's liveness.
     observed: Option<Observation>,

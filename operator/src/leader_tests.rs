@@ -138,10 +138,15 @@ enum Afterwards {
 
 /// An in-memory Lease API: one Lease, resourceVersion checks on replace.
 struct LeaseServer {
+    /// The stored Lease, once created.
     lease: Option<Value>,
+    /// The stored Lease's resourceVersion, raised by every write.
     version: u64,
+    /// Writes that succeeded.
     writes: u32,
+    /// How many writes succeed before `afterwards` applies.
     healthy_writes: u32,
+    /// How requests are treated after `healthy_writes` writes.
     afterwards: Afterwards,
     /// The local time of the last successful write.
     last_write: Option<Instant>,

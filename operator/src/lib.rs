@@ -7,11 +7,14 @@
 //! - [`crd`]: the `RaftCluster` resource, its schema, and its status.
 //! - [`config`]: operator-wide settings from the command line, and how a pod's node is dialled.
 //! - [`names`]: names and labels of a cluster's objects.
+//! - [`quantity`]: the one parser of Kubernetes quantities such as `1Gi`.
 //! - [`build`]: validation and the pure builders of the Kubernetes objects.
 //! - [`node_client`]: the [`node_client::NodeApi`] trait and its HTTP client for the nodes'
 //!   admin API.
-//! - [`observe`]: pods, claims and node answers turned into the planner's view.
-//! - [`plan`]: the pure membership planner, one step at a time.
+//! - [`observe`]: pods, claims and node answers turned into the planner's view, and
+//!   [`observe::observe_and_plan`], the one pipeline from what was read to the next step.
+//! - [`plan`]: the pure planner: membership one step at a time, and the size of a recreated
+//!   StatefulSet.
 //! - [`execute`]: carrying out a step through `NodeApi` and [`execute::ClusterEffects`].
 //! - [`status`]: the pure status computation (phase, conditions, members).
 //! - [`reconcile`]: the controller: the pipeline, the Kubernetes side effects, error backoff.
@@ -30,6 +33,7 @@ pub mod names;
 pub mod node_client;
 pub mod observe;
 pub mod plan;
+pub mod quantity;
 pub mod reconcile;
 pub mod status;
 

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub steps: Family<StepLabels, Counter>,
     /// Time spent in one reconcile.
     pub duration: Histogram,
+    /// Every metric above, for the `/metrics` endpoint to encode.
     registry: Registry,
 }
 
@@ -117,7 +118,9 @@ impl Metrics {
 
 /// Records a reconcile's duration when dropped, so early returns are measured too.
 pub struct ReconcileTimer<'a> {
+    /// When the reconcile started.
     started: Instant,
+    /// Where its duration is recorded.
     histogram: &'a Histogram,
 }
 

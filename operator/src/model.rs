@@ -18,8 +18,8 @@ use crate::crd::BootstrapRecord;
 use crate::execute::{execute, ClusterEffects};
 use crate::names::ClusterNames;
 use crate::node_client::{codes, Bootstrapped, Member, MemberKind, Members, NodeApi, NodeMembership, NodeStatus};
-use crate::observe::{assemble, endpoints, query_nodes, PodFacts};
-use crate::plan::{plan, quorum, Desired, FatalCode, PodFailure, Step};
+use crate::observe::{endpoints, observe_and_plan, Inputs, PodFacts};
+use crate::plan::{quorum, Desired, FatalCode, PodFailure, Step};
 use crate::{Error, Result};
 
 /// Entries the model's leader commits per tick; larger than [`MAX_LAG`], so a new learner is
@@ -547,9 +547,9 @@ impl ClusterEffects for Model {
     }
 }
 
-/// One reconcile's membership half over the model: observe, plan, execute. An error (an
-/// injected Kubernetes failure) ends the reconcile as it would in the operator.
-pub fn reconcile_once(model: &Model, replicas: u32) -> Step {
+/// What the operator would observe of the model and plan towards `replicas`, through the
+/// operator's own pipeline; with the node endpoints it used, for the execution.
+pub fn plan_once(model: &Model, replicas: u32) -> (BTreeMap<u32, String>, Step) {
     let config = OperatorConfig::default();
     let (names, facts, claims, marks, statefulset_replicas, bootstrap) = {
         let w = model.world();
@@ -563,13 +563,28 @@ pub fn reconcile_once(model: &Model, replicas: u32) -> Step {
         )
     };
     let urls = endpoints(&config, &facts);
-    let reports = block_on(query_nodes(model, &urls));
-    let observed = assemble(&names, statefulset_replicas, &facts, claims, marks, &reports, bootstrap);
+    let inputs = Inputs {
+        names: &names,
+        statefulset_replicas,
+        pods: &facts,
+        endpoints: &urls,
+        claims: &claims,
+        removed_member_claims: &marks,
+        bootstrap: bootstrap.as_ref(),
+        previous_members: &[],
+    };
     let desired = Desired {
         replicas,
         max_lag: MAX_LAG,
     };
-    let step = plan(&desired, &observed);
+    let planned = block_on(observe_and_plan(inputs, &desired, model));
+    (urls, planned.step)
+}
+
+/// One reconcile's membership half over the model: observe, plan, execute. An error (an
+/// injected Kubernetes failure) ends the reconcile as it would in the operator.
+pub fn reconcile_once(model: &Model, replicas: u32) -> Step {
+    let (urls, step) = plan_once(model, replicas);
     let _ = block_on(execute(&step, &urls, model, model));
     step
 }

@@ -15,6 +15,21 @@ pub const REVISION_LABEL: &str = "controller-revision-hash";
 /// with the claim, so a fresh claim under the same name never carries an old member's mark.
 pub const REMOVED_MEMBER_ANNOTATION: &str = "raftkv.dev/removed-member";
 
+/// Label key naming the application; on every object of every cluster, and in the pod selector.
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+/// The value of [`NAME_LABEL`]: the application is raftkv.
+pub const APP_NAME: &str = "raftkv";
+/// Label key naming the `RaftCluster` an object belongs to; in the pod selector.
+pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+/// Label key naming who manages an object; the operator watches the objects it manages by it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// The value of [`MANAGED_BY_LABEL`] on the operator's objects.
+pub const MANAGED_BY: &str = "raftkv-operator";
+/// Label key naming an object's part in the application.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// The value of [`COMPONENT_LABEL`]: every object of a cluster serves its nodes.
+pub const NODE_COMPONENT: &str = "node";
+
 /// The names derived from one `RaftCluster`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterNames {
@@ -87,8 +102,8 @@ impl ClusterNames {
     /// Labels every object of the cluster carries.
     pub fn labels(&self) -> BTreeMap<String, String> {
         let mut labels = self.selector_labels();
-        labels.insert("app.kubernetes.io/managed-by".into(), "raftkv-operator".into());
-        labels.insert("app.kubernetes.io/component".into(), "node".into());
+        labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
+        labels.insert(COMPONENT_LABEL.into(), NODE_COMPONENT.into());
         labels
     }
 
@@ -96,8 +111,8 @@ impl ClusterNames {
     /// StatefulSet's selector can never change.
     pub fn selector_labels(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
-            ("app.kubernetes.io/name".to_string(), "raftkv".to_string()),
-            ("app.kubernetes.io/instance".to_string(), self.cluster.clone()),
+            (NAME_LABEL.to_string(), APP_NAME.to_string()),
+            (INSTANCE_LABEL.to_string(), self.cluster.clone()),
         ])
     }
 

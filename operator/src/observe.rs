@@ -2,6 +2,8 @@
 //!
 //! Split in three: pure extraction of facts from Pods and claims, the node queries (the only
 //! I/O, and only through [`NodeApi`]), and a pure assembly step that matches members to pods.
+//! [`observe_and_plan`] runs the last two and the planner, for the reconciler and for the tests
+//! that drive the in-memory model or real nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,7 +16,7 @@ use crate::config::OperatorConfig;
 use crate::crd::{BootstrapRecord, MemberStatus};
 use crate::names::{ClusterNames, NODE_CONTAINER, REMOVED_MEMBER_ANNOTATION, REVISION_LABEL};
 use crate::node_client::{Members, NodeApi, NodeMembership, NodeStatus};
-use crate::plan::{FatalCode, MemberObs, MembershipObs, NodeObs, Observed, PodFailure, PodObs};
+use crate::plan::{plan, Desired, FatalCode, MemberObs, MembershipObs, NodeObs, Observed, PodFailure, PodObs, Step};
 
 /// What the operator needs to know about one of the cluster's pods.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -291,6 +293,55 @@ pub fn recall_member_pods(names: &ClusterNames, observed: &mut Observed, previou
             .and_then(|p| p.pod.as_deref())
             .and_then(|pod| names.pod_ordinal(pod));
     }
+}
+
+/// What a reconcile has read about a cluster before asking its nodes: the input of
+/// [`observe_and_plan`].
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    /// Names of the cluster's objects.
+    pub names: &'a ClusterNames,
+    /// The StatefulSet's replica count, or the count a missing one is recreated with.
+    pub statefulset_replicas: u32,
+    /// The cluster's pods.
+    pub pods: &'a [PodFacts],
+    /// The base URL of every pod's admin API, by ordinal (see [`endpoints`]).
+    pub endpoints: &'a BTreeMap<u32, String>,
+    /// Ordinals of the live data claims (see [`claim_ordinals`]).
+    pub claims: &'a BTreeSet<u32>,
+    /// The removed-member marks on the claims (see [`removed_member_claims`]).
+    pub removed_member_claims: &'a BTreeMap<u32, u64>,
+    /// The bootstrap record of the last written status.
+    pub bootstrap: Option<&'a BootstrapRecord>,
+    /// The members of the last written status, for [`recall_member_pods`].
+    pub previous_members: &'a [MemberStatus],
+}
+
+/// What [`observe_and_plan`] saw and decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Planned {
+    /// The planner's view of the cluster, for the status.
+    pub observed: Observed,
+    /// The one next step.
+    pub step: Step,
+}
+
+/// Asks the nodes, joins their answers with what was read, and plans the next step: the one
+/// pipeline from observation to decision, whoever drives it.
+pub async fn observe_and_plan<N: NodeApi>(inputs: Inputs<'_>, desired: &Desired, nodes: &N) -> Planned {
+    let reports = query_nodes(nodes, inputs.endpoints).await;
+    let mut observed = assemble(
+        inputs.names,
+        inputs.statefulset_replicas,
+        inputs.pods,
+        inputs.claims.clone(),
+        inputs.removed_member_claims.clone(),
+        &reports,
+        inputs.bootstrap.cloned(),
+    );
+    recall_member_pods(inputs.names, &mut observed, inputs.previous_members);
+    let step = plan(desired, &observed);
+    Planned { observed, step }
 }
 
 #[cfg(test)]

@@ -456,6 +456,27 @@ impl BlockReason {
     }
 }
 
+/// The replica count of a StatefulSet that does not exist (yet).
+///
+/// A new cluster starts at the desired count: it has no membership to keep in step. A
+/// bootstrapped cluster whose StatefulSet is gone (deleted by hand, or with orphaned pods) still
+/// has members and volumes, possibly at ordinals the spec no longer wants; recreated at the
+/// desired count, the StatefulSet would delete those members' pods without their Raft removal.
+/// So it comes back large enough for the highest member (as last recorded in status) and the
+/// highest claim, and any scale-down then goes through the membership steps.
+pub fn recreated_statefulset_replicas(
+    desired: u32,
+    bootstrapped: bool,
+    member_ordinals: impl IntoIterator<Item = u32>,
+    claim_ordinals: &BTreeSet<u32>,
+) -> u32 {
+    if !bootstrapped {
+        return desired;
+    }
+    let highest = member_ordinals.into_iter().chain(claim_ordinals.iter().copied()).max();
+    highest.map_or(desired, |o| desired.max(o.saturating_add(1)))
+}
+
 /// Votes needed for a majority of `voters`.
 pub fn quorum(voters: usize) -> usize {
     voters / 2 + 1
@@ -532,11 +553,17 @@ fn plan_bootstrap(observed: &Observed, record: Option<&BootstrapRecord>) -> Step
     }
 }
 
+/// One planning pass over a cluster with a leader on one of its pods.
 struct Planner<'a> {
+    /// What the user asked for.
     desired: &'a Desired,
+    /// What was observed.
     observed: &'a Observed,
+    /// The observed membership (present: without one there is nothing to plan from).
     membership: &'a MembershipObs,
+    /// The leader's member id.
     leader_id: u64,
+    /// The leader's pod ordinal: membership calls go through it.
     via: u32,
 }
 

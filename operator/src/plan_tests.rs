@@ -551,6 +551,24 @@ fn a_matching_cluster_is_converged() {
     assert_eq!(plan(&desired(3), &cluster(3, 1)), Step::Converged);
 }
 
+#[test]
+fn a_recreated_statefulset_keeps_every_member_and_claim_of_a_bootstrapped_cluster() {
+    let claims = BTreeSet::from([0, 1, 2, 3]);
+    assert_eq!(
+        recreated_statefulset_replicas(3, false, [0, 1, 4], &claims),
+        3,
+        "a new cluster"
+    );
+    assert_eq!(
+        recreated_statefulset_replicas(3, true, [0, 1, 4], &claims),
+        5,
+        "member 4"
+    );
+    assert_eq!(recreated_statefulset_replicas(3, true, [0, 1], &claims), 4, "claim 3");
+    assert_eq!(recreated_statefulset_replicas(5, true, [0, 1], &claims), 5, "the spec");
+    assert_eq!(recreated_statefulset_replicas(3, true, [], &BTreeSet::new()), 3);
+}
+
 // Property tests over arbitrary observations.
 
 fn arb_membership() -> impl Strategy<Value = NodeMembership> {

@@ -7,9 +7,9 @@
 //!
 //! Only this module (and the [`KubeEffects`] it hands to the executor) talks to the API server;
 //! every decision is made by the pure functions of [`crate::build`], [`crate::plan`] and
-//! [`crate::status`].
+//! [`crate::status`], and the observation goes through [`crate::observe::observe_and_plan`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,23 +28,21 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn, Span};
 
-use crate::build::{
-    build, keep_claim_templates, name_conflict, recreated_statefulset_replicas, validate, ClusterObjects, ValidCluster,
-};
+use crate::build::{build, keep_claim_templates, name_conflict, validate, ClusterObjects, NameConflict, ValidCluster};
 use crate::config::{OperatorConfig, FIELD_MANAGER};
-use crate::crd::{BootstrapRecord, BootstrapState, RaftCluster, RaftClusterStatus};
-use crate::execute::{execute, ClusterEffects, Outcome};
+use crate::crd::{BootstrapRecord, BootstrapState, MemberStatus, RaftCluster, RaftClusterStatus};
+use crate::execute::{execute, ClusterEffects, Execution, Outcome};
 use crate::metrics::Metrics;
-use crate::names::{ClusterNames, REMOVED_MEMBER_ANNOTATION};
-use crate::node_client::{HttpNodeClient, NodeApi};
-use crate::observe::{
-    assemble, claim_ordinals, endpoints, pod_facts, query_nodes, recall_member_pods, removed_member_claims,
+use crate::names::{
+    ClusterNames, APP_NAME, INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL, REMOVED_MEMBER_ANNOTATION,
 };
-use crate::plan::{plan, Desired, Step};
+use crate::node_client::{HttpNodeClient, NodeApi};
+use crate::observe::{claim_ordinals, endpoints, observe_and_plan, pod_facts, removed_member_claims, Inputs, Planned};
+use crate::plan::{recreated_statefulset_replicas, Desired, Step};
 use crate::status::{cluster_status, degraded_warning, refused_status, Refusal, SpecIssue};
 use crate::{Error, Result};
 
-/// How soon to look again after each kind of outcome.
+/// How soon to look again after each kind of outcome (see [`requeue_after`]).
 const REQUEUE_AFTER_STEP: Duration = Duration::from_secs(2);
 const REQUEUE_WAITING: Duration = Duration::from_secs(5);
 const REQUEUE_BLOCKED: Duration = Duration::from_secs(15);
@@ -58,6 +56,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Per-object exponential backoff for failing reconciles, reset by a successful one.
 #[derive(Default)]
 pub struct Backoff {
+    /// Consecutive failed reconciles of each object since its last success.
     failures: Mutex<HashMap<ObjectRef<RaftCluster>, u32>>,
 }
 
@@ -118,7 +117,12 @@ fn now() -> Time {
     Time(Timestamp::now())
 }
 
-/// Reconciles one `RaftCluster`.
+/// Reconciles one `RaftCluster`: validate it, [`read`] its objects, plan the objects
+/// ([`plan_objects`]) and [`apply`] them, plan one membership step ([`plan_step`]) and
+/// [`execute_step`] it, then [`update_status`].
+///
+/// The objects are applied before the nodes are asked: a spec change reaches the StatefulSet
+/// however slowly the nodes answer.
 #[instrument(skip_all, fields(cluster = %cluster.name_any(), namespace = cluster.namespace().unwrap_or_default(), step))]
 pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N>>) -> Result<Action> {
     // A cluster being deleted is left to the garbage collector. Reconciling it would recreate
@@ -149,11 +153,75 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         Err(error) => return Err(error),
     };
 
-    // Read everything first: the objects to write over, and the pods and claims that size a
-    // StatefulSet that has to be recreated.
-    let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
+    // Read.
+    let found = match read(&ctx.client, &valid).await? {
+        Ok(found) => found,
+        Err(conflict) => {
+            warn!(%conflict, "name conflict");
+            refuse(
+                &clusters,
+                &recorder,
+                &cluster,
+                &valid.names,
+                Refusal::NameConflict,
+                &conflict.to_string(),
+            )
+            .await?;
+            ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
+            // The other object is not ours to watch: look again later.
+            return Ok(Action::requeue(REQUEUE_BLOCKED));
+        }
+    };
+
+    // Plan and apply the objects, then plan and execute one membership step.
+    let planned_objects = plan_objects(&cluster, &valid, &ctx.config, &found);
+    apply(&ctx.client, &valid, &planned_objects.objects, found.pdb_exists).await?;
+    let (node_urls, Planned { observed, step }) = plan_step(&ctx, &cluster, &valid, &found, &planned_objects).await;
+    Span::current().record("step", step.kind());
+    let effects = KubeEffects {
+        client: ctx.client.clone(),
+        cluster: &cluster,
+        valid: &valid,
+        statefulset: &planned_objects.objects.statefulset,
+        recorder: recorder.clone(),
+    };
+    let execution = execute_step(&ctx, &step, &node_urls, &effects).await?;
+
+    // Status.
+    let status = cluster_status(
+        &valid,
+        &observed,
+        &step,
+        &execution,
+        planned_objects.storage_issue.as_ref(),
+        cluster.status.as_ref(),
+        &now(),
+    );
+    update_status(&clusters, &recorder, &cluster, &status).await?;
+    ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
+    Ok(Action::requeue(requeue_after(&step, &execution.outcome)))
+}
+
+/// A cluster's objects as one reconcile found them, before it writes anything.
+struct Found {
+    /// The StatefulSet, unless it is missing.
+    statefulset: Option<StatefulSet>,
+    /// Whether the PodDisruptionBudget exists (and is ours: another owner's is a name conflict).
+    pdb_exists: bool,
+    /// The cluster's pods, by its selector.
+    pods: Vec<Pod>,
+    /// The cluster's data claims, by its selector.
+    claims: Vec<PersistentVolumeClaim>,
+}
+
+/// Reads everything a reconcile needs before it writes: the objects it will write over, and the
+/// pods and claims that size a StatefulSet that has to be recreated. Stops at the first of
+/// those objects that another owner controls, before the pods and claims are listed.
+async fn read(client: &Client, valid: &ValidCluster) -> Result<std::result::Result<Found, NameConflict>> {
+    let namespace = &valid.names.namespace;
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), namespace);
     let existing = statefulsets.get_opt(valid.names.statefulset()).await?;
     let peer_service = services.get_opt(&valid.names.peer_service()).await?;
     let client_service = services.get_opt(valid.names.client_service()).await?;
@@ -171,35 +239,46 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
     .into_iter()
     .filter_map(|(kind, meta)| Some((kind, meta?)))
     .collect();
-    if let Some(conflict) = name_conflict(&valid, &existing_metas) {
-        warn!(%conflict, "name conflict");
-        refuse(
-            &clusters,
-            &recorder,
-            &cluster,
-            &valid.names,
-            Refusal::NameConflict,
-            &conflict.to_string(),
-        )
-        .await?;
-        ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
-        // The other object is not ours to watch: look again later.
-        return Ok(Action::requeue(REQUEUE_BLOCKED));
+    if let Some(conflict) = name_conflict(valid, &existing_metas) {
+        return Ok(Err(conflict));
     }
 
     let selector = valid.names.selector_string();
     let list = ListParams::default().labels(&selector);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let pod_list = pods.list(&list).await?;
     let claim_list = claims.list(&list).await?;
-    let claim_ordinals = claim_ordinals(&valid.names, &claim_list.items);
+    Ok(Ok(Found {
+        statefulset: existing,
+        pdb_exists: pdb.is_some(),
+        pods: pod_list.items,
+        claims: claim_list.items,
+    }))
+}
 
-    // The StatefulSet's replica count is the operator's own record of how many pods the
-    // membership has been prepared for; a missing StatefulSet comes back at a size that keeps
-    // every member's pod (see `recreated_statefulset_replicas`).
-    let previous_members = cluster.status.as_ref().map_or(&[][..], |s| &s.members[..]);
-    let statefulset_replicas = match existing.as_ref() {
+/// The objects a reconcile applies, and what it decided on the way.
+struct PlannedObjects {
+    /// The StatefulSet's replica count: the existing one's, or the size a missing one is
+    /// recreated with.
+    statefulset_replicas: u32,
+    /// Ordinals of the cluster's live data claims.
+    claims: BTreeSet<u32>,
+    /// Everything to apply.
+    objects: ClusterObjects,
+    /// A storage change the existing claim templates refuse, for the status.
+    storage_issue: Option<SpecIssue>,
+}
+
+/// Decides the replica count and builds the objects to apply.
+///
+/// The StatefulSet's replica count is the operator's own record of how many pods the membership
+/// has been prepared for; a missing StatefulSet comes back at a size that keeps every member's
+/// pod (see [`recreated_statefulset_replicas`]). An existing StatefulSet keeps its claim
+/// templates whatever the spec says.
+fn plan_objects(cluster: &RaftCluster, valid: &ValidCluster, config: &OperatorConfig, found: &Found) -> PlannedObjects {
+    let claims = claim_ordinals(&valid.names, &found.claims);
+    let statefulset_replicas = match found.statefulset.as_ref() {
         Some(statefulset) => statefulset.spec.replicas.map_or(valid.replicas(), |r| r.max(0) as u32),
         None => {
             let bootstrapped = cluster
@@ -207,24 +286,19 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
                 .as_ref()
                 .and_then(|s| s.bootstrap.as_ref())
                 .is_some_and(|b| b.state == BootstrapState::Done);
-            let member_ordinals = previous_members
+            let member_ordinals = previous_members(cluster)
                 .iter()
                 .filter_map(|m| valid.names.pod_ordinal(m.pod.as_deref()?));
-            let replicas =
-                recreated_statefulset_replicas(valid.replicas(), bootstrapped, member_ordinals, &claim_ordinals);
+            let replicas = recreated_statefulset_replicas(valid.replicas(), bootstrapped, member_ordinals, &claims);
             if bootstrapped {
                 warn!(replicas, "the StatefulSet is missing; recreating it");
             }
             replicas
         }
     };
-    let update_revision = existing
-        .as_ref()
-        .and_then(|s| s.status.as_ref()?.update_revision.clone());
-
-    // Build and apply. An existing StatefulSet keeps its claim templates whatever the spec says.
-    let mut objects = build(&valid, &ctx.config, statefulset_replicas);
-    let storage_issue = existing
+    let mut objects = build(valid, config, statefulset_replicas);
+    let storage_issue = found
+        .statefulset
         .as_ref()
         .and_then(|existing| keep_claim_templates(&mut objects.statefulset, existing))
         .map(|mismatch| SpecIssue {
@@ -234,73 +308,85 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
     if let Some(issue) = &storage_issue {
         warn!(message = %issue.message, "storage change refused");
     }
-    apply(&ctx.client, &valid, &objects, pdb.is_some()).await?;
+    PlannedObjects {
+        statefulset_replicas,
+        claims,
+        objects,
+        storage_issue,
+    }
+}
 
-    // Observe.
-    let facts: Vec<_> = pod_list
-        .items
+/// The members the last written status recorded.
+fn previous_members(cluster: &RaftCluster) -> &[MemberStatus] {
+    cluster.status.as_ref().map_or(&[][..], |s| &s.members[..])
+}
+
+/// Observes the pods and nodes and plans one membership step; returns the nodes' endpoints
+/// with the plan, for the execution.
+async fn plan_step<N: NodeApi>(
+    ctx: &Context<N>,
+    cluster: &RaftCluster,
+    valid: &ValidCluster,
+    found: &Found,
+    planned_objects: &PlannedObjects,
+) -> (BTreeMap<u32, String>, Planned) {
+    let update_revision = found
+        .statefulset
+        .as_ref()
+        .and_then(|s| s.status.as_ref()?.update_revision.as_deref());
+    let facts: Vec<_> = found
+        .pods
         .iter()
-        .filter_map(|p| pod_facts(&valid.names, p, update_revision.as_deref()))
+        .filter_map(|p| pod_facts(&valid.names, p, update_revision))
         .collect();
     let node_urls = endpoints(&ctx.config, &facts);
-    let reports = query_nodes(&ctx.nodes, &node_urls).await;
-    let mut observed = assemble(
-        &valid.names,
-        statefulset_replicas,
-        &facts,
-        claim_ordinals,
-        removed_member_claims(&valid.names, &claim_list.items),
-        &reports,
-        cluster.status.as_ref().and_then(|s| s.bootstrap.clone()),
-    );
-    recall_member_pods(&valid.names, &mut observed, previous_members);
-
-    // Plan and execute one step.
+    let removed_member_claims = removed_member_claims(&valid.names, &found.claims);
+    let inputs = Inputs {
+        names: &valid.names,
+        statefulset_replicas: planned_objects.statefulset_replicas,
+        pods: &facts,
+        endpoints: &node_urls,
+        claims: &planned_objects.claims,
+        removed_member_claims: &removed_member_claims,
+        bootstrap: cluster.status.as_ref().and_then(|s| s.bootstrap.as_ref()),
+        previous_members: previous_members(cluster),
+    };
     let desired = Desired {
         replicas: valid.replicas(),
         max_lag: valid.max_lag(),
     };
-    let step = plan(&desired, &observed);
-    Span::current().record("step", step.kind());
-    let effects = KubeEffects {
-        client: ctx.client.clone(),
-        cluster: &cluster,
-        valid: &valid,
-        statefulset: &objects.statefulset,
-        recorder: recorder.clone(),
-    };
-    if let Step::Blocked(reason) = &step {
+    let planned = observe_and_plan(inputs, &desired, &ctx.nodes).await;
+    (node_urls, planned)
+}
+
+/// Carries out `step` and counts it by its outcome.
+async fn execute_step<N: NodeApi>(
+    ctx: &Context<N>,
+    step: &Step,
+    node_urls: &BTreeMap<u32, String>,
+    effects: &KubeEffects<'_>,
+) -> Result<Execution> {
+    if let Step::Blocked(reason) = step {
         warn!(reason = reason.reason(), detail = %reason, "membership step refused");
     }
-    let execution = execute(&step, &node_urls, &ctx.nodes, &effects).await?;
+    let execution = execute(step, node_urls, &ctx.nodes, effects).await?;
     let outcome = match &execution.outcome {
         Outcome::Applied => "applied",
         Outcome::Deferred { .. } => "deferred",
         Outcome::Nothing => "none",
     };
     ctx.metrics.step(step.kind(), outcome);
+    Ok(execution)
+}
 
-    // Update status.
-    let status = cluster_status(
-        &valid,
-        &observed,
-        &step,
-        &execution,
-        storage_issue.as_ref(),
-        cluster.status.as_ref(),
-        &now(),
-    );
-    write_status(&clusters, &cluster, &status).await?;
-    warn_when_degraded(&recorder, &cluster, &status).await;
-    ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
-
-    let requeue = match (&step, &execution.outcome) {
+/// How soon to look again after `step` ended with `outcome`.
+fn requeue_after(step: &Step, outcome: &Outcome) -> Duration {
+    match (step, outcome) {
         (_, Outcome::Applied) => REQUEUE_AFTER_STEP,
         (Step::Converged, _) => REQUEUE_CONVERGED,
         (Step::Blocked(_), _) => REQUEUE_BLOCKED,
         _ => REQUEUE_WAITING,
-    };
-    Ok(Action::requeue(requeue))
+    }
 }
 
 /// Backs off a failing object exponentially and counts the failure.
@@ -346,8 +432,18 @@ async fn refuse(
         cluster.status.as_ref(),
         &now(),
     );
-    write_status(clusters, cluster, &status).await?;
-    warn_when_degraded(recorder, cluster, &status).await;
+    update_status(clusters, recorder, cluster, &status).await
+}
+
+/// Writes `status` (when it changed) and warns when it is newly degraded.
+async fn update_status(
+    clusters: &Api<RaftCluster>,
+    recorder: &Recorder,
+    cluster: &RaftCluster,
+    status: &RaftClusterStatus,
+) -> Result<()> {
+    write_status(clusters, cluster, status).await?;
+    warn_when_degraded(recorder, cluster, status).await;
     Ok(())
 }
 
@@ -424,11 +520,15 @@ where
 
 /// The Kubernetes side of membership steps, for one cluster.
 pub struct KubeEffects<'a> {
+    /// The Kubernetes client the writes go through.
     client: Client,
+    /// The cluster being reconciled; Events are published about it.
     cluster: &'a RaftCluster,
+    /// Its validated spec, for the names of the objects a step writes.
     valid: &'a ValidCluster,
     /// The StatefulSet as this reconcile applied it; a scale step changes only its replicas.
     statefulset: &'a StatefulSet,
+    /// Publishes the step's Events.
     recorder: Recorder,
 }
 
@@ -514,10 +614,10 @@ impl ClusterEffects for KubeEffects<'_> {
 pub async fn run<N: NodeApi + 'static>(ctx: Arc<Context<N>>) {
     let client = ctx.client.clone();
     let clusters: Api<RaftCluster> = Api::all(client.clone());
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=raftkv-operator");
+    let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     // Pods are owned by the StatefulSet, not by the RaftCluster; they are watched so that a pod
     // turning ready (a learner caught up, a restarted member back) triggers the next step.
-    let pods = watcher::Config::default().labels("app.kubernetes.io/name=raftkv");
+    let pods = watcher::Config::default().labels(&format!("{NAME_LABEL}={APP_NAME}"));
     Controller::new(clusters, watcher::Config::default().any_semantic())
         // Pods of one cluster change in bursts (a rollout, a scale-up): one reconcile after the
         // burst does what one per event would, without the API and node calls of the rest.
@@ -525,7 +625,7 @@ pub async fn run<N: NodeApi + 'static>(ctx: Arc<Context<N>>) {
         .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned)
         .watches(Api::<Pod>::all(client), pods, |pod: Pod| {
-            let instance = pod.labels().get("app.kubernetes.io/instance")?.clone();
+            let instance = pod.labels().get(INSTANCE_LABEL)?.clone();
             let namespace = pod.namespace()?;
             Some(ObjectRef::<RaftCluster>::new(&instance).within(&namespace))
         })

@@ -16,8 +16,8 @@ use raftkv_operator::crd::BootstrapRecord;
 use raftkv_operator::execute::{execute, ClusterEffects};
 use raftkv_operator::names::ClusterNames;
 use raftkv_operator::node_client::{HttpNodeClient, NodeClientTimeouts};
-use raftkv_operator::observe::{assemble, query_nodes, PodFacts};
-use raftkv_operator::plan::{plan, Desired, Step};
+use raftkv_operator::observe::{observe_and_plan, Inputs, PodFacts};
+use raftkv_operator::plan::{Desired, Step};
 use tokio::time::Instant;
 
 /// The node binary: the one `cargo test --workspace` built next to this test, or built now when
@@ -46,15 +46,21 @@ fn node_binary() -> &'static Path {
 
 /// One pod: a node process with a data directory that outlives it.
 struct PodProcess {
+    /// The running node.
     child: Child,
+    /// The base URL of its admin API.
     url: String,
 }
 
 /// The Kubernetes side of the test: what a StatefulSet, its pods and its claims would do.
 struct ProcessCluster {
+    /// The directory holding every pod's data directory, address file and log.
     root: PathBuf,
+    /// The StatefulSet's replica count: which ordinals run.
     replicas: Mutex<u32>,
+    /// The running pods, by ordinal.
     pods: Mutex<BTreeMap<u32, PodProcess>>,
+    /// The bootstrap record the `RaftCluster`'s status would hold.
     bootstrap: Mutex<Option<BootstrapRecord>>,
     /// The removed-member marks on claims, by ordinal; they go with their data directory.
     claim_marks: Mutex<BTreeMap<u32, u64>>,
@@ -232,17 +238,20 @@ async fn reconcile_until_converged(
                 unready_since: None,
             });
         }
-        let reports = query_nodes(nodes, &endpoints).await;
-        let observed = assemble(
-            &names,
-            *cluster.replicas.lock(),
-            &pods,
-            cluster.claims(),
-            cluster.claim_marks.lock().clone(),
-            &reports,
-            cluster.bootstrap.lock().clone(),
-        );
-        let step = plan(&desired, &observed);
+        let claims = cluster.claims();
+        let marks = cluster.claim_marks.lock().clone();
+        let bootstrap = cluster.bootstrap.lock().clone();
+        let inputs = Inputs {
+            names: &names,
+            statefulset_replicas: *cluster.replicas.lock(),
+            pods: &pods,
+            endpoints: &endpoints,
+            claims: &claims,
+            removed_member_claims: &marks,
+            bootstrap: bootstrap.as_ref(),
+            previous_members: &[],
+        };
+        let step = observe_and_plan(inputs, &desired, nodes).await.step;
         if step == Step::Converged {
             return Ok(steps);
         }
