@@ -21,6 +21,7 @@ use crate::node_client::{codes, Bootstrapped, Member, MemberKind, Members, NodeA
 use crate::observe::{endpoints, observe_and_plan, Inputs, PodFacts};
 use crate::plan::{quorum, Desired, FatalCode, PodFailure, Step};
 use crate::{Error, Result};
+use raftkv_api::Role;
 
 /// Entries the model's leader commits per tick; larger than [`MAX_LAG`], so a new learner is
 /// not caught up before one tick has passed.
@@ -199,9 +200,9 @@ impl World {
             id,
             cluster_id,
             role: if self.leader == id {
-                "leader".into()
+                Role::Leader
             } else {
-                "follower".into()
+                Role::Follower
             },
             term: 1,
             leader_id: if self.members.contains_key(&id) { self.leader } else { 0 },
@@ -209,7 +210,8 @@ impl World {
             applied_index: self.members.get(&id).map_or(0, |m| m.match_index),
             snapshot_index: 0,
             membership,
-            peer_url: peer_url(ordinal),
+            peer_url: Some(peer_url(ordinal)),
+            joint: false,
             ready,
         })
     }
@@ -333,7 +335,7 @@ impl World {
             .iter()
             .map(|(id, m)| Member {
                 id: *id,
-                peer_url: peer_url(m.ordinal),
+                peer_url: Some(peer_url(m.ordinal)),
                 role: if m.voter {
                     MemberKind::Voter
                 } else {

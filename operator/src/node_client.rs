@@ -3,113 +3,24 @@
 //! The planner and executor only see the trait, so they run unchanged against real nodes
 //! ([`HttpNodeClient`]), against an in-memory model in property tests, or against real node
 //! processes started by a test without Kubernetes. Every call names the node it goes to by the
-//! base URL of its client port (see [`crate::config::OperatorConfig::node_url`]).
+//! base URL of its client port (see [`crate::config::OperatorConfig::node_url`]). The request and
+//! response bodies are the node's own types, from the `raftkv-api` crate.
 
 use std::future::Future;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use raftkv_api::{AddMemberRequest, ErrorBody, TransferRequest, TransferResponse};
+use serde::Deserialize;
 
 use crate::{Error, Result};
 
-/// A node's own view, from `GET /v1/status`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeStatus {
-    /// The member id stored on the node's volume.
-    pub id: u64,
-    /// The Raft cluster id; 0 before the node was bootstrapped or added.
-    pub cluster_id: u64,
-    /// `leader`, `follower`, `candidate`, `pre_candidate`, `learner`, `uninitialized` or `removed`.
-    pub role: String,
-    /// The current Raft term.
-    pub term: u64,
-    /// The leader this node knows of; 0 when unknown.
-    pub leader_id: u64,
-    /// Highest log index known committed.
-    pub commit_index: u64,
-    /// Highest log index applied to the state machine.
-    pub applied_index: u64,
-    /// Index of the latest snapshot.
-    pub snapshot_index: u64,
-    /// Whether and how this node belongs to the membership.
-    pub membership: NodeMembership,
-    /// The peer URL the node advertises.
-    pub peer_url: String,
-    /// The node's own readiness (member, knows the leader, caught up).
-    pub ready: bool,
-}
+pub use raftkv_api::{
+    Bootstrapped, MemberKind, MemberView as Member, Members, Membership as NodeMembership, Status as NodeStatus,
+};
 
-/// How a node belongs to the membership, as the node itself reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NodeMembership {
-    /// A voting member.
-    Voter,
-    /// A non-voting member.
-    Learner,
-    /// Not bootstrapped and not added yet: a fresh volume.
-    None,
-    /// Removed from the membership; this volume can never rejoin.
-    Removed,
-}
-
-/// The membership as applied, from `GET /v1/members` (answered by the leader).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Members {
-    /// The Raft cluster id.
-    pub cluster_id: u64,
-    /// The leader; 0 when unknown.
-    pub leader_id: u64,
-    /// Every voter and learner.
-    pub members: Vec<Member>,
-}
-
-/// One member in [`Members`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
-    /// The member id.
-    pub id: u64,
-    /// The URL peers reach it at.
-    pub peer_url: String,
-    /// Voter or learner.
-    pub role: MemberKind,
-    /// The leader's view of how far this member's log matches; absent off the leader.
-    #[serde(default)]
-    pub match_index: Option<u64>,
-    /// The leader's view of whether the member responds; absent off the leader.
-    #[serde(default)]
-    pub healthy: Option<bool>,
-}
-
-/// Voter or learner, in [`Member`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MemberKind {
-    /// Votes and counts towards quorum.
-    Voter,
-    /// Receives the log but does not vote.
-    Learner,
-}
-
-/// The answer to `POST /v1/bootstrap`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bootstrapped {
-    /// The new cluster's id.
-    pub cluster_id: u64,
-    /// The member id of the first voter.
-    pub id: u64,
-}
-
-/// Error codes of the admin API the operator reacts to.
+/// Error codes of the admin API the operator reacts to (the node's own, from `raftkv-api`).
 pub mod codes {
-    /// `POST /v1/bootstrap` on a node that already belongs to a cluster.
-    pub const ALREADY_INITIALIZED: &str = "already_initialized";
-    /// `POST /v1/members/{id}/promote` while the learner lags.
-    pub const LEARNER_LAGGING: &str = "learner_lagging";
-    /// `DELETE /v1/members/{id}` that would leave too few healthy voters.
-    pub const WOULD_LOSE_QUORUM: &str = "would_lose_quorum";
-    /// `DELETE /v1/members/{id}` of the leader itself.
-    pub const IS_LEADER: &str = "is_leader";
+    pub use raftkv_api::codes::{ALREADY_INITIALIZED, IS_LEADER, LEARNER_LAGGING, WOULD_LOSE_QUORUM};
 }
 
 /// The admin API of one raftkv node, addressed by the base URL of its client port.
@@ -160,35 +71,6 @@ impl Default for NodeClientTimeouts {
 pub struct HttpNodeClient {
     http: reqwest::Client,
     timeouts: NodeClientTimeouts,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: String,
-    #[serde(default)]
-    message: String,
-}
-
-#[derive(Serialize)]
-struct AddMemberBody<'a> {
-    id: u64,
-    peer_url: &'a str,
-    learner: bool,
-}
-
-#[derive(Serialize)]
-struct TransferBody {
-    id: u64,
-}
-
-#[derive(Deserialize)]
-struct MembersChanged {
-    members: Vec<Member>,
-}
-
-#[derive(Deserialize)]
-struct TransferResponse {
-    leader_id: u64,
 }
 
 impl HttpNodeClient {
@@ -268,12 +150,16 @@ impl NodeApi for HttpNodeClient {
 
     async fn add_learner(&self, node: &str, id: u64, peer_url: &str) -> Result<Vec<Member>> {
         let url = format!("{node}/v1/members");
-        let request = self.http.post(&url).timeout(self.timeouts.change).json(&AddMemberBody {
-            id,
-            peer_url,
-            learner: true,
-        });
-        self.call::<MembersChanged>(request, url).await.map(|r| r.members)
+        let request = self
+            .http
+            .post(&url)
+            .timeout(self.timeouts.change)
+            .json(&AddMemberRequest {
+                id,
+                peer_url: peer_url.to_string(),
+                learner: true,
+            });
+        self.call::<Members>(request, url).await.map(|r| r.members)
     }
 
     async fn promote(&self, node: &str, id: u64) -> Result<()> {
@@ -294,7 +180,7 @@ impl NodeApi for HttpNodeClient {
             .http
             .post(&url)
             .timeout(self.timeouts.change)
-            .json(&TransferBody { id: to });
+            .json(&TransferRequest { id: to });
         self.call::<TransferResponse>(request, url).await.map(|r| r.leader_id)
     }
 

@@ -225,7 +225,7 @@ pub fn assemble(
                 cluster_id: s.cluster_id,
                 membership: s.membership,
                 commit_index: s.commit_index,
-                peer_url: s.peer_url.clone(),
+                peer_url: s.peer_url.clone().unwrap_or_default(),
             });
             let obs = PodObs {
                 ordinal: p.ordinal,
@@ -246,7 +246,7 @@ pub fn assemble(
             .iter()
             .map(|member| MemberObs {
                 id: member.id,
-                ordinal: member_ordinal(names, reports, member.id, &member.peer_url),
+                ordinal: member_ordinal(names, reports, member.id, member.peer_url.as_deref()),
                 kind: member.role,
                 match_index: member.match_index,
                 healthy: member.healthy,
@@ -266,13 +266,19 @@ pub fn assemble(
 /// The pod a member lives on: the pod whose node reports that id; else the pod that advertises
 /// the member's peer URL (a pod that came back with a new id under the old address); else the
 /// ordinal named in the URL's DNS form.
-fn member_ordinal(names: &ClusterNames, reports: &NodeReports, id: u64, peer_url: &str) -> Option<u32> {
+fn member_ordinal(names: &ClusterNames, reports: &NodeReports, id: u64, peer_url: Option<&str>) -> Option<u32> {
     let by_id = reports.statuses.iter().find(|(_, s)| s.id == id);
-    let by_url = || reports.statuses.iter().find(|(_, s)| s.peer_url == peer_url);
+    let by_url = || {
+        let url = peer_url?;
+        reports
+            .statuses
+            .iter()
+            .find(|(_, s)| s.peer_url.as_deref() == Some(url))
+    };
     by_id
         .or_else(by_url)
         .map(|(ordinal, _)| *ordinal)
-        .or_else(|| names.ordinal_from_peer_url(peer_url))
+        .or_else(|| names.ordinal_from_peer_url(peer_url?))
 }
 
 /// Gives members that no answering pod claims, and whose peer URL names no pod, the pod the

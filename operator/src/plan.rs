@@ -786,6 +786,9 @@ impl Planner<'_> {
                 continue;
             }
             match node.membership {
+                // A node that does not advertise a peer URL cannot be reached by its peers; it
+                // is added once it does.
+                NodeMembership::None if node.peer_url.is_empty() => {}
                 NodeMembership::None => {
                     return Some(Step::AddLearner {
                         ordinal,

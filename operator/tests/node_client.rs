@@ -37,7 +37,7 @@ async fn start() -> anyhow::Result<(String, Calls)> {
             })
             .post(|State(calls): State<Calls>, Json(body): Json<Value>| async move {
                 calls.lock().unwrap().push(format!("add {body}"));
-                Json(json!({"members": []}))
+                Json(json!({"cluster_id": 7, "leader_id": 10, "members": []}))
             }),
         )
         .route(
