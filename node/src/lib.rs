@@ -6,7 +6,8 @@
 //!
 //! - [`consensus`]: the thread that owns the Raft `RawNode`; runs the `Ready` loop in raft-rs's
 //!   order, persists to the WAL before anything depends on it, applies membership changes.
-//! - [`wal`]: the write-ahead log: segmented, checksummed, torn-tail recovery.
+//! - [`wal`]: the write-ahead log: segmented, checksummed, torn-tail recovery; the writer in
+//!   `wal/mod.rs`, its record format, segment-file I/O and replay in modules beside it.
 //! - [`read_index`]: contexts for ReadIndex rounds, and why none may be sent twice.
 //! - [`storage`]: the Raft log as raft-rs reads it (the in-memory tail after the last snapshot).
 //! - [`snapshot`]: snapshot files: atomic creation, streaming reception, retention.
