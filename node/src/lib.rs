@@ -20,13 +20,14 @@
 //! - [`node`]: recovery, start-up and shutdown of one member.
 //! - [`local`]: a local cluster of member processes in one command.
 //! - [`config`], [`metrics`], [`error`]: flags, Prometheus metrics, the error type.
-//! - [`bench`]: the closed-loop load generator behind the `raftkv-bench` binary.
+//!
+//! The load generator behind `raftkv-bench` is not part of the node: it is a crate of its own,
+//! `node/bench/`, that talks to members over HTTP only.
 
 // raft's protobuf messages are built field by field, as raft-rs's own examples build them.
 #![allow(clippy::field_reassign_with_default)]
 
 pub mod api;
-pub mod bench;
 pub mod command;
 pub mod config;
 pub mod consensus;
