@@ -46,7 +46,7 @@ if ! command -v etcd >/dev/null; then
 fi
 if [[ -z "${NO_BUILD:-}" ]]; then
   log "building raftkv-node and raftkv-bench (release)"
-  (cd "$ROOT" && cargo build -q --release -p raftkv-node --bins)
+  (cd "$ROOT" && cargo build -q --release -p raftkv-node --bins -p raftkv-bench)
 fi
 
 rm -rf "$BENCH_DIR"

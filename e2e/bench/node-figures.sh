@@ -39,7 +39,7 @@ now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 if [[ -z "${NO_BUILD:-}" ]]; then
   log "building raftkv-node and raftkv-bench (release)"
-  (cd "$ROOT" && cargo build -q --release -p raftkv-node --bins)
+  (cd "$ROOT" && cargo build -q --release -p raftkv-node --bins -p raftkv-bench)
 fi
 rm -rf "$BENCH_DIR"
 mkdir -p "$BENCH_DIR"

@@ -9,7 +9,8 @@
 //! - [`admission`]: who may be added, promoted or removed without losing quorum (pure).
 //! - [`inbox`]: what the other tasks send the consensus thread (proposals, reads, peer
 //!   messages, admin commands and their refusals) and the status it publishes.
-//! - [`wal`]: the write-ahead log: segmented, checksummed, torn-tail recovery.
+//! - [`wal`]: the write-ahead log: segmented, checksummed, torn-tail recovery; the writer in
+//!   `wal/mod.rs`, its record format, segment-file I/O and replay in modules beside it.
 //! - [`read_index`]: contexts for ReadIndex rounds, and why none may be sent twice.
 //! - [`storage`]: the Raft log as raft-rs reads it (the in-memory tail after the last snapshot).
 //! - [`snapshot`]: snapshot files: atomic creation, streaming reception, retention.
@@ -23,14 +24,15 @@
 //! - [`node`]: recovery, start-up and shutdown of one member.
 //! - [`local`]: a local cluster of member processes in one command.
 //! - [`config`], [`metrics`], [`error`]: flags, Prometheus metrics, the error type.
-//! - [`bench`]: the closed-loop load generator behind the `raftkv-bench` binary.
+//!
+//! The load generator behind `raftkv-bench` is not part of the node: it is a crate of its own,
+//! `node/bench/`, that talks to members over HTTP only.
 
 // raft's protobuf messages are built field by field, as raft-rs's own examples build them.
 #![allow(clippy::field_reassign_with_default)]
 
 pub mod admission;
 pub mod api;
-pub mod bench;
 pub mod command;
 pub mod config;
 pub mod consensus;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use raftkv_node::bench::{self, LoadConfig, Mix, Target};
+use raftkv_bench::{self as bench, LoadConfig, Mix, Target};
 
 #[derive(Parser, Debug)]
 #[command(
