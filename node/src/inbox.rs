@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 
 use raft::prelude::{Message, SnapshotMetadata};
-use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::kv::{MemberRole, Membership};
@@ -195,25 +194,9 @@ pub enum RaftInput {
     Shutdown,
 }
 
-/// The member's Raft role as the API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Leads the cluster.
-    Leader,
-    /// A voter following the leader.
-    Follower,
-    /// Campaigning.
-    Candidate,
-    /// Pre-voting.
-    PreCandidate,
-    /// A non-voting member.
-    Learner,
-    /// Not part of any cluster yet.
-    Uninitialized,
-    /// Removed from its cluster.
-    Removed,
-}
+/// The member's Raft role: the wire type itself, so the status the node publishes and the one
+/// it answers with cannot differ.
+pub use raftkv_api::Role;
 
 /// A peer's replication progress in the leader's view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

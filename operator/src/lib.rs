@@ -11,6 +11,7 @@
 //! - [`build`]: validation and the pure builders of the Kubernetes objects.
 //! - [`node_client`]: the [`node_client::NodeApi`] trait and its HTTP client for the nodes'
 //!   admin API.
+//! - [`failure`]: why a pod's node stopped, from its container status and fatal line.
 //! - [`observe`]: pods, claims and node answers turned into the planner's view, and
 //!   [`observe::observe_and_plan`], the one pipeline from what was read to the next step.
 //! - [`plan`]: the pure planner: membership one step at a time, and the size of a recreated
@@ -27,6 +28,7 @@ pub mod config;
 pub mod crd;
 pub mod error;
 pub mod execute;
+pub mod failure;
 pub mod leader;
 pub mod metrics;
 pub mod names;

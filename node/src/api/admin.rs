@@ -37,7 +37,7 @@ pub(super) async fn status(State(s): State<ApiState>) -> Json<Status> {
     Json(Status {
         id: st.id,
         cluster_id: st.cluster_id,
-        role: wire_role(st.role),
+        role: st.role,
         term: st.term,
         leader_id: st.leader_id,
         commit_index: st.commit_index,
@@ -48,18 +48,6 @@ pub(super) async fn status(State(s): State<ApiState>) -> Json<Status> {
         peer_url: own_peer_url(&s, &st),
         ready,
     })
-}
-
-fn wire_role(role: Role) -> raftkv_api::Role {
-    match role {
-        Role::Leader => raftkv_api::Role::Leader,
-        Role::Follower => raftkv_api::Role::Follower,
-        Role::Candidate => raftkv_api::Role::Candidate,
-        Role::PreCandidate => raftkv_api::Role::PreCandidate,
-        Role::Learner => raftkv_api::Role::Learner,
-        Role::Uninitialized => raftkv_api::Role::Uninitialized,
-        Role::Removed => raftkv_api::Role::Removed,
-    }
 }
 
 fn wire_membership(role: MemberRole) -> raftkv_api::Membership {
