@@ -263,6 +263,10 @@ impl Volumes {
                 "storageClassName": name_of(&class),
                 "volumeMode": "Filesystem",
                 "hostPath": {"path": dir.to_string_lossy()},
+                // Provisioned for this claim: no other claim may take it, even if binding
+                // has to be retried.
+                "claimRef": {"kind": "PersistentVolumeClaim", "apiVersion": "v1",
+                    "namespace": ns_of(claim), "name": name_of(claim), "uid": uid_of(claim)},
             },
         });
         match self.store.create(&self.volumes, "", volume, false) {
