@@ -22,6 +22,7 @@ use super::probes::{check, Probe};
 use super::status::{container_state, publish_waiting_for_volumes};
 use super::{log_path, ns_name, uid, PodRuntime, Shared};
 use crate::error::{Error, Result};
+use crate::object::name_of;
 use crate::store::{now_rfc3339, DeleteOptions, Store};
 
 /// A crashed container's first restart delay, doubled on every crash (the kubelet's own).
@@ -47,7 +48,7 @@ async fn wait_for_volumes(
         let Some(why) = unmountable_claim(store, pod, ns) else {
             return true;
         };
-        tracing::debug!(pod = name_of_pod(pod), %why, "waiting for volumes");
+        tracing::debug!(pod = name_of(pod), %why, "waiting for volumes");
         publish_waiting_for_volumes(store, pod, &why);
         tokio::select! {
             _ = stopped(stop) => return false,
@@ -57,10 +58,6 @@ async fn wait_for_volumes(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
-}
-
-fn name_of_pod(pod: &Value) -> &str {
-    pod["metadata"]["name"].as_str().unwrap_or_default()
 }
 
 pub(super) async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Receiver<Option<Duration>>) {

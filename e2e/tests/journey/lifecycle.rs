@@ -256,17 +256,7 @@ impl Journey {
         self.start_operator().await?;
         self.converged(2, &image).await?;
         self.claims_are(CLUSTER, 2).await?;
-        let repeated: Vec<String> = self
-            .event_notes(CLUSTER)
-            .await?
-            .into_iter()
-            .filter(|n| !events_before.contains(n))
-            .filter(|n| n.starts_with("remove member") || n.starts_with("add member"))
-            .collect();
-        ensure!(
-            repeated.is_empty(),
-            "the next operator changed the membership again: {repeated:?}"
-        );
+        self.no_membership_change_since(&events_before).await?;
         eprintln!("    removal of member {} finished by the next operator", retiring.id);
         Ok(())
     }
@@ -303,17 +293,7 @@ impl Journey {
             "{pod} is no longer member {}",
             joining.id
         );
-        let repeated: Vec<String> = self
-            .event_notes(CLUSTER)
-            .await?
-            .into_iter()
-            .filter(|n| !events_before.contains(n))
-            .filter(|n| n.starts_with("add member") || n.starts_with("remove member"))
-            .collect();
-        ensure!(
-            repeated.is_empty(),
-            "the next operator changed the membership again: {repeated:?}"
-        );
+        self.no_membership_change_since(&events_before).await?;
         eprintln!("    addition of member {} finished by the next operator", joining.id);
         Ok(())
     }
@@ -495,7 +475,8 @@ impl Journey {
             .with_context(|| format!("no {whose:?} in {members:?}"))
     }
 
-    async fn status_of(&self, cluster: &str) -> anyhow::Result<Value> {
+    /// The `status` of the RaftCluster `cluster`.
+    pub(crate) async fn status_of(&self, cluster: &str) -> anyhow::Result<Value> {
         let json = self.kubectl_ns(&["get", "raftcluster", cluster, "-o", "json"]).await?;
         let object: Value = serde_json::from_str(&json)?;
         Ok(object["status"].clone())
@@ -539,6 +520,23 @@ impl Journey {
             }
         })
         .await
+    }
+
+    /// Fails when an Event not in `before` says the membership changed: the operator that
+    /// finished an interrupted step must not have made another change.
+    async fn no_membership_change_since(&self, before: &[String]) -> anyhow::Result<()> {
+        let repeated: Vec<String> = self
+            .event_notes(CLUSTER)
+            .await?
+            .into_iter()
+            .filter(|n| !before.contains(n))
+            .filter(|n| n.starts_with("add member") || n.starts_with("remove member"))
+            .collect();
+        ensure!(
+            repeated.is_empty(),
+            "the next operator changed the membership again: {repeated:?}"
+        );
+        Ok(())
     }
 
     /// The notes of the Events about the RaftCluster (events.k8s.io, where kube-rs writes).

@@ -384,7 +384,7 @@ impl Journey {
     }
 
     async fn lose_the_leader(&self) -> anyhow::Result<()> {
-        let leader = self.cluster_status().await?["leader"]
+        let leader = self.status_of(CLUSTER).await?["leader"]
             .as_str()
             .context("status.leader is empty")?
             .to_string();
@@ -500,12 +500,6 @@ impl Journey {
             .await?;
         }
         uninstalled.map(|_| ())
-    }
-
-    async fn cluster_status(&self) -> anyhow::Result<Value> {
-        let json = self.kubectl_ns(&["get", "raftcluster", CLUSTER, "-o", "json"]).await?;
-        let object: Value = serde_json::from_str(&json)?;
-        Ok(object["status"].clone())
     }
 
     async fn node_status(&self, pod: &str) -> anyhow::Result<raftkv_api::Status> {
