@@ -53,6 +53,52 @@ pub struct NodeConfig {
     /// Largest lag, in entries, at which a learner may be promoted or a member reports ready.
     #[arg(long, env = "RAFTKV_MAX_LAG", default_value_t = 1_000)]
     pub max_lag: u64,
+    /// Open client connections at most. At the cap, the connection idle longest is closed to
+    /// make room; when every one is busy, a new one gets `503 too_many_connections`. Lowered
+    /// to fit the open-file limit (raised to its hard limit at start) when that is smaller.
+    #[arg(long, env = "RAFTKV_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// Open peer-port connections at most (peers' streams, forwarded admin calls).
+    #[arg(long, env = "RAFTKV_PEER_MAX_CONNECTIONS", default_value_t = 1_024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub peer_max_connections: u64,
+    /// Time a new connection has to send a complete request head, and an HTTP/1.1 connection
+    /// each later one, in milliseconds; slower connections are closed.
+    #[arg(long, env = "RAFTKV_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
+    /// Time a connection may stay open with no request in flight after serving one, in
+    /// milliseconds (an HTTP/1.1 connection waiting for its next request head is also bound by
+    /// `--header-timeout-ms`).
+    #[arg(long, env = "RAFTKV_IDLE_TIMEOUT_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: u64,
+    /// Time a request body may take to arrive, in milliseconds (`408 body_timeout` beyond).
+    #[arg(long, env = "RAFTKV_BODY_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_ms: u64,
+    /// Largest request head (request line and headers, or an h2 header list), in bytes;
+    /// `431` beyond. At least 8192.
+    #[arg(long, env = "RAFTKV_MAX_HEADER_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(8192..=(1 << 24)))]
+    pub max_header_bytes: u64,
+    /// Concurrent h2 streams per connection (advertised to the client; more are refused with
+    /// `REFUSED_STREAM`).
+    #[arg(long, env = "RAFTKV_H2_MAX_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub h2_max_streams: u32,
+    /// Longest lingering close, in milliseconds: after its last answer the member reads and
+    /// discards what a client still sends, so that the client reads the answer.
+    #[arg(long, env = "RAFTKV_LINGER_MS", default_value_t = 5_000)]
+    pub linger_ms: u64,
+    /// Client writes admitted and not yet answered, at most (`429 overloaded` beyond).
+    #[arg(long, env = "RAFTKV_MAX_PENDING_WRITES", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending_writes: u64,
+    /// Key and value bytes of those writes, at most (`429 overloaded` beyond); values over
+    /// 64 KiB may hold three quarters of it.
+    #[arg(long, env = "RAFTKV_MAX_PENDING_WRITE_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending_write_bytes: u64,
+    /// Linearizable reads waiting at once, at most (`429 overloaded` beyond).
+    #[arg(long, env = "RAFTKV_MAX_PENDING_READS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending_reads: u64,
+    /// Range listings built at once, at most, each page up to 4 MiB of keys and values
+    /// (`429 overloaded` beyond).
+    #[arg(long, env = "RAFTKV_MAX_CONCURRENT_LISTS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_lists: u64,
     /// Write the bound addresses as JSON to this file once listening (for scripts and tests that
     /// bind port 0).
     #[arg(long, env = "RAFTKV_ADDR_FILE")]

@@ -20,6 +20,8 @@
 //! - [`transport`]: peer-to-peer streams of Raft messages and snapshots over HTTP.
 //! - [`api`]: the client and admin HTTP API (key-value and admin handlers, forwarding to the
 //!   leader, request decoding, error answers); its bodies are the `raftkv-api` crate's types.
+//! - [`server`]: the HTTP server of both ports: connection cap with idle eviction, header and
+//!   idle timeouts, head size and h2 stream limits, lingering close.
 //! - [`identity`]: the member id and tombstone on the data directory.
 //! - [`node`]: recovery, start-up and shutdown of one member.
 //! - [`local`]: a local cluster of member processes in one command.
@@ -44,6 +46,7 @@ pub mod local;
 pub mod metrics;
 pub mod node;
 pub mod read_index;
+pub mod server;
 pub mod snapshot;
 pub mod state_machine;
 pub mod storage;

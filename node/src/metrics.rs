@@ -18,6 +18,30 @@ pub struct RequestLabels {
     pub code: u16,
 }
 
+/// Labels of the per-port connection figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    /// `client` or `peer`.
+    pub server: &'static str,
+}
+
+/// Labels of connections the member closed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionCloseLabels {
+    /// `client` or `peer`.
+    pub server: &'static str,
+    /// Which limit closed it: `evicted_idle`, `refused_full`, `header_timeout`,
+    /// `idle_timeout`, `header_too_large`, `close_timeout`.
+    pub reason: &'static str,
+}
+
+/// Labels of requests refused because a queue was full.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The full queue: `proposal_bytes`, `proposal_count`, `reads`, `lists`.
+    pub queue: &'static str,
+}
+
 /// Every metric the node exports.
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +73,20 @@ pub struct Metrics {
     pub wal_bytes: Counter,
     /// Client and admin request latency by route and status code.
     pub requests: Family<RequestLabels, Histogram>,
+    /// Open connections per port.
+    pub connections: Family<ServerLabels, Gauge>,
+    /// Connections the member closed because of a limit, per port and limit.
+    pub connections_closed: Family<ConnectionCloseLabels, Counter>,
+    /// Requests refused (`429 overloaded`) because a queue was full, per queue.
+    pub requests_refused: Family<RefusalLabels, Counter>,
+    /// Client writes admitted and not yet answered.
+    pub pending_proposals: Gauge,
+    /// Bytes those writes hold (their keys and values).
+    pub pending_proposal_bytes: Gauge,
+    /// Linearizable reads waiting for their read index or for apply.
+    pub pending_reads: Gauge,
+    /// Range listings being built.
+    pub lists_in_progress: Gauge,
 }
 
 impl Metrics {
@@ -70,6 +108,13 @@ impl Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             wal_bytes: Counter::default(),
             requests: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
+            connections: Family::default(),
+            connections_closed: Family::default(),
+            requests_refused: Family::default(),
+            pending_proposals: Gauge::default(),
+            pending_proposal_bytes: Gauge::default(),
+            pending_reads: Gauge::default(),
+            lists_in_progress: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.term.clone());
@@ -125,6 +170,33 @@ impl Metrics {
             "http_request_seconds",
             "Request latency by route and code",
             m.requests.clone(),
+        );
+        registry.register("http_connections", "Open connections per port", m.connections.clone());
+        registry.register(
+            "http_connections_closed",
+            "Connections closed by a limit, per port and limit",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "requests_refused",
+            "Requests refused because a queue was full",
+            m.requests_refused.clone(),
+        );
+        registry.register(
+            "pending_proposals",
+            "Client writes admitted and not yet answered",
+            m.pending_proposals.clone(),
+        );
+        registry.register(
+            "pending_proposal_bytes",
+            "Key and value bytes of client writes admitted and not yet answered",
+            m.pending_proposal_bytes.clone(),
+        );
+        registry.register("pending_reads", "Linearizable reads waiting", m.pending_reads.clone());
+        registry.register(
+            "lists_in_progress",
+            "Range listings being built",
+            m.lists_in_progress.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -9,14 +9,11 @@ use std::time::{Duration, Instant};
 
 use axum::routing::post;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
+use hyper_util::rt::TokioExecutor;
 use raft::prelude::SnapshotMetadata;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiContext, Limits};
 use crate::config::NodeConfig;
@@ -26,6 +23,7 @@ use crate::identity;
 use crate::inbox::{RaftInput, RaftStatus, Role};
 use crate::kv::{KvState, MemberRole};
 use crate::metrics::Metrics;
+use crate::server::{self, ServerLimits};
 use crate::snapshot::SnapshotStore;
 use crate::state_machine::{Shared, StateMachine};
 use crate::transport::{self, Transport, TransportContext};
@@ -214,11 +212,16 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         shared,
         inbox_tx.clone(),
         status_rx,
-        metrics,
+        metrics.clone(),
         Limits {
             max_value_size: cfg.max_value_size,
             request_timeout: cfg.request_timeout(),
+            body_timeout: Duration::from_millis(cfg.body_timeout_ms),
             max_ready_lag: cfg.max_lag,
+            max_pending_writes: cfg.max_pending_writes,
+            max_pending_write_bytes: cfg.max_pending_write_bytes,
+            max_pending_reads: cfg.max_pending_reads,
+            max_concurrent_lists: cfg.max_concurrent_lists,
         },
         advertise_peer_url,
         shutdown.clone(),
@@ -229,8 +232,27 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         .route("/raft/snapshot", post(transport::receive_snapshot))
         .with_state(transport_ctx)
         .merge(api::admin_routes().with_state(api_state));
-    for (listener, router, name) in [(client, client_router, "client"), (peer, peer_router, "peer")] {
-        tasks.push(tokio::spawn(serve(listener, router, shutdown.clone(), name)));
+    let (client_cap, peer_cap) = fit_caps(cfg.max_connections, cfg.peer_max_connections);
+    let limits = |max_connections| ServerLimits {
+        max_connections,
+        header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+        idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+        max_header_bytes: cfg.max_header_bytes as usize,
+        h2_max_streams: cfg.h2_max_streams,
+        linger: Duration::from_millis(cfg.linger_ms),
+    };
+    for (listener, router, cap, name) in [
+        (client, client_router, client_cap, "client"),
+        (peer, peer_router, peer_cap, "peer"),
+    ] {
+        tasks.push(tokio::spawn(server::serve(
+            listener,
+            router,
+            limits(cap),
+            metrics.clone(),
+            shutdown.clone(),
+            name,
+        )));
     }
     if let Some(path) = &cfg.addr_file {
         /// What `--addr-file` holds: who listens where, for a launcher that bound port 0.
@@ -261,63 +283,13 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
     })
 }
 
-/// Open connections per listener; more are closed on accept (shed) rather than queued.
-const MAX_CONNECTIONS: usize = 1024;
-/// A client must send a request's headers within this time (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long shutdown waits for open connections to finish their requests.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Serves `router` (HTTP/1.1 and h2c) until `shutdown`, with two protections `axum::serve`
-/// does not give: a deadline on reading request headers and a cap on open connections.
-async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken, name: &'static str) -> Result<()> {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let connections = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.cancelled() => break,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors, most likely: back off instead of spinning.
-                tracing::warn!(server = name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(server = name, "connection limit reached; closing a new connection");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            builder.http2().timer(TokioTimer::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-            drop(permit);
-        });
-    }
-    connections.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait()).await.is_err() {
-        tracing::warn!(server = name, "connections still open after the drain timeout");
-    }
-    Ok(())
+/// Fits both ports' connection caps into the open-file limit, the client port getting what
+/// the peer port leaves.
+fn fit_caps(client: u64, peer: u64) -> (usize, usize) {
+    let wanted = (client + peer) as usize;
+    let fitted = server::fit_connection_caps(wanted);
+    let peer = (peer as usize).min(fitted / 2).max(1);
+    (fitted.saturating_sub(peer).max(1), peer)
 }
 
 /// How long each initial member is given to answer before a static bootstrap.

@@ -49,6 +49,15 @@ pub const NOT_READY: &str = "not_ready";
 /// 503 from `/healthz`: the consensus loop has stopped.
 pub const UNHEALTHY: &str = "unhealthy";
 
+/// 503: the member has as many connections open as it accepts, every one busy.
+pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+
+// Too much waiting: 429 with Retry-After. Nothing was proposed; retrying later is safe.
+
+/// 429: too many writes (or write bytes), reads or listings of this kind are waiting in this
+/// member; the message names the limit.
+pub const OVERLOADED: &str = "overloaded";
+
 // Unknown outcome: 504 with Retry-After. The write may or may not have been applied.
 
 /// 504: the write was proposed but not confirmed before the deadline.

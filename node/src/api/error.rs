@@ -1,5 +1,5 @@
 //! Error answers: a status, a stable code from [`raftkv_api::codes`], a sentence, and the
-//! headers that go with them (`Retry-After` on 503 and 504, `Connection: close` when the request
+//! headers that go with them (`Retry-After` on 429, 503 and 504, `Connection: close` when the request
 //! body was left unread). The peer port answers its refusals the same way.
 
 use axum::http::{header, HeaderValue, StatusCode};
@@ -50,6 +50,15 @@ impl ApiError {
         ApiError {
             retry_after: Some(1),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        }
+    }
+
+    /// Too much of this kind of request is waiting in the member: `429` with `Retry-After`.
+    /// Nothing was proposed.
+    pub(crate) fn overloaded(message: impl Into<String>) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, codes::OVERLOADED, message)
         }
     }
 

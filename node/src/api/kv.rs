@@ -14,7 +14,7 @@ use raftkv_api::{codes, DeleteResponse, ListItem, ListResponse, WriteResponse};
 use serde::Deserialize;
 
 use super::error::{ApiError, ApiResult};
-use super::request::{read_body, ClientQuery};
+use super::request::{content_length, read_body, too_large, ClientQuery};
 use super::{ApiState, DEFAULT_LIST_LIMIT, MAX_KEY_LEN, MAX_LIST_BYTES, MAX_LIST_LIMIT};
 use crate::command::{Op, Precondition};
 use crate::kv::ApplyOutcome;
@@ -128,8 +128,17 @@ pub(super) async fn get_key(State(s): State<ApiState>, uri: Uri, ClientQuery(q):
 pub(super) async fn put_key(State(s): State<ApiState>, uri: Uri, headers: HeaderMap, body: Body) -> ApiResult {
     let key = parse_key(uri.path())?;
     let precondition = parse_precondition(&headers)?;
-    let value = read_body(body, &headers, s.limits.max_value_size, s.limits.request_timeout).await?;
+    // Room in the write budget is taken before the body is read, for what Content-Length
+    // announces (or the largest value when it does not), so that a flood of large writes is
+    // refused before it is buffered.
+    let announced = match content_length(&headers)? {
+        Some(len) if len > s.limits.max_value_size as u64 => return Err(too_large(s.limits.max_value_size)),
+        Some(len) => len,
+        None => s.limits.max_value_size as u64,
+    };
     s.ensure_member()?;
+    let _admitted = s.admit_write(key.len() as u64 + announced)?;
+    let value = read_body(body, &headers, s.limits.max_value_size, s.limits.body_timeout).await?;
     let outcome = s
         .propose(Op::Put {
             key,
@@ -150,6 +159,7 @@ pub(super) async fn delete_key(State(s): State<ApiState>, uri: Uri, headers: Hea
         ));
     }
     s.ensure_member()?;
+    let _admitted = s.admit_write(key.len() as u64)?;
     let outcome = s.propose(Op::Delete { key, precondition }).await?;
     write_response(outcome)
 }
@@ -193,6 +203,7 @@ pub(super) async fn list(State(s): State<ApiState>, ClientQuery(q): ClientQuery<
         ));
     }
     s.ensure_member()?;
+    let _building = s.admit_list()?;
     if q.stale {
         s.stale_read_barrier().await?;
     } else {

@@ -14,6 +14,7 @@
 //! - [`admin`]: status, health, metrics, membership and leadership handlers;
 //! - [`forward`]: forwarding admin calls to the leader;
 //! - [`request`]: reading bodies and query strings;
+//! - [`quota`]: what waiting requests may hold (writes, reads, listings), refused beyond it;
 //! - [`error`]: error answers.
 
 use std::sync::Arc;
@@ -43,6 +44,7 @@ mod admin;
 pub mod error;
 mod forward;
 mod kv;
+pub mod quota;
 mod request;
 
 use error::ApiResult;
@@ -66,6 +68,16 @@ pub struct Limits {
     pub max_value_size: usize,
     /// Deadline of every request.
     pub request_timeout: Duration,
+    /// Time a request body may take to arrive.
+    pub body_timeout: Duration,
+    /// Client writes admitted and not yet answered, at most.
+    pub max_pending_writes: u64,
+    /// Key and value bytes of those writes, at most.
+    pub max_pending_write_bytes: u64,
+    /// Linearizable reads waiting, at most.
+    pub max_pending_reads: u64,
+    /// Range listings built at once, at most.
+    pub max_concurrent_lists: u64,
     /// How far behind the leader's commit a member may be and still report ready.
     pub max_ready_lag: u64,
 }
@@ -82,6 +94,12 @@ pub struct ApiContext {
     pub metrics: Arc<Metrics>,
     /// Request limits.
     pub limits: Limits,
+    /// Writes admitted and not yet answered.
+    pub(crate) writes: quota::WriteBudget,
+    /// Linearizable reads waiting.
+    pub(crate) reads: Arc<quota::Quota>,
+    /// Listings being built.
+    pub(crate) lists: Arc<quota::Quota>,
     /// This member's advertised peer URL.
     pub advertise_peer_url: Option<String>,
     /// Forwards admin calls to the leader's peer port.
@@ -108,12 +126,21 @@ impl ApiContext {
         advertise_peer_url: Option<String>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> ApiState {
+        let writes = quota::WriteBudget {
+            count: quota::Quota::new(limits.max_pending_writes, metrics.pending_proposals.clone()),
+            bytes: quota::Quota::new(limits.max_pending_write_bytes, metrics.pending_proposal_bytes.clone()),
+        };
+        let reads = quota::Quota::new(limits.max_pending_reads, metrics.pending_reads.clone());
+        let lists = quota::Quota::new(limits.max_concurrent_lists, metrics.lists_in_progress.clone());
         Arc::new(ApiContext {
             shared,
             inbox,
             status,
             metrics,
             limits,
+            writes,
+            reads,
+            lists,
             advertise_peer_url,
             forwarder: Client::builder(TokioExecutor::new()).build_http(),
             shutdown,
@@ -262,8 +289,62 @@ impl ApiContext {
         }
     }
 
+    /// Admits a client write of `bytes` (key and value) into the write budget, or refuses it
+    /// with `429 overloaded`. Held until the write is answered.
+    pub(crate) fn admit_write(&self, bytes: u64) -> ApiResult<(quota::Held, quota::Held)> {
+        self.writes.admit(bytes).map_err(|refused| {
+            let (queue, message) = match refused {
+                quota::WriteRefused::Count => (
+                    "proposal_count",
+                    format!(
+                        "{} writes are already waiting in this member; retry later",
+                        self.writes.count.limit()
+                    ),
+                ),
+                quota::WriteRefused::Bytes => (
+                    "proposal_bytes",
+                    format!(
+                        "writes holding {} bytes are already waiting in this member; retry later",
+                        self.writes.bytes.limit()
+                    ),
+                ),
+            };
+            self.refused(queue, message)
+        })
+    }
+
+    /// Admits a listing, or refuses it with `429 overloaded`.
+    pub(crate) fn admit_list(&self) -> ApiResult<quota::Held> {
+        self.lists.try_take(1).ok_or_else(|| {
+            self.refused(
+                "lists",
+                format!(
+                    "{} listings are already being built in this member; retry later",
+                    self.lists.limit()
+                ),
+            )
+        })
+    }
+
+    fn refused(&self, queue: &'static str, message: String) -> ApiError {
+        self.metrics
+            .requests_refused
+            .get_or_create(&crate::metrics::RefusalLabels { queue })
+            .inc();
+        ApiError::overloaded(message)
+    }
+
     /// Waits until this member has applied everything committed when the read began (ReadIndex).
     pub(crate) async fn read_barrier(&self) -> ApiResult<()> {
+        let _waiting = self.reads.try_take(1).ok_or_else(|| {
+            self.refused(
+                "reads",
+                format!(
+                    "{} linearizable reads are already waiting in this member; retry later",
+                    self.reads.limit()
+                ),
+            )
+        })?;
         let deadline = self.deadline();
         let timeout = || {
             ApiError::unavailable(

@@ -16,24 +16,14 @@ use super::{ApiContext, MAX_ADMIN_BODY};
 
 /// Reads a body of at most `limit` bytes within the request deadline, refusing early when
 /// `Content-Length` announces more; a body that trickles in past the deadline is cut off (408).
+///
+/// A refusal leaves the rest of the body unread and closes the connection; the server's
+/// lingering close (`crate::server::Lingering`) lets a client that is still writing the body
+/// read the answer.
 pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize, deadline: Duration) -> ApiResult<Bytes> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            codes::TOO_LARGE,
-            format!("the body exceeds the limit of {limit} bytes"),
-        )
-        .closing()
-    };
-    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
-        let len: u64 = len
-            .to_str()
-            .ok()
-            .and_then(|l| l.parse().ok())
-            .ok_or_else(|| ApiError::bad_request(codes::INVALID_REQUEST, "malformed Content-Length").closing())?;
-        if len > limit as u64 {
-            return Err(too_large());
-        }
+    let too_large = || too_large(limit);
+    if content_length(headers)?.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
     }
     let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
         .await
@@ -52,12 +42,35 @@ pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize, dea
     }
 }
 
+/// The `413 too_large` answer for a body over `limit` bytes.
+pub(crate) fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        codes::TOO_LARGE,
+        format!("the body exceeds the limit of {limit} bytes"),
+    )
+    .closing()
+}
+
+/// The announced body length, if any; a malformed one is a `400`.
+pub(crate) fn content_length(headers: &HeaderMap) -> ApiResult<Option<u64>> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .map(|len| {
+            len.to_str()
+                .ok()
+                .and_then(|l| l.parse().ok())
+                .ok_or_else(|| ApiError::bad_request(codes::INVALID_REQUEST, "malformed Content-Length").closing())
+        })
+        .transpose()
+}
+
 pub(crate) async fn read_json<T: for<'de> Deserialize<'de>>(
     s: &ApiContext,
     body: Body,
     headers: &HeaderMap,
 ) -> ApiResult<T> {
-    let bytes = read_body(body, headers, MAX_ADMIN_BODY, s.limits.request_timeout).await?;
+    let bytes = read_body(body, headers, MAX_ADMIN_BODY, s.limits.body_timeout).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(codes::INVALID_JSON, format!("malformed request body: {e}")))
 }
