@@ -18,6 +18,8 @@
 //! - [`kv`]: the replicated state itself (ordered map, revisions, membership) and its snapshot format.
 //! - [`command`]: how client writes and membership contexts are encoded in log entries.
 //! - [`transport`]: peer-to-peer streams of Raft messages and snapshots over HTTP.
+//! - [`tls`]: TLS configurations of both ports from PEM files, reloaded when the files change;
+//!   the peer port's cluster check; the client of every outgoing peer connection.
 //! - [`api`]: the client and admin HTTP API (key-value and admin handlers, forwarding to the
 //!   leader, request decoding, error answers); its bodies are the `raftkv-api` crate's types.
 //! - [`identity`]: the member id and tombstone on the data directory.
@@ -47,6 +49,7 @@ pub mod read_index;
 pub mod snapshot;
 pub mod state_machine;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 pub mod wal;
 

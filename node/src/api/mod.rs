@@ -25,10 +25,6 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{any, get, post};
 use axum::Router;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use raftkv_api::codes;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -38,6 +34,7 @@ use crate::inbox::{NotProposed, RaftInput, RaftStatus};
 use crate::kv::{ApplyOutcome, MemberRole};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::state_machine::Shared;
+use crate::tls::PeerClient;
 
 mod admin;
 pub mod error;
@@ -85,13 +82,21 @@ pub struct ApiContext {
     /// This member's advertised peer URL.
     pub advertise_peer_url: Option<String>,
     /// Forwards admin calls to the leader's peer port.
-    pub forwarder: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    pub forwarder: PeerClient,
     /// Cancelled on shutdown: waiting requests answer at once instead of holding shutdown up
     /// until their deadline.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Set once this process has applied up to a commit index confirmed by a leader: until then
     /// the local copy may be older than what this member served before a restart.
     caught_up: std::sync::atomic::AtomicBool,
+}
+
+/// How this member is reached on the peer port and reaches the others there.
+pub struct PeerSide {
+    /// This member's advertised peer URL.
+    pub advertise_url: Option<String>,
+    /// The client of outgoing peer connections, for forwarding.
+    pub client: PeerClient,
 }
 
 /// Shared handler state.
@@ -105,7 +110,7 @@ impl ApiContext {
         status: watch::Receiver<RaftStatus>,
         metrics: Arc<Metrics>,
         limits: Limits,
-        advertise_peer_url: Option<String>,
+        peer: PeerSide,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> ApiState {
         Arc::new(ApiContext {
@@ -114,8 +119,8 @@ impl ApiContext {
             status,
             metrics,
             limits,
-            advertise_peer_url,
-            forwarder: Client::builder(TokioExecutor::new()).build_http(),
+            advertise_peer_url: peer.advertise_url,
+            forwarder: peer.client,
             shutdown,
             caught_up: Default::default(),
         })
