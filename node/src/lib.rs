@@ -25,6 +25,7 @@
 //! - [`identity`]: the member id and tombstone on the data directory.
 //! - [`node`]: recovery, start-up and shutdown of one member.
 //! - [`local`]: a local cluster of member processes in one command.
+//! - [`pki`]: throwaway CA and certificates for `local --tls` and tests.
 //! - [`config`], [`metrics`], [`error`]: flags, Prometheus metrics, the error type.
 //!
 //! The load generator behind `raftkv-bench` is not part of the node: it is a crate of its own,
@@ -45,6 +46,7 @@ pub mod kv;
 pub mod local;
 pub mod metrics;
 pub mod node;
+pub mod pki;
 pub mod read_index;
 pub mod snapshot;
 pub mod state_machine;

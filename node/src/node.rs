@@ -136,13 +136,14 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
     // Certificates are read before anything else starts: a missing or broken file is a
     // configuration error at start-up, not a port that fails every handshake.
     let tls_cfg = cfg.clone();
-    let (client_tls, peer_tls) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (client_tls, peer_tls, tokens) = tokio::task::spawn_blocking(move || -> Result<_> {
         let client = tls_cfg.client_tls_files().map(tls::load_client_port).transpose()?;
         let peer = tls_cfg
             .peer_tls_files()
             .map(|files| tls::load_peer(files, tls_cfg.peer_cluster_name.clone()))
             .transpose()?;
-        Ok((client, peer))
+        let tokens = tls_cfg.token_file.clone().map(api::auth::load_tokens).transpose()?;
+        Ok((client, peer, tokens))
     })
     .await
     .map_err(|e| Error::Task(format!("loading TLS files: {e}")))??;
@@ -243,12 +244,20 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         },
         shutdown.clone(),
     );
-    let client_router = api::client_router(api_state.clone());
+    let auth = api::auth::Auth {
+        enabled: cfg.auth_enabled(),
+        tokens: tokens.clone(),
+        protect_probes: cfg.auth_probes,
+    };
+    let client_router = api::client_router(api_state.clone(), auth.clone());
+    let peer_admin = api::admin_routes()
+        .layer(axum::middleware::from_fn_with_state(auth, api::auth::authorize_peer))
+        .with_state(api_state);
     let peer_router = Router::new()
         .route("/raft/stream", post(transport::receive_stream))
         .route("/raft/snapshot", post(transport::receive_snapshot))
         .with_state(transport_ctx)
-        .merge(api::admin_routes().with_state(api_state));
+        .merge(peer_admin);
     let client_source = client_tls
         .clone()
         .map(|t| -> TlsSource { Arc::new(move || (*t.get()).clone()) });
@@ -264,6 +273,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
     let mut reloadable: Vec<Arc<dyn tls::Reload>> = Vec::new();
     reloadable.extend(client_tls.map(|t| t as Arc<dyn tls::Reload>));
     reloadable.extend(peer_tls.map(|t| t as Arc<dyn tls::Reload>));
+    reloadable.extend(tokens.map(|t| t as Arc<dyn tls::Reload>));
     tasks.push(tokio::spawn(tls::watch(
         reloadable,
         cfg.reload_interval(),

@@ -1,4 +1,5 @@
-//! The client and admin HTTP API on the client port (HTTP/1.1 and h2c): key-value calls,
+//! The client and admin HTTP API on the client port (HTTP/1.1 and h2c, or both over TLS),
+//! behind authentication and roles when they are on ([`auth`]): key-value calls,
 //! status, membership, leadership, bootstrap, health and metrics. The bodies are the types of
 //! the `raftkv-api` crate, which the operator and the end-to-end suite read.
 //!
@@ -12,6 +13,7 @@
 //!   request's deadline and by shutdown;
 //! - [`kv`]: the key-value handlers;
 //! - [`admin`]: status, health, metrics, membership and leadership handlers;
+//! - [`auth`]: authentication (client certificates, bearer tokens) and roles;
 //! - [`forward`]: forwarding admin calls to the leader;
 //! - [`request`]: reading bodies and query strings;
 //! - [`error`]: error answers.
@@ -37,6 +39,7 @@ use crate::state_machine::Shared;
 use crate::tls::PeerClient;
 
 mod admin;
+pub mod auth;
 pub mod error;
 mod forward;
 mod kv;
@@ -127,8 +130,8 @@ impl ApiContext {
     }
 }
 
-/// The client port's routes.
-pub fn client_router(state: ApiState) -> Router {
+/// The client port's routes, behind `auth`.
+pub fn client_router(state: ApiState, auth: auth::Auth) -> Router {
     Router::new()
         .route("/v1/kv", get(kv::list))
         .route("/v1/kv/", any(kv::empty_key))
@@ -143,6 +146,8 @@ pub fn client_router(state: ApiState) -> Router {
         .merge(admin_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside the request metrics, so refusals are counted like any other answer.
+        .layer(middleware::from_fn_with_state(auth, auth::authorize))
         .layer(middleware::from_fn_with_state(state.clone(), track_requests))
         .with_state(state)
 }
