@@ -456,7 +456,7 @@ pub async fn receive_stream(State(ctx): State<TransportContext>, headers: Header
     let url = headers
         .get(PEER_URL_HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|u| u.starts_with("http://"));
+        .filter(|u| u.starts_with("http://") || u.starts_with("https://"));
     if let (Some(id), Some(url)) = (from, url) {
         let _ = ctx
             .inbox
