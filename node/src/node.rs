@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use axum::routing::post;
 use axum::Router;
-use hyper_util::rt::TokioExecutor;
 use raft::prelude::SnapshotMetadata;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -26,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::server::{self, ServerLimits};
 use crate::snapshot::SnapshotStore;
 use crate::state_machine::{Shared, StateMachine};
+use crate::tls::{self, PeerClient};
 use crate::transport::{self, Transport, TransportContext};
 use crate::wal::{Wal, WalOptions};
 
@@ -130,15 +130,31 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         .io_context(|| format!("bind peer address {}", cfg.peer_addr))?;
     let client_addr = client.local_addr().io_context(|| "client address".into())?;
     let peer_addr = peer.local_addr().io_context(|| "peer address".into())?;
+    // Certificates are read before anything else starts: a missing or broken file is a
+    // configuration error at start-up, not a port that fails every handshake.
+    let tls_cfg = cfg.clone();
+    let (client_tls, peer_tls, tokens) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let client = tls_cfg.client_tls_files().map(tls::load_client_port).transpose()?;
+        let peer = tls_cfg
+            .peer_tls_files()
+            .map(|files| tls::load_peer(files, tls_cfg.peer_cluster_name.clone()))
+            .transpose()?;
+        let tokens = tls_cfg.token_file.clone().map(api::auth::load_tokens).transpose()?;
+        Ok((client, peer, tokens))
+    })
+    .await
+    .map_err(|e| Error::Task(format!("loading TLS files: {e}")))??;
+    let scheme = if peer_tls.is_some() { "https" } else { "http" };
     let advertise_peer_url = cfg
         .advertise_peer_url
         .clone()
-        .or_else(|| (!peer_addr.ip().is_unspecified()).then(|| format!("http://{peer_addr}")));
+        .or_else(|| (!peer_addr.ip().is_unspecified()).then(|| format!("{scheme}://{peer_addr}")));
+    let peer_client = PeerClient::new(peer_tls.clone());
 
     if let (Some(initial), Some(id)) = (&cfg.initial_cluster, cfg.id) {
         let joined = identity::peek(&cfg.data_dir)?.is_some_and(|i| i.cluster_id != 0);
         if !joined {
-            refuse_if_bootstrapped_before(initial, id).await?;
+            refuse_if_bootstrapped_before(initial, id, &peer_client).await?;
         }
     }
     let recover_cfg = cfg.clone();
@@ -177,6 +193,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         shutdown: shutdown.clone(),
         removed: Default::default(),
         advertise_url: advertise_peer_url.clone(),
+        peer_client: peer_client.clone(),
     };
     let transport = Transport::new(transport_ctx.clone(), tokio::runtime::Handle::current());
     let tuning = Tuning {
@@ -223,15 +240,32 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
             max_pending_reads: cfg.max_pending_reads,
             max_concurrent_lists: cfg.max_concurrent_lists,
         },
-        advertise_peer_url,
+        api::PeerSide {
+            advertise_url: advertise_peer_url,
+            client: peer_client,
+        },
         shutdown.clone(),
     );
-    let client_router = api::client_router(api_state.clone());
+    let auth = api::auth::Auth {
+        enabled: cfg.auth_enabled(),
+        tokens: tokens.clone(),
+        protect_probes: cfg.auth_probes,
+    };
+    let client_router = api::client_router(api_state.clone(), auth.clone());
+    let peer_admin = api::admin_routes()
+        .layer(axum::middleware::from_fn_with_state(auth, api::auth::authorize_peer))
+        .with_state(api_state);
     let peer_router = Router::new()
         .route("/raft/stream", post(transport::receive_stream))
         .route("/raft/snapshot", post(transport::receive_snapshot))
         .with_state(transport_ctx)
-        .merge(api::admin_routes().with_state(api_state));
+        .merge(peer_admin);
+    let client_source = client_tls
+        .clone()
+        .map(|t| -> server::TlsSource { Arc::new(move || (*t.get()).clone()) });
+    let peer_source = peer_tls
+        .clone()
+        .map(|t| -> server::TlsSource { Arc::new(move || t.get().server.clone()) });
     let (client_cap, peer_cap) = fit_caps(cfg.max_connections, cfg.peer_max_connections);
     let limits = |max_connections| ServerLimits {
         max_connections,
@@ -241,19 +275,29 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         h2_max_streams: cfg.h2_max_streams,
         linger: Duration::from_millis(cfg.linger_ms),
     };
-    for (listener, router, cap, name) in [
-        (client, client_router, client_cap, "client"),
-        (peer, peer_router, peer_cap, "peer"),
+    for (listener, router, cap, name, tls) in [
+        (client, client_router, client_cap, "client", client_source),
+        (peer, peer_router, peer_cap, "peer", peer_source),
     ] {
         tasks.push(tokio::spawn(server::serve(
             listener,
             router,
             limits(cap),
+            tls,
             metrics.clone(),
             shutdown.clone(),
             name,
         )));
     }
+    let mut reloadable: Vec<Arc<dyn tls::Reload>> = Vec::new();
+    reloadable.extend(client_tls.map(|t| t as Arc<dyn tls::Reload>));
+    reloadable.extend(peer_tls.map(|t| t as Arc<dyn tls::Reload>));
+    reloadable.extend(tokens.map(|t| t as Arc<dyn tls::Reload>));
+    tasks.push(tokio::spawn(tls::watch(
+        reloadable,
+        cfg.reload_interval(),
+        shutdown.clone(),
+    )));
     if let Some(path) = &cfg.addr_file {
         /// What `--addr-file` holds: who listens where, for a launcher that bound port 0.
         #[derive(serde::Serialize)]
@@ -270,7 +314,15 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         .map_err(|e| Error::Codec(e.to_string()))?;
         identity::write_atomically(path, &body)?;
     }
-    tracing::info!(member_id = id, %client_addr, %peer_addr, "serving");
+    tracing::info!(
+        member_id = id,
+        %client_addr,
+        %peer_addr,
+        client_tls = cfg.client_tls_files().is_some(),
+        peer_tls = cfg.peer_tls_files().is_some(),
+        auth = cfg.auth_enabled(),
+        "serving"
+    );
     Ok(RunningNode {
         id,
         client_addr,
@@ -301,15 +353,21 @@ const BOOTSTRAP_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// (it could elect a leader missing acknowledged writes); it must be removed and added again
 /// under a new id. As etcd does, the check is best effort: members that do not answer (the
 /// usual case when a new cluster starts all at once) do not hold the bootstrap back.
-async fn refuse_if_bootstrapped_before(initial: &crate::config::InitialCluster, id: u64) -> Result<()> {
+async fn refuse_if_bootstrapped_before(
+    initial: &crate::config::InitialCluster,
+    id: u64,
+    client: &PeerClient,
+) -> Result<()> {
     let cluster_id = initial.cluster_id();
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<axum::body::Body>();
     for (peer, url) in initial.0.iter().filter(|(peer, _)| *peer != id) {
         let Ok(uri) = format!("{}/v1/members", url.trim_end_matches('/')).parse::<hyper::Uri>() else {
             continue;
         };
         let answer = tokio::time::timeout(BOOTSTRAP_PROBE_TIMEOUT, async {
-            let resp = client.get(uri).await.ok()?;
+            let req = hyper::Request::get(uri)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .ok()?;
+            let resp = client.request(req).await.ok()?;
             let body = http_body_util::BodyExt::collect(resp.into_body())
                 .await
                 .ok()?

@@ -14,7 +14,7 @@
 //!   so that a client that writes its whole body before reading (Python's `http.client`)
 //!   reads a refusal instead of a connection reset.
 //!
-//! One connection goes `accept → admit → (TLS, once there is one) → serve_connection`:
+//! One connection goes `accept → admit → (TLS on a TLS port) → serve_connection`:
 //! [`serve_connection`] takes any byte stream, so a TLS handshake slots in between.
 
 use std::collections::HashMap;
@@ -40,6 +40,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::Result;
 use crate::metrics::{ConnectionCloseLabels, Metrics, ServerLabels};
+use crate::tls;
 
 /// How long shutdown waits for open connections to finish their requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,6 +57,10 @@ const MAX_CONCURRENT_REFUSALS: usize = 256;
 /// File descriptors kept for everything that is not a client connection: the WAL, snapshots,
 /// the listeners, peer streams.
 const RESERVED_FDS: u64 = 512;
+
+/// Where a TLS port takes the server configuration of each new handshake from (it changes when
+/// the certificate files are rotated).
+pub type TlsSource = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
 
 /// The limits of one listening port.
 #[derive(Debug, Clone)]
@@ -79,6 +84,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ServerLimits,
+    tls: Option<TlsSource>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     name: &'static str,
@@ -136,7 +142,7 @@ pub async fn serve(
             }
         };
         open_gauge.set(table.len() as i64);
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let (table, limits, shutdown, metrics, open_gauge) = (
             table.clone(),
             limits.clone(),
@@ -144,11 +150,32 @@ pub async fn serve(
             metrics.clone(),
             open_gauge.clone(),
         );
+        // The configuration current now: a rotation changes the next handshakes only.
+        let tls_config = tls.as_ref().map(|source| source());
         connections.spawn(async move {
-            // A TLS handshake, once the node has one, goes here: bounded by the header timeout,
-            // then `serve_connection` over the TLS stream.
-            let io = Lingering::new(stream, limits.linger);
-            let reason = serve_connection(io, service, &conn, &limits, &shutdown).await;
+            let reason = match tls::accept(stream, tls_config).await {
+                Err(error) => {
+                    tracing::debug!(server = name, %error, "TLS handshake failed");
+                    Some("tls_handshake")
+                }
+                Ok((stream, cert)) => {
+                    // A verified client certificate reaches the handlers as a request extension.
+                    let router = match cert.as_deref().and_then(tls::cert_subject) {
+                        Some(subject) => router.layer(axum::Extension(tls::VerifiedCert(Arc::new(subject)))),
+                        None => router,
+                    };
+                    let service = TowerToHyperService::new(router);
+                    match stream {
+                        tls::Accepted::Plain(s) => {
+                            serve_connection(Lingering::new(s, limits.linger), service, &conn, &limits, &shutdown).await
+                        }
+                        tls::Accepted::Tls(s) => {
+                            serve_connection(Lingering::new(*s, limits.linger), service, &conn, &limits, &shutdown)
+                                .await
+                        }
+                    }
+                }
+            };
             if let Some(reason) = reason {
                 metrics
                     .connections_closed
