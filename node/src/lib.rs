@@ -37,6 +37,7 @@ pub mod command;
 pub mod config;
 pub mod consensus;
 pub mod error;
+pub mod history;
 pub mod identity;
 pub mod inbox;
 pub mod kv;
@@ -49,5 +50,6 @@ pub mod state_machine;
 pub mod storage;
 pub mod transport;
 pub mod wal;
+pub mod watch;
 
 pub use error::{Error, Result};

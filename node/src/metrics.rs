@@ -49,6 +49,16 @@ pub struct Metrics {
     pub wal_bytes: Counter,
     /// Client and admin request latency by route and status code.
     pub requests: Family<RequestLabels, Histogram>,
+    /// The watch history's compact revision: watches and reads start above it.
+    pub history_compact_revision: Gauge,
+    /// Changes retained in the watch history.
+    pub history_changes: Gauge,
+    /// Open watch streams.
+    pub watchers: Gauge,
+    /// Events sent to watchers (puts and deletes).
+    pub watch_events: Counter,
+    /// Watch streams ended because their position was compacted.
+    pub watch_compacted: Counter,
 }
 
 impl Metrics {
@@ -70,6 +80,11 @@ impl Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             wal_bytes: Counter::default(),
             requests: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
+            history_compact_revision: Gauge::default(),
+            history_changes: Gauge::default(),
+            watchers: Gauge::default(),
+            watch_events: Counter::default(),
+            watch_compacted: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.term.clone());
@@ -125,6 +140,23 @@ impl Metrics {
             "http_request_seconds",
             "Request latency by route and code",
             m.requests.clone(),
+        );
+        registry.register(
+            "watch_history_compact_revision",
+            "The watch history's compact revision",
+            m.history_compact_revision.clone(),
+        );
+        registry.register(
+            "watch_history_changes",
+            "Changes retained in the watch history",
+            m.history_changes.clone(),
+        );
+        registry.register("watchers", "Open watch streams", m.watchers.clone());
+        registry.register("watch_events", "Events sent to watchers", m.watch_events.clone());
+        registry.register(
+            "watch_compacted",
+            "Watch streams ended because their position was compacted",
+            m.watch_compacted.clone(),
         );
         Metrics { registry, ..m }
     }
