@@ -15,10 +15,14 @@
 //! - [`storage`]: the Raft log as raft-rs reads it (the in-memory tail after the last snapshot).
 //! - [`snapshot`]: snapshot files: atomic creation, streaming reception, retention.
 //! - [`state_machine`]: applies committed batches to the key-value state and answers waiting clients.
-//! - [`kv`]: the replicated state itself (ordered map, revisions, membership) and its snapshot format.
+//! - [`kv`]: the replicated state itself (ordered map, revisions, membership, watch history) and
+//!   its snapshot format.
+//! - [`history`]: the bounded history of changes that watches replay and past reads undo.
+//! - [`watch`]: the change feed published after every applied batch and the watcher that joins
+//!   history replay to it without gap or duplicate.
 //! - [`command`]: how client writes and membership contexts are encoded in log entries.
 //! - [`transport`]: peer-to-peer streams of Raft messages and snapshots over HTTP.
-//! - [`api`]: the client and admin HTTP API (key-value and admin handlers, forwarding to the
+//! - [`api`]: the client and admin HTTP API (key-value, watch and admin handlers, forwarding to the
 //!   leader, request decoding, error answers); its bodies are the `raftkv-api` crate's types.
 //! - [`identity`]: the member id and tombstone on the data directory.
 //! - [`node`]: recovery, start-up and shutdown of one member.

@@ -221,6 +221,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
             max_value_size: cfg.max_value_size,
             request_timeout: cfg.request_timeout(),
             max_ready_lag: cfg.max_lag,
+            watch_progress: Duration::from_millis(cfg.watch_progress_ms),
         },
         advertise_peer_url,
         shutdown.clone(),

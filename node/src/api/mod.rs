@@ -14,6 +14,7 @@
 //! - [`admin`]: status, health, metrics, membership and leadership handlers;
 //! - [`forward`]: forwarding admin calls to the leader;
 //! - [`request`]: reading bodies and query strings;
+//! - [`watch`]: `GET /v1/watch`, the stream of changes under a key or prefix;
 //! - [`error`]: error answers.
 
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use raftkv_api::codes;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::command::{self, Op, Proposal};
@@ -44,6 +45,7 @@ pub mod error;
 mod forward;
 mod kv;
 mod request;
+mod watch;
 
 use error::ApiResult;
 pub use error::{json_error, ApiError};
@@ -68,6 +70,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// How far behind the leader's commit a member may be and still report ready.
     pub max_ready_lag: u64,
+    /// How often an idle watch stream gets a progress event.
+    pub watch_progress: Duration,
 }
 
 /// Everything a handler needs.
@@ -77,7 +81,7 @@ pub struct ApiContext {
     /// The consensus inbox.
     pub inbox: flume::Sender<RaftInput>,
     /// Consensus status, updated every loop iteration.
-    pub status: watch::Receiver<RaftStatus>,
+    pub status: tokio::sync::watch::Receiver<RaftStatus>,
     /// Exported figures.
     pub metrics: Arc<Metrics>,
     /// Request limits.
@@ -102,7 +106,7 @@ impl ApiContext {
     pub fn new(
         shared: Arc<Shared>,
         inbox: flume::Sender<RaftInput>,
-        status: watch::Receiver<RaftStatus>,
+        status: tokio::sync::watch::Receiver<RaftStatus>,
         metrics: Arc<Metrics>,
         limits: Limits,
         advertise_peer_url: Option<String>,
@@ -131,6 +135,7 @@ pub fn client_router(state: ApiState) -> Router {
             "/v1/kv/{*key}",
             get(kv::get_key).put(kv::put_key).delete(kv::delete_key),
         )
+        .route("/v1/watch", get(watch::watch))
         .route("/v1/status", get(admin::status))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
