@@ -101,6 +101,16 @@ pub struct NodeConfig {
     /// (`429 overloaded` beyond).
     #[arg(long, env = "RAFTKV_MAX_CONCURRENT_LISTS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_concurrent_lists: u64,
+    /// Most changes the watch history retains; older ones are compacted (watches and reads at a
+    /// revision start above the compact revision).
+    #[arg(long, env = "RAFTKV_WATCH_HISTORY_CHANGES", default_value_t = crate::history::DEFAULT_MAX_CHANGES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub watch_history_changes: usize,
+    /// Most bytes (keys, values and previous values) the watch history retains.
+    #[arg(long, env = "RAFTKV_WATCH_HISTORY_BYTES", default_value_t = crate::history::DEFAULT_MAX_BYTES)]
+    pub watch_history_bytes: usize,
+    /// How often an idle watch stream gets a progress event, in milliseconds.
+    #[arg(long, env = "RAFTKV_WATCH_PROGRESS_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub watch_progress_ms: u64,
     /// Write the bound addresses as JSON to this file once listening (for scripts and tests that
     /// bind port 0).
     #[arg(long, env = "RAFTKV_ADDR_FILE")]
@@ -155,6 +165,14 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// How much watch history to retain.
+    pub fn history_limits(&self) -> crate::history::HistoryLimits {
+        crate::history::HistoryLimits {
+            max_changes: self.watch_history_changes,
+            max_bytes: self.watch_history_bytes,
+        }
+    }
+
     /// The request deadline.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)

@@ -4,13 +4,18 @@
 //! Everything here is pure and deterministic: the same entries applied to the same state give the
 //! same state on every member. The revision of a change is the Raft index of the entry that made it.
 //!
-//! # Snapshot format
+//! # Snapshot format (version 2)
 //! ```text
-//! magic "RKVSNAP\x01" (8 bytes)
+//! magic "RKVSNAP\x02" (8 bytes)
 //! frame: u32 LE length | postcard(SnapshotHeader)
 //! frame × key_count: u32 LE length | postcard(SnapshotRecord)
+//! frame × history_count: u32 LE length | postcard(HistoryRecord)
 //! trailer: u32 LE crc32c of every preceding byte
 //! ```
+//! Version 2 carries the watch history ([`crate::history`]) retained at the snapshot index, so a
+//! restarted member or one that installs the snapshot can still replay the changes before it.
+//! Version 1 (magic `RKVSNAP\x01`, a header without `compact_revision` and `history_count`, no
+//! history frames) is still read: its state has lost every change up to its applied index.
 //! The map is a persistent `imbl::OrdMap`, so taking a snapshot clones it in O(1) and the file is
 //! written from that clone while apply continues.
 
@@ -23,9 +28,12 @@ use raft::prelude::{ConfChangeType, ConfChangeV2, ConfState};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{self, ConfChangeContext, Op, Proposal};
+use crate::history::{Change, Compacted, History};
 
-/// Identifies snapshot files of this format.
-pub const SNAPSHOT_MAGIC: &[u8; 8] = b"RKVSNAP\x01";
+/// Identifies snapshot files of this format (version 2, with history).
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"RKVSNAP\x02";
+/// Identifies snapshot files of version 1 (no history), still read.
+pub const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"RKVSNAP\x01";
 /// Largest frame a snapshot reader accepts; larger lengths mean corruption, not data.
 const MAX_FRAME: u32 = 64 << 20;
 
@@ -184,9 +192,66 @@ pub struct KvState {
     pub membership: Membership,
     /// The cluster this state belongs to.
     pub cluster_id: u64,
+    /// The retained changes, for watches and reads at a past revision.
+    pub history: History,
+}
+
+/// A read at a revision the state cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RevisionError {
+    /// The changes since the revision are no longer all retained.
+    #[error(transparent)]
+    Compacted(#[from] Compacted),
+    /// The revision is above the applied index.
+    #[error("revision {asked} is in the future; the applied revision is {applied}")]
+    Future {
+        /// The revision asked for.
+        asked: u64,
+        /// The applied index.
+        applied: u64,
+    },
 }
 
 impl KvState {
+    /// Checks that the state can be seen as it was at `revision`: no later than applied, and
+    /// every change since retained.
+    fn check_revision(&self, revision: u64) -> Result<(), RevisionError> {
+        if revision > self.applied_index {
+            return Err(RevisionError::Future {
+                asked: revision,
+                applied: self.applied_index,
+            });
+        }
+        // Changes above `revision` are undone, so those must all be retained.
+        self.history.check_retained(revision.saturating_add(1))?;
+        Ok(())
+    }
+
+    /// The value of `key` as it was at `revision`.
+    pub fn get_at(&self, key: &[u8], revision: u64) -> Result<Option<KvValue>, RevisionError> {
+        self.check_revision(revision)?;
+        // The first later change to the key says what it was before; without one it has not
+        // changed since.
+        Ok(match self.history.after(revision).find(|c| c.key.as_ref() == key) {
+            Some(c) => c.before.clone(),
+            None => self.data.get(key).cloned(),
+        })
+    }
+
+    /// The map as it was at `revision`, exact for the keys under `prefix` (others are left as
+    /// they are now). Undoes the later changes, newest first, on an O(1) clone.
+    pub fn data_at(&self, revision: u64, prefix: &[u8]) -> Result<OrdMap<Bytes, KvValue>, RevisionError> {
+        self.check_revision(revision)?;
+        let mut data = self.data.clone();
+        for c in self.history.after(revision).rev().filter(|c| c.key.starts_with(prefix)) {
+            match &c.before {
+                Some(v) => data.insert(c.key.clone(), v.clone()),
+                None => data.remove(&c.key),
+            };
+        }
+        Ok(data)
+    }
+
     /// Applies a client proposal encoded in a normal entry.
     pub fn apply_proposal(&mut self, index: u64, term: u64, data: &[u8]) -> (Option<u64>, ApplyOutcome) {
         self.applied_index = index;
@@ -213,14 +278,18 @@ impl KvState {
                     };
                 }
                 let create_revision = current.map_or(index, |v| v.create_revision);
-                self.data.insert(
+                let after = KvValue {
+                    value,
+                    create_revision,
+                    mod_revision: index,
+                };
+                let before = self.data.insert(key.clone(), after.clone());
+                self.history.record(Change {
+                    revision: index,
                     key,
-                    KvValue {
-                        value,
-                        create_revision,
-                        mod_revision: index,
-                    },
-                );
+                    after: Some(after),
+                    before,
+                });
                 ApplyOutcome::Put { revision: index }
             }
             Op::Delete { key, precondition } => {
@@ -228,7 +297,17 @@ impl KvState {
                 if !precondition.holds(current) {
                     return ApplyOutcome::PreconditionFailed { current };
                 }
-                let deleted = self.data.remove(&key).is_some();
+                let before = self.data.remove(&key);
+                let deleted = before.is_some();
+                // Deleting a key that does not exist changes nothing: no change to watch.
+                if deleted {
+                    self.history.record(Change {
+                        revision: index,
+                        key,
+                        after: None,
+                        before,
+                    });
+                }
                 ApplyOutcome::Delete {
                     revision: index,
                     deleted,
@@ -259,7 +338,7 @@ impl KvState {
         ApplyOutcome::Membership
     }
 
-    /// Writes the snapshot encoding of this state.
+    /// Writes the snapshot encoding of this state (the current version).
     pub fn write_snapshot<W: Write>(&self, w: W) -> std::io::Result<W> {
         let mut w = CrcWriter { inner: w, crc: 0 };
         w.write_all(SNAPSHOT_MAGIC)?;
@@ -269,6 +348,8 @@ impl KvState {
             cluster_id: self.cluster_id,
             membership: self.membership.clone(),
             key_count: self.data.len() as u64,
+            compact_revision: self.history.compact_revision(),
+            history_count: self.history.len() as u64,
         };
         write_frame(&mut w, &command::encode(&header))?;
         let mut buf = Vec::with_capacity(512);
@@ -283,12 +364,24 @@ impl KvState {
             buf = postcard::to_extend(&record, buf).map_err(std::io::Error::other)?;
             write_frame(&mut w, &buf)?;
         }
+        for c in self.history.iter() {
+            buf.clear();
+            let record = HistoryRecord {
+                revision: c.revision,
+                key: c.key.as_ref(),
+                after: c.after.as_ref().map(ValueRecord::of),
+                before: c.before.as_ref().map(ValueRecord::of),
+            };
+            buf = postcard::to_extend(&record, buf).map_err(std::io::Error::other)?;
+            write_frame(&mut w, &buf)?;
+        }
         let crc = w.crc;
         w.inner.write_all(&crc.to_le_bytes())?;
         Ok(w.inner)
     }
 
-    /// Reads a snapshot, verifying its checksum; errors describe what is wrong.
+    /// Reads a snapshot of either version, verifying its checksum; errors describe what is
+    /// wrong. The history's limits are the defaults: the state machine sets its own.
     pub fn read_snapshot<R: Read>(r: R) -> Result<KvState, String> {
         let mut r = CrcReader { inner: r, crc: 0 };
         let header = Self::read_snapshot_header(&mut r)?;
@@ -305,6 +398,26 @@ impl KvState {
                     mod_revision: rec.mod_revision,
                 },
             );
+        }
+        let mut changes = Vec::new();
+        let mut last = header.compact_revision;
+        for n in 0..header.history_count {
+            read_frame(&mut r, &mut buf).map_err(|e| format!("reading history record {n}: {e}"))?;
+            let rec: HistoryRecord =
+                postcard::from_bytes(&buf).map_err(|e| format!("decoding history record {n}: {e}"))?;
+            if rec.revision <= last || rec.revision > header.applied_index {
+                return Err(format!(
+                    "history record {n} has revision {} out of order (after {last}, applied {})",
+                    rec.revision, header.applied_index
+                ));
+            }
+            last = rec.revision;
+            changes.push(Change {
+                revision: rec.revision,
+                key: Bytes::copy_from_slice(rec.key),
+                after: rec.after.map(ValueRecord::value),
+                before: rec.before.map(ValueRecord::value),
+            });
         }
         let computed = r.crc;
         let mut trailer = [0u8; 4];
@@ -324,10 +437,11 @@ impl KvState {
             applied_term: header.applied_term,
             membership: header.membership,
             cluster_id: header.cluster_id,
+            history: History::from_parts(header.compact_revision, changes),
         })
     }
 
-    /// Checks a snapshot's magic and checksum without building the map.
+    /// Checks a snapshot's magic (either version) and checksum without building the map.
     pub fn verify_snapshot<R: Read>(mut r: R) -> Result<(), String> {
         let mut crc = 0u32;
         let mut tail: Vec<u8> = Vec::with_capacity(4);
@@ -338,7 +452,7 @@ impl KvState {
             if n == 0 {
                 break;
             }
-            if first && (n < 8 || &buf[..8] != SNAPSHOT_MAGIC) {
+            if first && (n < 8 || (&buf[..8] != SNAPSHOT_MAGIC && &buf[..8] != SNAPSHOT_MAGIC_V1)) {
                 return Err("not a raftkv snapshot (bad magic)".into());
             }
             first = false;
@@ -354,15 +468,31 @@ impl KvState {
         Ok(())
     }
 
-    /// Reads only the header of a snapshot: enough to learn the membership without loading data.
+    /// Reads only the header of a snapshot (either version): enough to learn the membership
+    /// without loading data. A version 1 header reads as one whose history is compacted up to
+    /// its applied index.
     pub fn read_snapshot_header<R: Read>(mut r: R) -> Result<SnapshotHeader, String> {
         let mut magic = [0u8; 8];
         r.read_exact(&mut magic).map_err(|e| format!("reading magic: {e}"))?;
-        if &magic != SNAPSHOT_MAGIC {
-            return Err("not a raftkv snapshot (bad magic)".into());
-        }
+        let v1 = match &magic {
+            m if m == SNAPSHOT_MAGIC => false,
+            m if m == SNAPSHOT_MAGIC_V1 => true,
+            _ => return Err("not a raftkv snapshot (bad magic)".into()),
+        };
         let mut buf = Vec::new();
         read_frame(&mut r, &mut buf).map_err(|e| format!("reading header: {e}"))?;
+        if v1 {
+            let h: SnapshotHeaderV1 = command::decode(&buf).map_err(|e| format!("decoding header: {e}"))?;
+            return Ok(SnapshotHeader {
+                applied_index: h.applied_index,
+                applied_term: h.applied_term,
+                cluster_id: h.cluster_id,
+                membership: h.membership,
+                key_count: h.key_count,
+                compact_revision: h.applied_index,
+                history_count: 0,
+            });
+        }
         command::decode(&buf).map_err(|e| format!("decoding header: {e}"))
     }
 }
@@ -380,6 +510,58 @@ pub struct SnapshotHeader {
     pub membership: Membership,
     /// How many records follow.
     pub key_count: u64,
+    /// The history's compact revision: every change above it follows the records.
+    pub compact_revision: u64,
+    /// How many history records follow the key records.
+    pub history_count: u64,
+}
+
+/// The header of a version 1 snapshot (postcard is not self-describing: each version is a type).
+#[derive(Deserialize)]
+struct SnapshotHeaderV1 {
+    applied_index: u64,
+    applied_term: u64,
+    cluster_id: u64,
+    membership: Membership,
+    key_count: u64,
+}
+
+/// One retained change in a snapshot.
+#[derive(Serialize, Deserialize)]
+struct HistoryRecord<'a> {
+    revision: u64,
+    #[serde(with = "serde_bytes_slice")]
+    key: &'a [u8],
+    #[serde(borrow)]
+    after: Option<ValueRecord<'a>>,
+    #[serde(borrow)]
+    before: Option<ValueRecord<'a>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ValueRecord<'a> {
+    #[serde(with = "serde_bytes_slice")]
+    value: &'a [u8],
+    create_revision: u64,
+    mod_revision: u64,
+}
+
+impl<'a> ValueRecord<'a> {
+    fn of(v: &'a KvValue) -> Self {
+        ValueRecord {
+            value: v.value.as_ref(),
+            create_revision: v.create_revision,
+            mod_revision: v.mod_revision,
+        }
+    }
+
+    fn value(self) -> KvValue {
+        KvValue {
+            value: Bytes::copy_from_slice(self.value),
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -454,6 +636,7 @@ impl<R: Read> Read for CrcReader<R> {
 mod tests {
     use super::*;
     use crate::command::Precondition;
+    use crate::history::HistoryLimits;
     use raft::prelude::ConfChangeSingle;
 
     fn put(state: &mut KvState, index: u64, key: &str, value: &str, pre: Precondition) -> ApplyOutcome {
@@ -631,5 +814,297 @@ mod tests {
         let mut bad = bytes.clone();
         bad[12] ^= 1;
         assert!(KvState::verify_snapshot(&bad[..]).is_err());
+    }
+
+    fn delete(state: &mut KvState, index: u64, key: &str) -> ApplyOutcome {
+        let p = Proposal {
+            request_id: index,
+            op: Op::Delete {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                precondition: Precondition::None,
+            },
+        };
+        state.apply_proposal(index, 1, &command::encode(&p)).1
+    }
+
+    fn value_of(v: Option<KvValue>) -> Option<(String, u64, u64)> {
+        v.map(|v| {
+            (
+                String::from_utf8(v.value.to_vec()).unwrap(),
+                v.create_revision,
+                v.mod_revision,
+            )
+        })
+    }
+
+    #[test]
+    fn every_change_is_recorded_with_its_previous_value_and_failed_writes_are_not() {
+        let mut s = KvState::default();
+        put(&mut s, 2, "a", "1", Precondition::None);
+        put(&mut s, 3, "a", "2", Precondition::ModRevision(99));
+        put(&mut s, 4, "a", "3", Precondition::None);
+        delete(&mut s, 5, "a");
+        delete(&mut s, 6, "a");
+        s.apply_noop(7, 2);
+        let changes: Vec<_> = s
+            .history
+            .iter()
+            .map(|c| (c.revision, value_of(c.after.clone()), value_of(c.before.clone())))
+            .collect();
+        assert_eq!(
+            changes,
+            vec![
+                (2, Some(("1".into(), 2, 2)), None),
+                (4, Some(("3".into(), 2, 4)), Some(("1".into(), 2, 2))),
+                (5, None, Some(("3".into(), 2, 4))),
+            ],
+            "a failed CAS and a delete of a missing key change nothing"
+        );
+    }
+
+    #[test]
+    fn reads_at_a_past_revision_see_the_state_then_or_say_why_not() {
+        let mut s = KvState::default();
+        put(&mut s, 2, "a", "1", Precondition::None);
+        put(&mut s, 3, "b", "1", Precondition::None);
+        put(&mut s, 4, "a", "2", Precondition::None);
+        delete(&mut s, 5, "b");
+        s.apply_noop(6, 1);
+        assert_eq!(value_of(s.get_at(b"a", 3).unwrap()), Some(("1".into(), 2, 2)));
+        assert_eq!(value_of(s.get_at(b"a", 6).unwrap()), Some(("2".into(), 2, 4)));
+        assert_eq!(value_of(s.get_at(b"b", 4).unwrap()), Some(("1".into(), 3, 3)));
+        assert_eq!(s.get_at(b"b", 5).unwrap(), None);
+        assert_eq!(s.get_at(b"a", 1).unwrap(), None);
+        assert_eq!(s.get_at(b"a", 7), Err(RevisionError::Future { asked: 7, applied: 6 }));
+        let at3 = s.data_at(3, b"").unwrap();
+        assert_eq!(at3.len(), 2);
+        assert_eq!(at3.get(&Bytes::from_static(b"a")).unwrap().mod_revision, 2);
+        s.history.set_limits(HistoryLimits {
+            max_changes: 2,
+            max_bytes: usize::MAX,
+        });
+        assert_eq!(s.history.compact_revision(), 3);
+        assert!(matches!(s.get_at(b"a", 2), Err(RevisionError::Compacted(_))));
+        assert_eq!(value_of(s.get_at(b"a", 3).unwrap()), Some(("1".into(), 2, 2)));
+    }
+
+    #[test]
+    fn a_snapshot_carries_the_history_and_its_compact_revision() {
+        let mut s = KvState::default();
+        s.history.set_limits(HistoryLimits {
+            max_changes: 3,
+            max_bytes: usize::MAX,
+        });
+        for i in 1..=6u64 {
+            put(
+                &mut s,
+                i * 2,
+                &format!("k{}", i % 2),
+                &format!("v{i}"),
+                Precondition::None,
+            );
+        }
+        delete(&mut s, 13, "k0");
+        let bytes = s.write_snapshot(Vec::new()).unwrap();
+        KvState::verify_snapshot(&bytes[..]).unwrap();
+        let back = KvState::read_snapshot(&bytes[..]).unwrap();
+        assert_eq!(back.history.compact_revision(), s.history.compact_revision());
+        assert_eq!(
+            back.history.iter().collect::<Vec<_>>(),
+            s.history.iter().collect::<Vec<_>>()
+        );
+        assert_eq!(back.history.bytes(), s.history.bytes());
+        let header = KvState::read_snapshot_header(&bytes[..]).unwrap();
+        assert_eq!((header.compact_revision, header.history_count), (8, 3));
+        for r in 8..=13 {
+            assert_eq!(back.get_at(b"k1", r), s.get_at(b"k1", r), "at revision {r}");
+        }
+    }
+
+    /// Writes `s` as a version 1 snapshot, the format before the history was carried.
+    fn write_v1(s: &KvState) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct HeaderV1 {
+            applied_index: u64,
+            applied_term: u64,
+            cluster_id: u64,
+            membership: Membership,
+            key_count: u64,
+        }
+        let mut w = CrcWriter {
+            inner: Vec::new(),
+            crc: 0,
+        };
+        w.write_all(SNAPSHOT_MAGIC_V1).unwrap();
+        let header = HeaderV1 {
+            applied_index: s.applied_index,
+            applied_term: s.applied_term,
+            cluster_id: s.cluster_id,
+            membership: s.membership.clone(),
+            key_count: s.data.len() as u64,
+        };
+        write_frame(&mut w, &command::encode(&header)).unwrap();
+        for (key, v) in s.data.iter() {
+            let record = SnapshotRecord {
+                key: key.as_ref(),
+                value: v.value.as_ref(),
+                create_revision: v.create_revision,
+                mod_revision: v.mod_revision,
+            };
+            write_frame(&mut w, &postcard::to_stdvec(&record).unwrap()).unwrap();
+        }
+        let crc = w.crc;
+        w.inner.extend_from_slice(&crc.to_le_bytes());
+        w.inner
+    }
+
+    #[test]
+    fn a_version_one_snapshot_still_reads_with_its_history_compacted_at_its_index() {
+        let mut s = KvState {
+            cluster_id: 3,
+            ..Default::default()
+        };
+        put(&mut s, 4, "a", "1", Precondition::None);
+        put(&mut s, 5, "b", "2", Precondition::None);
+        let bytes = write_v1(&s);
+        KvState::verify_snapshot(&bytes[..]).unwrap();
+        let back = KvState::read_snapshot(&bytes[..]).unwrap();
+        assert_eq!(back.data, s.data);
+        assert_eq!((back.applied_index, back.cluster_id), (5, 3));
+        assert!(back.history.is_empty());
+        assert_eq!(back.history.compact_revision(), 5);
+        assert!(back.history.check_retained(5).is_err());
+        assert!(back.history.check_retained(6).is_ok());
+        let header = KvState::read_snapshot_header(&bytes[..]).unwrap();
+        assert_eq!(
+            (header.key_count, header.compact_revision, header.history_count),
+            (2, 5, 0)
+        );
+    }
+
+    mod model {
+        use std::collections::BTreeMap;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Put(u8, u8),
+            Delete(u8),
+            Noop,
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                4 => (0u8..6, any::<u8>()).prop_map(|(k, v)| Step::Put(k, v)),
+                2 => (0u8..6).prop_map(Step::Delete),
+                1 => Just(Step::Noop),
+            ]
+        }
+
+        type Model = BTreeMap<Vec<u8>, (Vec<u8>, u64, u64)>;
+
+        fn key(k: u8) -> String {
+            format!("{}/{k}", if k.is_multiple_of(2) { "even" } else { "odd" })
+        }
+
+        fn as_model(data: &OrdMap<Bytes, KvValue>, prefix: &[u8]) -> Model {
+            data.iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.to_vec(), (v.value.to_vec(), v.create_revision, v.mod_revision)))
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Against a model that keeps the whole state at every revision: every read at a
+            /// retained revision sees that state, every page-by-page resumption from any
+            /// retained revision yields exactly the model's changes once each in order, the
+            /// snapshot keeps all of it, and nothing older than the compact revision is served.
+            #[test]
+            fn history_reads_and_resumption_match_a_model(
+                steps in proptest::collection::vec(step(), 1..80),
+                max_changes in 1usize..40,
+                page in 1usize..7,
+                start in 0u64..90,
+            ) {
+                let mut s = KvState::default();
+                s.history.set_limits(HistoryLimits { max_changes, max_bytes: usize::MAX });
+                let mut states: Vec<Model> = vec![Model::new()];
+                let mut changes: Vec<(u64, Vec<u8>)> = Vec::new();
+                for (i, st) in steps.iter().enumerate() {
+                    let index = i as u64 + 1;
+                    let mut m = states.last().unwrap().clone();
+                    match st {
+                        Step::Put(k, v) => {
+                            put(&mut s, index, &key(*k), &v.to_string(), Precondition::None);
+                            let create = m.get(key(*k).as_bytes()).map_or(index, |e| e.1);
+                            m.insert(key(*k).into_bytes(), (v.to_string().into_bytes(), create, index));
+                            changes.push((index, key(*k).into_bytes()));
+                        }
+                        Step::Delete(k) => {
+                            delete(&mut s, index, &key(*k));
+                            if m.remove(key(*k).as_bytes()).is_some() {
+                                changes.push((index, key(*k).into_bytes()));
+                            }
+                        }
+                        Step::Noop => s.apply_noop(index, 1),
+                    }
+                    states.push(m);
+                }
+                let applied = s.applied_index;
+                let compact = s.history.compact_revision();
+                prop_assert!(s.history.len() <= max_changes);
+                let s = KvState::read_snapshot(&s.write_snapshot(Vec::new()).unwrap()[..]).unwrap();
+                for r in 0..=applied {
+                    let at = s.data_at(r, b"even/");
+                    if r < compact {
+                        prop_assert!(at.is_err(), "revision {} is below compact {}", r, compact);
+                        continue;
+                    }
+                    prop_assert_eq!(as_model(&at.unwrap(), b"even/"), as_model_of(&states[r as usize], b"even/"));
+                    for k in 0..6 {
+                        let got = s.get_at(key(k).as_bytes(), r).unwrap()
+                            .map(|v| (v.value.to_vec(), v.create_revision, v.mod_revision));
+                        prop_assert_eq!(got, states[r as usize].get(key(k).as_bytes()).cloned());
+                    }
+                }
+                // Resume page by page from `start`, as a watcher does.
+                let from = start.max(1);
+                let mut cursor = from;
+                let mut seen = Vec::new();
+                let outcome = loop {
+                    match s.history.read(cursor, applied, |k| k.starts_with(b"odd/"), page) {
+                        Err(e) => break Err(e),
+                        Ok(p) => {
+                            seen.extend(p.changes.iter().map(|c| (c.revision, c.key.to_vec())));
+                            prop_assert!(p.through + 1 > cursor || p.changes.is_empty());
+                            cursor = p.through + 1;
+                            if p.through >= applied { break Ok(()); }
+                        }
+                    }
+                };
+                if from <= compact {
+                    prop_assert!(outcome.is_err());
+                } else {
+                    prop_assert!(outcome.is_ok());
+                    let expected: Vec<_> = changes.iter()
+                        .filter(|(r, k)| *r >= from && k.starts_with(b"odd/"))
+                        .cloned()
+                        .collect();
+                    prop_assert_eq!(seen, expected);
+                }
+            }
+        }
+
+        fn as_model_of(m: &Model, prefix: &[u8]) -> Model {
+            m.iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        }
     }
 }

@@ -15,12 +15,16 @@
 //! - [`storage`]: the Raft log as raft-rs reads it (the in-memory tail after the last snapshot).
 //! - [`snapshot`]: snapshot files: atomic creation, streaming reception, retention.
 //! - [`state_machine`]: applies committed batches to the key-value state and answers waiting clients.
-//! - [`kv`]: the replicated state itself (ordered map, revisions, membership) and its snapshot format.
+//! - [`kv`]: the replicated state itself (ordered map, revisions, membership, watch history) and
+//!   its snapshot format.
+//! - [`history`]: the bounded history of changes that watches replay and past reads undo.
+//! - [`watch`]: the change feed published after every applied batch and the watcher that joins
+//!   history replay to it without gap or duplicate.
 //! - [`command`]: how client writes and membership contexts are encoded in log entries.
 //! - [`transport`]: peer-to-peer streams of Raft messages and snapshots over HTTP.
 //! - [`tls`]: TLS configurations of both ports from PEM files, reloaded when the files change;
 //!   the peer port's cluster check; the client of every outgoing peer connection.
-//! - [`api`]: the client and admin HTTP API (key-value and admin handlers, forwarding to the
+//! - [`api`]: the client and admin HTTP API (key-value, watch and admin handlers, forwarding to the
 //!   leader, request decoding, error answers); its bodies are the `raftkv-api` crate's types.
 //! - [`server`]: the HTTP server of both ports: connection cap with idle eviction, header and
 //!   idle timeouts, head size and h2 stream limits, lingering close.
@@ -42,6 +46,7 @@ pub mod command;
 pub mod config;
 pub mod consensus;
 pub mod error;
+pub mod history;
 pub mod identity;
 pub mod inbox;
 pub mod kv;
@@ -57,5 +62,6 @@ pub mod storage;
 pub mod tls;
 pub mod transport;
 pub mod wal;
+pub mod watch;
 
 pub use error::{Error, Result};

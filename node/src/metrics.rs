@@ -87,6 +87,16 @@ pub struct Metrics {
     pub pending_reads: Gauge,
     /// Range listings being built.
     pub lists_in_progress: Gauge,
+    /// The watch history's compact revision: watches and reads start above it.
+    pub history_compact_revision: Gauge,
+    /// Changes retained in the watch history.
+    pub history_changes: Gauge,
+    /// Open watch streams.
+    pub watchers: Gauge,
+    /// Events sent to watchers (puts and deletes).
+    pub watch_events: Counter,
+    /// Watch streams ended because their position was compacted.
+    pub watch_compacted: Counter,
 }
 
 impl Metrics {
@@ -115,6 +125,11 @@ impl Metrics {
             pending_proposal_bytes: Gauge::default(),
             pending_reads: Gauge::default(),
             lists_in_progress: Gauge::default(),
+            history_compact_revision: Gauge::default(),
+            history_changes: Gauge::default(),
+            watchers: Gauge::default(),
+            watch_events: Counter::default(),
+            watch_compacted: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.term.clone());
@@ -197,6 +212,23 @@ impl Metrics {
             "lists_in_progress",
             "Range listings being built",
             m.lists_in_progress.clone(),
+        );
+        registry.register(
+            "watch_history_compact_revision",
+            "The watch history's compact revision",
+            m.history_compact_revision.clone(),
+        );
+        registry.register(
+            "watch_history_changes",
+            "Changes retained in the watch history",
+            m.history_changes.clone(),
+        );
+        registry.register("watchers", "Open watch streams", m.watchers.clone());
+        registry.register("watch_events", "Events sent to watchers", m.watch_events.clone());
+        registry.register(
+            "watch_compacted",
+            "Watch streams ended because their position was compacted",
+            m.watch_compacted.clone(),
         );
         Metrics { registry, ..m }
     }

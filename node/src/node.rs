@@ -159,9 +159,10 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
     }
     let recover_cfg = cfg.clone();
     let advertise = advertise_peer_url.clone();
-    let (recovered, state) = tokio::task::spawn_blocking(move || recover(&recover_cfg, advertise))
+    let (recovered, mut state) = tokio::task::spawn_blocking(move || recover(&recover_cfg, advertise))
         .await
         .map_err(|e| Error::Task(format!("recovery task: {e}")))??;
+    state.history.set_limits(cfg.history_limits());
     let id = recovered.identity.id;
     tracing::info!(
         member_id = id,
@@ -221,6 +222,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         snapshot_count: cfg.snapshot_count,
         raft_inbox: inbox_tx.clone(),
         metrics: metrics.clone(),
+        history_limits: cfg.history_limits(),
     };
     let state_machine = tokio::spawn(state_machine.run(apply_rx));
     let mut tasks = Vec::new();
@@ -239,6 +241,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
             max_pending_write_bytes: cfg.max_pending_write_bytes,
             max_pending_reads: cfg.max_pending_reads,
             max_concurrent_lists: cfg.max_concurrent_lists,
+            watch_progress: Duration::from_millis(cfg.watch_progress_ms),
         },
         api::PeerSide {
             advertise_url: advertise_peer_url,

@@ -5,6 +5,8 @@
 //! The consensus side never touches the key-value map; the two are joined only by the apply
 //! channel (committed batches in order) and the consensus inbox (snapshot created). Apply is in
 //! memory; the blocking work, reading and writing snapshot files, runs on the blocking pool.
+//! After every batch the changes it made are published on the watch feed ([`crate::watch`]),
+//! which never waits for a watcher.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,10 +20,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::ConfChangeContext;
 use crate::error::{Error, Result};
+use crate::history::HistoryLimits;
 use crate::inbox::RaftInput;
 use crate::kv::{ApplyOutcome, KvState};
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotStore;
+use crate::watch::{AppliedBatch, Feed, FEED_CAPACITY};
 
 /// One committed entry, as the consensus side hands it over.
 #[derive(Debug)]
@@ -122,6 +126,8 @@ pub struct Shared {
     pub applied: watch::Sender<u64>,
     /// Clients waiting for their entries.
     pub waiters: Waiters,
+    /// The changes of every applied batch, for watchers.
+    pub feed: Feed,
 }
 
 impl Shared {
@@ -132,6 +138,7 @@ impl Shared {
             state: RwLock::new(state),
             applied: watch::Sender::new(applied),
             waiters: Waiters::default(),
+            feed: Feed::new(FEED_CAPACITY),
         })
     }
 }
@@ -155,6 +162,8 @@ pub struct StateMachine {
     pub raft_inbox: flume::Sender<RaftInput>,
     /// Exported figures.
     pub metrics: Arc<Metrics>,
+    /// How much watch history to retain; set again on every state restored from a snapshot.
+    pub history_limits: HistoryLimits,
 }
 
 impl StateMachine {
@@ -213,8 +222,9 @@ impl StateMachine {
     fn apply_batch(&self, batch: Vec<Committed>) -> u64 {
         let mut done = Vec::new();
         let mut bytes = 0;
-        let (applied, keys) = {
+        let (from, applied, keys, batch) = {
             let mut state = self.shared.state.write();
+            let from = state.applied_index;
             for c in batch {
                 match c {
                     Committed::Normal { index, term, data } if data.is_empty() => state.apply_noop(index, term),
@@ -235,13 +245,30 @@ impl StateMachine {
                     }
                 }
             }
-            (state.applied_index, state.data.len())
+            self.metrics
+                .history_compact_revision
+                .set(state.history.compact_revision() as i64);
+            self.metrics.history_changes.set(state.history.len() as i64);
+            // Without a watcher nobody needs the batch: one subscribing later reads the history
+            // after subscribing, which already holds this batch.
+            let batch = (self.shared.feed.receiver_count() > 0).then(|| AppliedBatch {
+                from,
+                applied: state.applied_index,
+                changes: state.history.after(from).cloned().collect(),
+                complete: state.history.compact_revision() <= from,
+            });
+            (from, state.applied_index, state.data.len(), batch)
         };
         // Answer clients only after the lock is released, so a woken reader finds the new state.
         for (id, outcome) in done {
             self.shared.waiters.complete(id, outcome);
         }
         self.shared.applied.send_replace(applied);
+        if let Some(batch) = batch {
+            debug_assert_eq!(batch.from, from);
+            // Never waits: a watcher that falls behind the ring catches up from the history.
+            let _ = self.shared.feed.send(Arc::new(batch));
+        }
         self.metrics.applied_index.set(applied as i64);
         self.metrics.keys.set(keys as i64);
         bytes
@@ -252,13 +279,22 @@ impl StateMachine {
         fail::fail_point!("snapshot::before_apply");
         let snapshots = self.snapshots.clone();
         let (index, term) = (meta.index, meta.term);
-        let state = tokio::task::spawn_blocking(move || snapshots.load(index, term))
+        let mut state = tokio::task::spawn_blocking(move || snapshots.load(index, term))
             .await
             .map_err(|e| Error::Task(format!("snapshot load: {e}")))??;
+        state.history.set_limits(self.history_limits);
         let (applied, keys) = (state.applied_index, state.data.len());
-        *self.shared.state.write() = state;
+        let from = std::mem::replace(&mut *self.shared.state.write(), state).applied_index;
         fail::fail_point!("snapshot::after_apply");
         self.shared.applied.send_replace(applied);
+        // The changes between the old and the new state were never published: live watchers
+        // must read them from the restored history (or learn that they are compacted).
+        let _ = self.shared.feed.send(Arc::new(AppliedBatch {
+            from,
+            applied,
+            changes: Vec::new(),
+            complete: false,
+        }));
         self.metrics.applied_index.set(applied as i64);
         self.metrics.keys.set(keys as i64);
         self.metrics.snapshots_applied.inc();

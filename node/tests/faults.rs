@@ -14,6 +14,7 @@ mod faults {
     pub mod history;
     pub mod nemesis;
     pub mod proxy;
+    pub mod watchers;
     pub mod workload;
 }
 
@@ -34,12 +35,14 @@ async fn campaign(faults: &[Fault], sizes: &[usize], runs: usize, seed: u64) {
                 match nemesis::run(fault, size, seed).await {
                     Ok(r) => {
                         eprintln!(
-                            "{fault} n={size} run {run}: ok={} fail={} unknown={} keys={} anomalies={} \
-                             recovery={}ms in {:.1}s; {}",
+                            "{fault} n={size} run {run}: ok={} fail={} unknown={} keys={} watched={} \
+                             resumes={} anomalies={} recovery={}ms in {:.1}s; {}",
                             r.ok,
                             r.fail,
                             r.unknown,
                             r.keys_checked,
+                            r.watched,
+                            r.watch_sessions,
                             r.anomalies.len(),
                             r.recovery.as_millis(),
                             started.elapsed().as_secs_f64(),
@@ -65,12 +68,15 @@ async fn campaign(faults: &[Fault], sizes: &[usize], runs: usize, seed: u64) {
     let total = |f: fn(&RunReport) -> usize| reports.iter().map(f).sum::<usize>();
     let worst_recovery = reports.iter().map(|r| r.recovery).max().unwrap_or(Duration::ZERO);
     eprintln!(
-        "{} runs: ok={} fail={} unknown={} histories checked={} anomalies={} slowest recovery={}ms",
+        "{} runs: ok={} fail={} unknown={} histories checked={} watched changes={} watch streams={} \
+         anomalies={} slowest recovery={}ms",
         reports.len(),
         total(|r| r.ok),
         total(|r| r.fail),
         total(|r| r.unknown),
         total(|r| r.keys_checked),
+        total(|r| r.watched),
+        total(|r| r.watch_sessions),
         total(|r| r.anomalies.len()),
         worst_recovery.as_millis()
     );

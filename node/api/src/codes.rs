@@ -31,6 +31,14 @@ pub const BODY_TIMEOUT: &str = "body_timeout";
 pub const PRECONDITION_FAILED: &str = "precondition_failed";
 /// 413: the value or body is larger than the member accepts.
 pub const TOO_LARGE: &str = "too_large";
+/// 400: a read at a revision above the member's applied revision (after the read barrier).
+pub const FUTURE_REVISION: &str = "future_revision";
+
+// Gone: 410. The history no longer holds the revision asked for.
+
+/// 410 (and the last event of a watch stream): the revision asked for was compacted; the body's
+/// `compact_revision` says where the history starts. List, then watch from the listing.
+pub const COMPACTED: &str = "compacted";
 
 // Authentication and roles: 401 and 403. Nothing was done.
 

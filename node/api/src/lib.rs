@@ -12,6 +12,8 @@
 //! - Status and health: [`Status`], [`Role`], [`Membership`], [`Health`].
 //! - Membership and leadership: [`Members`], [`MemberView`], [`MemberKind`],
 //!   [`AddMemberRequest`], [`TransferRequest`], [`TransferResponse`], [`Bootstrapped`].
+//! - Watches: [`WatchEvent`] (one line of a `GET /v1/watch` stream), [`WatchChange`],
+//!   [`WatchProgress`], [`WatchEnd`].
 //! - Errors: [`ErrorBody`].
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -66,6 +68,74 @@ pub struct ListResponse {
     pub more: bool,
     /// The revision the page was read at.
     pub revision: u64,
+}
+
+/// One line of a `GET /v1/watch` stream (newline-delimited JSON), tagged by `type`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WatchEvent {
+    /// A key was created or changed.
+    Put(WatchChange),
+    /// A key was deleted.
+    Delete(WatchChange),
+    /// Nothing the watch follows changed up to `revision`: sent every few seconds while idle,
+    /// and once the replay is done when asked for with `progress_notify=true`.
+    Progress(WatchProgress),
+    /// The stream ends: the last line (its position was compacted, or the member shuts down).
+    Error(WatchEnd),
+}
+
+/// A put or delete in a [`WatchEvent`]. Keys and values that are not UTF-8 come as base64, as in
+/// listings: exactly one of `key` / `key_base64` is present, and for a put one of `value` /
+/// `value_base64`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchChange {
+    /// The key, when it is UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The key in base64, when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_base64: Option<String>,
+    /// The new value (puts), when it is UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The new value (puts) in base64, when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_base64: Option<String>,
+    /// The revision of the change (the key's new mod revision for a put).
+    pub revision: u64,
+    /// The revision that created the key (puts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_revision: Option<u64>,
+    /// With `prev_value=true`: the value before the change, when the key existed and it is UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_value: Option<String>,
+    /// With `prev_value=true`: the value before the change in base64, when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_value_base64: Option<String>,
+}
+
+/// A [`WatchEvent::Progress`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchProgress {
+    /// Every change up to and including this revision was sent: resume with
+    /// `start_revision` one above it.
+    pub revision: u64,
+}
+
+/// A [`WatchEvent::Error`], the last line of a stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchEnd {
+    /// A code from [`codes`]: [`codes::COMPACTED`] or [`codes::SHUTTING_DOWN`].
+    pub error: String,
+    /// A sentence for people.
+    pub message: String,
+    /// Every change up to and including this revision was sent.
+    pub revision: u64,
+    /// With [`codes::COMPACTED`]: the history now starts above this revision; list, then watch
+    /// from the listing's revision + 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compact_revision: Option<u64>,
 }
 
 /// A member's Raft role, as `GET /v1/status` reports it.
@@ -134,6 +204,15 @@ pub struct Status {
     pub peer_url: Option<String>,
     /// The node's own readiness (member, knows the leader, caught up), as `/readyz` reports it.
     pub ready: bool,
+    /// The watch history's compact revision: watches and reads at a revision start above it.
+    #[serde(default)]
+    pub compact_revision: u64,
+    /// Changes retained in the watch history.
+    #[serde(default)]
+    pub history_changes: u64,
+    /// Open watch streams on this member.
+    #[serde(default)]
+    pub watchers: u64,
 }
 
 /// `200` answer to `GET /healthz` and `GET /readyz`.
@@ -239,6 +318,10 @@ pub struct ErrorBody {
         deserialize_with = "present_or_null"
     )]
     pub current_revision: Option<Option<u64>>,
+    /// With [`codes::COMPACTED`]: the history's compact revision (watch or read above it).
+    /// Absent on every other error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compact_revision: Option<u64>,
 }
 
 impl ErrorBody {
@@ -248,6 +331,7 @@ impl ErrorBody {
             error: code.to_string(),
             message: message.into(),
             current_revision: None,
+            compact_revision: None,
         }
     }
 }
@@ -315,6 +399,43 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&item).unwrap(),
             json!({"key": "a", "value_base64": "/w==", "revision": 5, "create_revision": 4})
+        );
+    }
+
+    #[test]
+    fn watch_events_are_tagged_by_type_and_carry_only_the_fields_that_are_set() {
+        let put = WatchEvent::Put(WatchChange {
+            key: Some("g/1".into()),
+            key_base64: None,
+            value: Some("v".into()),
+            value_base64: None,
+            revision: 9,
+            create_revision: Some(7),
+            prev_value: None,
+            prev_value_base64: None,
+        });
+        let wire = serde_json::to_value(&put).unwrap();
+        assert_eq!(
+            wire,
+            json!({"type": "put", "key": "g/1", "value": "v", "revision": 9, "create_revision": 7})
+        );
+        assert_eq!(serde_json::from_value::<WatchEvent>(wire).unwrap(), put);
+        let end: WatchEvent = serde_json::from_value(json!({
+            "type": "error", "error": "compacted", "message": "m", "revision": 4, "compact_revision": 8
+        }))
+        .unwrap();
+        assert_eq!(
+            end,
+            WatchEvent::Error(WatchEnd {
+                error: codes::COMPACTED.into(),
+                message: "m".into(),
+                revision: 4,
+                compact_revision: Some(8)
+            })
+        );
+        assert_eq!(
+            serde_json::to_value(WatchEvent::Progress(WatchProgress { revision: 3 })).unwrap(),
+            json!({"type": "progress", "revision": 3})
         );
     }
 }

@@ -34,6 +34,10 @@ pub(super) async fn status(State(s): State<ApiState>) -> Json<Status> {
     let st = s.status.borrow().clone();
     let applied = *s.shared.applied.borrow();
     let ready = readiness(&s, &st, applied).is_ok();
+    let (compact_revision, history_changes) = {
+        let state = s.shared.state.read();
+        (state.history.compact_revision(), state.history.len() as u64)
+    };
     Json(Status {
         id: st.id,
         cluster_id: st.cluster_id,
@@ -47,6 +51,9 @@ pub(super) async fn status(State(s): State<ApiState>) -> Json<Status> {
         joint: st.members.is_joint(),
         peer_url: own_peer_url(&s, &st),
         ready,
+        compact_revision,
+        history_changes,
+        watchers: s.metrics.watchers.get().max(0) as u64,
     })
 }
 

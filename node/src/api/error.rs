@@ -18,6 +18,8 @@ pub struct ApiError {
     retry_after: Option<u64>,
     /// With `precondition_failed`: the key's current revision, `None` when it does not exist.
     current_revision: Option<Option<u64>>,
+    /// With `compacted`: the history's compact revision.
+    compact_revision: Option<u64>,
     /// The request body was not read to its end, so the connection cannot carry another request:
     /// say so, or a client may reuse it and fail.
     close_connection: bool,
@@ -31,6 +33,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             current_revision: None,
+            compact_revision: None,
             close_connection: false,
         }
     }
@@ -107,10 +110,29 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A revision older than the retained history.
+    pub(crate) fn compacted(c: crate::history::Compacted) -> Self {
+        ApiError {
+            compact_revision: Some(c.compact_revision),
+            ..ApiError::new(StatusCode::GONE, codes::COMPACTED, c.to_string())
+        }
+    }
+
+    /// A read at a revision that cannot be served.
+    pub(crate) fn revision(e: crate::kv::RevisionError) -> Self {
+        match e {
+            crate::kv::RevisionError::Compacted(c) => ApiError::compacted(c),
+            e @ crate::kv::RevisionError::Future { .. } => ApiError::bad_request(codes::FUTURE_REVISION, e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             current_revision: self.current_revision,
+            compact_revision: self.compact_revision,
             ..ErrorBody::new(self.code, self.message)
         };
         let mut resp = (self.status, Json(body)).into_response();

@@ -1,5 +1,7 @@
 //! The key-value calls: `GET`, `PUT` and `DELETE /v1/kv/{key}` and range listings
-//! (`GET /v1/kv?prefix=...`), with strict decoding of keys and preconditions.
+//! (`GET /v1/kv?prefix=...`), with strict decoding of keys and preconditions. Reads and
+//! listings take `revision=N` to see the keys as they were at a revision the watch history
+//! still covers (`410 compacted` below it).
 
 use std::ops::Bound;
 
@@ -96,6 +98,8 @@ pub fn parse_precondition(headers: &HeaderMap) -> Result<Precondition, ApiError>
 pub(super) struct ReadParams {
     #[serde(default)]
     stale: bool,
+    /// Read the key as it was at this revision (within the retained history).
+    revision: Option<u64>,
 }
 
 pub(super) async fn get_key(State(s): State<ApiState>, uri: Uri, ClientQuery(q): ClientQuery<ReadParams>) -> ApiResult {
@@ -106,8 +110,18 @@ pub(super) async fn get_key(State(s): State<ApiState>, uri: Uri, ClientQuery(q):
     } else {
         s.read_barrier().await?;
     }
-    let state = s.shared.state.read();
-    let Some(v) = state.data.get(&key) else {
+    let (found, revision) = match q.revision {
+        Some(r) => {
+            // An O(1) clone: the history is searched without holding the lock apply needs.
+            let state = s.shared.state.read().clone();
+            (state.get_at(&key, r).map_err(ApiError::revision)?, r)
+        }
+        None => {
+            let state = s.shared.state.read();
+            (state.data.get(&key).cloned(), state.applied_index)
+        }
+    };
+    let Some(v) = found else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such key"));
     };
     let mut resp = Response::new(Body::from(v.value.clone()));
@@ -121,7 +135,7 @@ pub(super) async fn get_key(State(s): State<ApiState>, uri: Uri, ClientQuery(q):
         HeaderValue::from_str(&format!("\"{}\"", v.mod_revision)).expect("digits are a valid header"),
     );
     h.insert("x-raftkv-create-revision", HeaderValue::from(v.create_revision));
-    h.insert("x-raftkv-revision", HeaderValue::from(state.applied_index));
+    h.insert("x-raftkv-revision", HeaderValue::from(revision));
     Ok(resp)
 }
 
@@ -185,9 +199,11 @@ pub(super) struct ListParams {
     start_after: Option<String>,
     #[serde(default)]
     stale: bool,
+    /// List the keys as they were at this revision (within the retained history).
+    revision: Option<u64>,
 }
 
-fn text_or_base64(bytes: &[u8]) -> (Option<String>, Option<String>) {
+pub(super) fn text_or_base64(bytes: &[u8]) -> (Option<String>, Option<String>) {
     match std::str::from_utf8(bytes) {
         Ok(s) => (Some(s.to_string()), None),
         Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(bytes))),
@@ -212,9 +228,17 @@ pub(super) async fn list(State(s): State<ApiState>, ClientQuery(q): ClientQuery<
     let prefix = Bytes::from(q.prefix.into_bytes());
     // An O(1) clone of the persistent map: the page is built and encoded without holding the
     // lock the apply loop needs.
-    let (data, revision) = {
-        let state = s.shared.state.read();
-        (state.data.clone(), state.applied_index)
+    let (data, revision) = match q.revision {
+        // Undoes the later changes under the prefix on a clone, which costs the changes since
+        // `r`, outside the lock; keys outside the prefix are not listed, so need not be undone.
+        Some(r) => {
+            let state = s.shared.state.read().clone();
+            (state.data_at(r, &prefix).map_err(ApiError::revision)?, r)
+        }
+        None => {
+            let state = s.shared.state.read();
+            (state.data.clone(), state.applied_index)
+        }
     };
     let lower = match q.start_after {
         Some(after) if after.as_bytes() >= prefix.as_ref() => Bound::Excluded(Bytes::from(after.into_bytes())),

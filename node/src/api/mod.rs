@@ -17,6 +17,7 @@
 //! - [`forward`]: forwarding admin calls to the leader;
 //! - [`request`]: reading bodies and query strings;
 //! - [`quota`]: what waiting requests may hold (writes, reads, listings), refused beyond it;
+//! - [`watch`]: `GET /v1/watch`, the stream of changes under a key or prefix;
 //! - [`error`]: error answers.
 
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use axum::response::Response;
 use axum::routing::{any, get, post};
 use axum::Router;
 use raftkv_api::codes;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::command::{self, Op, Proposal};
@@ -46,6 +47,7 @@ mod forward;
 mod kv;
 pub mod quota;
 mod request;
+mod watch;
 
 use error::ApiResult;
 pub use error::{json_error, ApiError};
@@ -80,6 +82,8 @@ pub struct Limits {
     pub max_concurrent_lists: u64,
     /// How far behind the leader's commit a member may be and still report ready.
     pub max_ready_lag: u64,
+    /// How often an idle watch stream gets a progress event.
+    pub watch_progress: Duration,
 }
 
 /// Everything a handler needs.
@@ -89,7 +93,7 @@ pub struct ApiContext {
     /// The consensus inbox.
     pub inbox: flume::Sender<RaftInput>,
     /// Consensus status, updated every loop iteration.
-    pub status: watch::Receiver<RaftStatus>,
+    pub status: tokio::sync::watch::Receiver<RaftStatus>,
     /// Exported figures.
     pub metrics: Arc<Metrics>,
     /// Request limits.
@@ -128,7 +132,7 @@ impl ApiContext {
     pub fn new(
         shared: Arc<Shared>,
         inbox: flume::Sender<RaftInput>,
-        status: watch::Receiver<RaftStatus>,
+        status: tokio::sync::watch::Receiver<RaftStatus>,
         metrics: Arc<Metrics>,
         limits: Limits,
         peer: PeerSide,
@@ -166,6 +170,7 @@ pub fn client_router(state: ApiState, auth: auth::Auth) -> Router {
             "/v1/kv/{*key}",
             get(kv::get_key).put(kv::put_key).delete(kv::delete_key),
         )
+        .route("/v1/watch", get(watch::watch))
         .route("/v1/status", get(admin::status))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))

@@ -73,6 +73,10 @@ impl FaultCluster {
             SNAPSHOT_CATCHUP.to_string(),
             "--advertise-peer-url".into(),
             proxy.url(),
+            // Idle watch streams say they are alive often enough for a watcher to tell a paused
+            // or cut-off member from a quiet one (`watchers::STALL`).
+            "--watch-progress-ms".into(),
+            "300".into(),
         ];
         args.extend(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -1,6 +1,7 @@
 //! The faults, one per run, and the run itself: a cluster under client traffic, one fault injected
 //! and healed, proof that it fired, then the checks (health, convergence, lossless acknowledged
-//! writes, membership, linearizability of the history, monotonic stale reads).
+//! writes, membership, linearizability of the history, monotonic stale reads, and every
+//! watcher's stream against the committed history).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -16,6 +17,7 @@ use super::checker;
 use super::cluster::{FaultCluster, RECOVERY_DEADLINE, SNAPSHOT_CATCHUP};
 use super::history::{Op, Outcome, Recorder, Request};
 use super::proxy::LinkRule;
+use super::watchers::{self, WatchLog};
 use super::workload::{self, Targets, APPEND_PREFIX, REGISTER_KEYS};
 use crate::support::wait_until;
 
@@ -105,6 +107,9 @@ pub struct RunReport {
     pub fail: usize,
     pub unknown: usize,
     pub keys_checked: usize,
+    /// Changes the watchers received, and the streams they opened (resumptions included).
+    pub watched: usize,
+    pub watch_sessions: usize,
     pub anomalies: Vec<String>,
     pub proof: String,
     pub recovery: Duration,
@@ -168,6 +173,25 @@ async fn run_on(c: &mut FaultCluster, fault: Fault, size: usize, seed: u64) -> R
     let targets: Targets = std::sync::Arc::new(parking_lot::RwLock::new(c.members.iter().map(|m| m.url()).collect()));
     let stop = CancellationToken::new();
     let clients = tokio::spawn(workload::run(targets.clone(), recorder.clone(), stop.clone(), seed));
+    // Watchers, each starting on its own member; the first replays from revision 1, the others
+    // start from the current revision.
+    let (watch_done, watch_done_rx) = tokio::sync::watch::channel(None);
+    let watch_logs: Vec<std::sync::Arc<parking_lot::Mutex<WatchLog>>> =
+        watchers::PREFIXES.iter().map(|_| Default::default()).collect();
+    let watcher_tasks: Vec<_> = watchers::PREFIXES
+        .iter()
+        .enumerate()
+        .map(|(i, prefix)| {
+            tokio::spawn(watchers::run(
+                i,
+                prefix,
+                i == 0,
+                targets.clone(),
+                watch_done_rx.clone(),
+                watch_logs[i].clone(),
+            ))
+        })
+        .collect();
     tokio::time::sleep(WARM_UP).await;
 
     let injected = inject(c, fault, &recorder).await;
@@ -202,6 +226,28 @@ async fn run_on(c: &mut FaultCluster, fault: Fault, size: usize, seed: u64) -> R
     let mut anomalies = Vec::new();
     final_checks(c, &recorder, &mut anomalies).await?;
     let ops = recorder.ops();
+    // Watchers: each must reach the last revision, then every stream is checked against the
+    // history every live member replays.
+    let live = c.live();
+    let upto = c.status_max(&live, "applied_index").await;
+    watch_done.send_replace(Some(upto));
+    for task in watcher_tasks {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(RECOVERY_DEADLINE, task).await.is_err() {
+            abort.abort();
+        }
+    }
+    let mut references = Vec::new();
+    for &i in &live {
+        match watchers::reference(&c.members[i].url(), upto).await {
+            Ok(r) => references.push((c.members[i].id, r)),
+            Err(e) => anomalies.push(format!("member {} could not replay the history: {e}", c.members[i].id)),
+        }
+    }
+    let watch_logs: Vec<WatchLog> = watch_logs.iter().map(|l| l.lock().clone()).collect();
+    anomalies.extend(watchers::check(&references, &watch_logs, &ops, upto));
+    let watched = watch_logs.iter().map(|l| l.seen.len()).sum();
+    let watch_sessions = watch_logs.iter().map(|l| l.sessions).sum();
     let register_keys: Vec<String> = (0..REGISTER_KEYS).map(workload::register_key).collect();
     let checked = checker::check(&ops, &register_keys, CHECK_BUDGET);
     anomalies.extend(checked.anomalies);
@@ -222,6 +268,8 @@ async fn run_on(c: &mut FaultCluster, fault: Fault, size: usize, seed: u64) -> R
         fail,
         unknown,
         keys_checked: checked.keys_checked,
+        watched,
+        watch_sessions,
         anomalies,
         proof,
         recovery,
