@@ -168,6 +168,10 @@ pub fn restore(args: &RestoreArgs) -> Result<Outcome> {
     }
 
     fs::create_dir_all(dir).io_context(|| format!("create data directory {}", dir.display()))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // A directory created just now exists after a crash only once its parent is synced.
+        sync_dir(parent)?;
+    }
     clear_interrupted(dir)?;
     // DURABILITY: the marker is on disk before anything else, so a crash mid-way leaves a
     // directory the node refuses and the next restore recognises as its own to clear.
@@ -308,4 +312,93 @@ pub fn refuse_interrupted(dir: &Path) -> Result<()> {
         return Err(Error::RestoreInterrupted { dir: dir.to_path_buf() });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::KvValue;
+    use bytes::Bytes;
+
+    fn backup_bytes(keys: u64) -> Vec<u8> {
+        let mut state = KvState {
+            applied_index: 500,
+            applied_term: 4,
+            cluster_id: 99,
+            ..Default::default()
+        };
+        state.membership.voters.extend([1, 2, 3]);
+        state.membership.removed.insert(7);
+        for i in 0..keys {
+            state.data.insert(
+                Bytes::from(format!("k{i}")),
+                KvValue {
+                    value: Bytes::from(vec![1; i as usize]),
+                    create_revision: i + 1,
+                    mod_revision: i + 2,
+                },
+            );
+        }
+        state.write_snapshot(Vec::new()).unwrap()
+    }
+
+    fn args(from: &Path, dir: &Path) -> RestoreArgs {
+        RestoreArgs {
+            from: from.to_string_lossy().into_owned(),
+            data_dir: dir.to_path_buf(),
+            id: Some(5),
+            peer_url: Some("http://m5:8081".into()),
+        }
+    }
+
+    #[test]
+    fn a_restored_directory_recovers_as_the_single_voter_of_a_new_cluster_at_the_backup_index() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("b.snap");
+        let bytes = backup_bytes(40);
+        fs::write(&file, &bytes).unwrap();
+        let dir = tmp.path().join("data");
+        let Outcome::Written(done) = restore(&args(&file, &dir)).unwrap() else {
+            panic!("expected a restore");
+        };
+        assert_eq!(
+            (done.source_cluster_id, done.revision, done.keys, done.id),
+            (99, 500, 40, 5)
+        );
+        assert_eq!(done.checksum.to_le_bytes(), bytes[bytes.len() - 4..]);
+        assert_ne!(done.cluster_id, 99);
+        let identity = identity::peek(&dir).unwrap().unwrap();
+        assert_eq!((identity.id, identity.cluster_id), (5, done.cluster_id));
+        let (_, log) = Wal::open(&dir.join("wal"), WalOptions::default()).unwrap();
+        assert_eq!(log.snapshots.last(), Some(&(500, 4)));
+        let hs = log.hard_state.unwrap();
+        assert_eq!((hs.term, hs.commit), (4, 500));
+        let state = SnapshotStore::open(&dir.join("snap")).unwrap().load(500, 4).unwrap();
+        assert_eq!(state.data.len(), 40);
+        assert_eq!(state.cluster_id, done.cluster_id);
+        let voters: Vec<u64> = state.membership.voters.iter().copied().collect();
+        assert_eq!(voters, vec![5], "membership is reset to the restored member");
+        assert!(state.membership.removed.is_empty() && state.membership.learners.is_empty());
+        assert_eq!(state.membership.peer_urls[&5], "http://m5:8081");
+        assert!(!dir.join(IN_PROGRESS_FILE).exists());
+        refuse_interrupted(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_restore_refused_for_its_backup_leaves_no_directory_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("b.snap");
+        let mut bytes = backup_bytes(10);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&file, &bytes).unwrap();
+        let dir = tmp.path().join("data");
+        let err = restore(&args(&file, &dir)).unwrap_err();
+        assert!(
+            matches!(&err, Error::BadBackup { reason, .. } if reason.contains("checksum")),
+            "{err}"
+        );
+        assert_eq!(err.code(), "bad_backup");
+        assert!(!dir.exists());
+    }
 }

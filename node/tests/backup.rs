@@ -612,7 +612,7 @@ async fn a_backup_while_the_leader_is_killed_completes_consistently_or_fails_cle
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_needs_a_member_and_a_client_that_goes_away_frees_its_stream() {
+async fn a_backup_can_be_paced_needs_a_member_and_frees_its_stream_when_the_client_goes_away() {
     let c = Cluster::start(1, &[]).await.unwrap();
     load(&c, 3000, 4000, 8).await.unwrap();
     // Two streams that are not read hold both slots: a third is refused as busy, not queued.
@@ -646,6 +646,36 @@ async fn a_backup_needs_a_member_and_a_client_that_goes_away_frees_its_stream() 
     .await
     .unwrap();
     assert_eq!(decode(&b).data.len(), 3000);
+
+    // Paced: the same backup at 4 MiB/s takes at least its size over that rate.
+    let rate = 4u64 << 20;
+    let started = Instant::now();
+    let paced = c
+        .http
+        .get(format!("{url}?max_bytes_per_sec={rate}"))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paced.status(), 200);
+    let meta = snapshot_meta(&paced).unwrap();
+    let body = paced.bytes().await.unwrap().to_vec();
+    let took = started.elapsed().as_secs_f64();
+    let floor = meta.size as f64 / rate as f64;
+    assert!(
+        took >= floor * 0.9,
+        "{} bytes at {rate} B/s took {took:.2} s",
+        meta.size
+    );
+    assert_eq!(decode(&Backup { meta, body }).data.len(), 3000);
+    for bad in ["max_bytes_per_sec=5", "max_bytes_per_sec=fast", "rate=1"] {
+        let r = c.get(0, &format!("/v1/snapshot?{bad}")).await.unwrap();
+        assert_eq!(
+            (r.status, r.json()["error"].clone()),
+            (400, json!("invalid_query")),
+            "{bad}"
+        );
+    }
 
     // A member that belongs to no cluster has nothing to back up.
     let root = tempfile::tempdir().unwrap();

@@ -20,6 +20,20 @@ pub const KEY_COUNT_HEADER: &str = "x-raftkv-key-count";
 /// The media type of the body.
 pub const CONTENT_TYPE: &str = "application/vnd.raftkv.snapshot";
 
+/// The smallest `max_bytes_per_sec` accepted: slower, a backup of a large state would pin the
+/// version of the map it copies for hours.
+pub const MIN_BYTES_PER_SEC: u64 = 1 << 20;
+
+/// The query of `GET /v1/snapshot`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotQuery {
+    /// Paces the stream to at most this many bytes per second (at least [`MIN_BYTES_PER_SEC`]),
+    /// leaving CPU to writes on a busy member; unpaced when absent.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
+}
+
 /// What the headers of a `GET /v1/snapshot` answer say about its body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotMeta {

@@ -17,11 +17,12 @@ use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use raftkv_api::codes;
-use raftkv_api::snapshot::{SnapshotMeta, CONTENT_TYPE};
+use raftkv_api::snapshot::{SnapshotMeta, SnapshotQuery, CONTENT_TYPE, MIN_BYTES_PER_SEC};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::{ApiError, ApiResult};
+use super::request::ClientQuery;
 use super::ApiState;
 use crate::kv::{KvState, SNAPSHOT_FORMAT_VERSION};
 
@@ -33,8 +34,17 @@ const CHUNK_BYTES: usize = 256 << 10;
 /// Chunks queued between the encoder and the client before the encoder waits.
 const CHANNEL_CHUNKS: usize = 8;
 
-/// `GET /v1/snapshot`.
-pub(super) async fn snapshot(State(s): State<ApiState>) -> ApiResult<Response> {
+/// `GET /v1/snapshot[?max_bytes_per_sec=N]`.
+pub(super) async fn snapshot(
+    State(s): State<ApiState>,
+    ClientQuery(query): ClientQuery<SnapshotQuery>,
+) -> ApiResult<Response> {
+    if let Some(rate) = query.max_bytes_per_sec.filter(|r| *r < MIN_BYTES_PER_SEC) {
+        return Err(ApiError::bad_request(
+            codes::INVALID_QUERY,
+            format!("max_bytes_per_sec is {rate}; the smallest accepted is {MIN_BYTES_PER_SEC}"),
+        ));
+    }
     let permit = s.snapshot_streams.clone().try_acquire_owned().map_err(|_| {
         ApiError::unavailable(
             codes::SNAPSHOT_BUSY,
@@ -72,7 +82,8 @@ pub(super) async fn snapshot(State(s): State<ApiState>) -> ApiResult<Response> {
         "streaming a snapshot"
     );
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
-    tokio::task::spawn_blocking(move || stream_snapshot(state, size, tx, permit));
+    let pace = query.max_bytes_per_sec;
+    tokio::task::spawn_blocking(move || stream_snapshot(state, size, pace, tx, permit));
     let mut resp = Response::new(Body::from_stream(ReceiverStream::new(rx)));
     *resp.status_mut() = StatusCode::OK;
     let headers = resp.headers_mut();
@@ -92,6 +103,7 @@ pub(super) async fn snapshot(State(s): State<ApiState>) -> ApiResult<Response> {
 fn stream_snapshot(
     state: KvState,
     size: u64,
+    pace: Option<u64>,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
     permit: OwnedSemaphorePermit,
 ) {
@@ -101,6 +113,8 @@ fn stream_snapshot(
         tx: tx.clone(),
         buf: BytesMut::with_capacity(CHUNK_BYTES),
         sent: 0,
+        pace,
+        started,
     };
     let result = state.write_snapshot(writer).and_then(|mut w| {
         w.flush()?;
@@ -139,11 +153,16 @@ fn stream_snapshot(
 }
 
 /// A `Write` that hands the body fixed-size chunks through a bounded channel, waiting while the
-/// channel is full: the encoder runs at the client's pace.
+/// channel is full: the encoder runs at the client's pace, or slower when paced.
 struct ChannelWriter {
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
     buf: BytesMut,
+    /// Bytes handed to the body so far.
     sent: u64,
+    /// At most this many bytes per second, when set.
+    pace: Option<u64>,
+    /// When the stream began, for pacing.
+    started: std::time::Instant,
 }
 
 impl ChannelWriter {
@@ -156,7 +175,15 @@ impl ChannelWriter {
         self.buf.reserve(CHUNK_BYTES);
         self.tx
             .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the snapshot client went away"))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the snapshot client went away"))?;
+        if let Some(rate) = self.pace {
+            // A blocking-pool thread, so sleeping here holds up no async task.
+            let due = std::time::Duration::from_secs_f64(self.sent as f64 / rate as f64);
+            if let Some(ahead) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,5 +1,5 @@
 //! The client and admin HTTP API on the client port (HTTP/1.1 and h2c): key-value calls,
-//! status, membership, leadership, bootstrap, health and metrics. The bodies are the types of
+//! status, membership, leadership, bootstrap, backups, health and metrics. The bodies are the types of
 //! the `raftkv-api` crate, which the operator and the end-to-end suite read.
 //!
 //! Every request is validated before anything reaches Raft and has a deadline. A write whose
@@ -147,7 +147,8 @@ pub fn client_router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// The admin routes; also served on the peer port, where followers forward them.
+/// The admin routes; also served on the peer port, where followers forward them (all but
+/// `/v1/snapshot`, which every member serves from its own state).
 pub fn admin_routes() -> Router<ApiState> {
     Router::new()
         .route("/v1/members", get(admin::list_members).post(admin::add_member))
