@@ -304,7 +304,8 @@ impl KvState {
         let mut buf = Vec::new();
         let mut data = OrdMap::new();
         for n in 0..header.key_count {
-            read_frame(&mut r, &mut buf).map_err(|e| format!("reading record {n}: {e}"))?;
+            read_frame(&mut r, &mut buf)
+                .map_err(|e| format!("reading record {n} of {}: {}", header.key_count, io_reason(e)))?;
             let rec: SnapshotRecord = postcard::from_bytes(&buf).map_err(|e| format!("decoding record {n}: {e}"))?;
             data.insert(
                 Bytes::copy_from_slice(rec.key),
@@ -319,7 +320,7 @@ impl KvState {
         let mut trailer = [0u8; 4];
         r.inner
             .read_exact(&mut trailer)
-            .map_err(|e| format!("reading checksum: {e}"))?;
+            .map_err(|e| format!("reading checksum: {}", io_reason(e)))?;
         if u32::from_le_bytes(trailer) != computed {
             return Err("checksum mismatch".into());
         }
@@ -366,10 +367,11 @@ impl KvState {
     /// Reads only the header of a snapshot: enough to learn the membership without loading data.
     pub fn read_snapshot_header<R: Read>(mut r: R) -> Result<SnapshotHeader, String> {
         let mut magic = [0u8; 8];
-        r.read_exact(&mut magic).map_err(|e| format!("reading magic: {e}"))?;
+        r.read_exact(&mut magic)
+            .map_err(|e| format!("reading magic: {}", io_reason(e)))?;
         check_magic(&magic)?;
         let mut buf = Vec::new();
-        read_frame(&mut r, &mut buf).map_err(|e| format!("reading header: {e}"))?;
+        read_frame(&mut r, &mut buf).map_err(|e| format!("reading header: {}", io_reason(e)))?;
         command::decode(&buf).map_err(|e| format!("decoding header: {e}"))
     }
 }
@@ -426,6 +428,15 @@ fn check_magic(magic: &[u8]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Describes a read failure; running out of bytes is what a cut-short file looks like.
+fn io_reason(e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "truncated (the data ends early)".into()
+    } else {
+        e.to_string()
+    }
 }
 
 /// A writer that only counts.

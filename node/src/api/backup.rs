@@ -18,6 +18,7 @@ use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use raftkv_api::codes;
 use raftkv_api::snapshot::{SnapshotMeta, SnapshotQuery, CONTENT_TYPE, MIN_BYTES_PER_SEC};
+use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -33,6 +34,9 @@ pub(crate) const MAX_SNAPSHOT_STREAMS: usize = 2;
 const CHUNK_BYTES: usize = 256 << 10;
 /// Chunks queued between the encoder and the client before the encoder waits.
 const CHANNEL_CHUNKS: usize = 8;
+/// A client that takes no chunk for this long is given up on: its stream would otherwise hold
+/// one of the [`MAX_SNAPSHOT_STREAMS`] slots, and the map version it copies, for ever.
+const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `GET /v1/snapshot[?max_bytes_per_sec=N]`.
 pub(super) async fn snapshot(
@@ -115,6 +119,8 @@ fn stream_snapshot(
         sent: 0,
         pace,
         started,
+        stall_timeout: STALL_TIMEOUT,
+        runtime: tokio::runtime::Handle::current(),
     };
     let result = state.write_snapshot(writer).and_then(|mut w| {
         w.flush()?;
@@ -144,6 +150,11 @@ fn stream_snapshot(
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
             tracing::warn!(revision, "snapshot client went away before the end");
         }
+        Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {
+            // Dropping the sender ends the body short of its Content-Length: the client, should
+            // it read again, sees a truncated stream.
+            tracing::warn!(revision, %error, "snapshot client stalled; stream abandoned");
+        }
         Err(error) => {
             tracing::error!(revision, %error, "snapshot stream failed");
             let _ = tx.blocking_send(Err(error));
@@ -163,6 +174,10 @@ struct ChannelWriter {
     pace: Option<u64>,
     /// When the stream began, for pacing.
     started: std::time::Instant,
+    /// How long a chunk may wait for the client to take it.
+    stall_timeout: std::time::Duration,
+    /// The runtime the channel belongs to, to wait on it with a timeout from this blocking thread.
+    runtime: tokio::runtime::Handle,
 }
 
 impl ChannelWriter {
@@ -173,9 +188,24 @@ impl ChannelWriter {
         let chunk = self.buf.split().freeze();
         self.sent += chunk.len() as u64;
         self.buf.reserve(CHUNK_BYTES);
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the snapshot client went away"))?;
+        let sent = self
+            .runtime
+            .block_on(self.tx.send_timeout(Ok(chunk), self.stall_timeout));
+        match sent {
+            Ok(()) => {}
+            Err(SendTimeoutError::Closed(_)) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the snapshot client went away",
+                ))
+            }
+            Err(SendTimeoutError::Timeout(_)) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client took nothing for {:?}", self.stall_timeout),
+                ))
+            }
+        }
         if let Some(rate) = self.pace {
             // A blocking-pool thread, so sleeping here holds up no async task.
             let due = std::time::Duration::from_secs_f64(self.sent as f64 / rate as f64);
@@ -204,4 +234,69 @@ impl Write for ChannelWriter {
 /// The semaphore bounding concurrent snapshot streams.
 pub(crate) fn stream_limit() -> Arc<tokio::sync::Semaphore> {
     Arc::new(tokio::sync::Semaphore::new(MAX_SNAPSHOT_STREAMS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer(tx: mpsc::Sender<Result<Bytes, std::io::Error>>, stall_timeout: std::time::Duration) -> ChannelWriter {
+        ChannelWriter {
+            tx,
+            buf: BytesMut::new(),
+            sent: 0,
+            pace: None,
+            started: std::time::Instant::now(),
+            stall_timeout,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_given_up_on_and_one_that_leaves_ends_the_encoding() {
+        let (tx, rx) = mpsc::channel(1);
+        let mut w = writer(tx, std::time::Duration::from_millis(100));
+        let stalled = tokio::task::spawn_blocking(move || {
+            let chunk = vec![0u8; CHUNK_BYTES];
+            (0..4).map(|_| w.write_all(&chunk)).find_map(Result::err)
+        })
+        .await
+        .unwrap();
+        assert_eq!(stalled.map(|e| e.kind()), Some(std::io::ErrorKind::TimedOut));
+        drop(rx);
+
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let mut w = writer(tx, STALL_TIMEOUT);
+        let gone = tokio::task::spawn_blocking(move || w.write_all(&vec![0u8; CHUNK_BYTES]))
+            .await
+            .unwrap();
+        assert_eq!(gone.map_err(|e| e.kind()), Err(std::io::ErrorKind::BrokenPipe));
+    }
+
+    #[tokio::test]
+    async fn the_writer_hands_over_every_byte_in_order() {
+        let (tx, mut rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let mut w = writer(tx, STALL_TIMEOUT);
+        let data: Vec<u8> = (0..3 * CHUNK_BYTES + 17).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                got.extend_from_slice(&chunk.unwrap());
+            }
+            got
+        });
+        let sent = tokio::task::spawn_blocking(move || {
+            for piece in data.chunks(1000) {
+                w.write_all(piece).unwrap();
+            }
+            w.flush().unwrap();
+            w.sent
+        })
+        .await
+        .unwrap();
+        assert_eq!(sent, expected.len() as u64);
+        assert_eq!(reader.await.unwrap(), expected);
+    }
 }
