@@ -34,6 +34,9 @@ use crate::history::{Change, Compacted, History};
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"RKVSNAP\x02";
 /// Identifies snapshot files of version 1 (no history), still read.
 pub const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"RKVSNAP\x01";
+/// The snapshot format version this node writes (`X-Raftkv-Snapshot-Format`); it also reads
+/// version 1.
+pub const SNAPSHOT_FORMAT_VERSION: u8 = SNAPSHOT_MAGIC[7];
 /// Largest frame a snapshot reader accepts; larger lengths mean corruption, not data.
 const MAX_FRAME: u32 = 64 << 20;
 
@@ -380,6 +383,13 @@ impl KvState {
         Ok(w.inner)
     }
 
+    /// The exact size in bytes of [`KvState::write_snapshot`]'s output, found by encoding into a
+    /// counter: a backup stream announces it as `Content-Length` before its first byte.
+    pub fn snapshot_size(&self) -> u64 {
+        let counted = self.write_snapshot(ByteCounter(0)).expect("counting bytes cannot fail");
+        counted.0
+    }
+
     /// Reads a snapshot of either version, verifying its checksum; errors describe what is
     /// wrong. The history's limits are the defaults: the state machine sets its own.
     pub fn read_snapshot<R: Read>(r: R) -> Result<KvState, String> {
@@ -388,7 +398,8 @@ impl KvState {
         let mut buf = Vec::new();
         let mut data = OrdMap::new();
         for n in 0..header.key_count {
-            read_frame(&mut r, &mut buf).map_err(|e| format!("reading record {n}: {e}"))?;
+            read_frame(&mut r, &mut buf)
+                .map_err(|e| format!("reading record {n} of {}: {}", header.key_count, io_reason(e)))?;
             let rec: SnapshotRecord = postcard::from_bytes(&buf).map_err(|e| format!("decoding record {n}: {e}"))?;
             data.insert(
                 Bytes::copy_from_slice(rec.key),
@@ -423,7 +434,7 @@ impl KvState {
         let mut trailer = [0u8; 4];
         r.inner
             .read_exact(&mut trailer)
-            .map_err(|e| format!("reading checksum: {e}"))?;
+            .map_err(|e| format!("reading checksum: {}", io_reason(e)))?;
         if u32::from_le_bytes(trailer) != computed {
             return Err("checksum mismatch".into());
         }
@@ -452,8 +463,8 @@ impl KvState {
             if n == 0 {
                 break;
             }
-            if first && (n < 8 || (&buf[..8] != SNAPSHOT_MAGIC && &buf[..8] != SNAPSHOT_MAGIC_V1)) {
-                return Err("not a raftkv snapshot (bad magic)".into());
+            if first {
+                check_magic(&buf[..n.min(8)])?;
             }
             first = false;
             // Keep the last four bytes (the trailer) out of the running checksum.
@@ -473,14 +484,11 @@ impl KvState {
     /// its applied index.
     pub fn read_snapshot_header<R: Read>(mut r: R) -> Result<SnapshotHeader, String> {
         let mut magic = [0u8; 8];
-        r.read_exact(&mut magic).map_err(|e| format!("reading magic: {e}"))?;
-        let v1 = match &magic {
-            m if m == SNAPSHOT_MAGIC => false,
-            m if m == SNAPSHOT_MAGIC_V1 => true,
-            _ => return Err("not a raftkv snapshot (bad magic)".into()),
-        };
+        r.read_exact(&mut magic)
+            .map_err(|e| format!("reading magic: {}", io_reason(e)))?;
+        let v1 = check_magic(&magic)?;
         let mut buf = Vec::new();
-        read_frame(&mut r, &mut buf).map_err(|e| format!("reading header: {e}"))?;
+        read_frame(&mut r, &mut buf).map_err(|e| format!("reading header: {}", io_reason(e)))?;
         if v1 {
             let h: SnapshotHeaderV1 = command::decode(&buf).map_err(|e| format!("decoding header: {e}"))?;
             return Ok(SnapshotHeader {
@@ -584,6 +592,46 @@ mod serde_bytes_slice {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<&'de [u8], D::Error> {
         <&'de [u8] as serde::Deserialize>::deserialize(d)
+    }
+}
+
+/// Checks the 8-byte magic, telling a snapshot of another format version from something that
+/// is not a snapshot at all.
+/// Checks a snapshot's magic; `Ok(true)` for a version 1 snapshot (no history), `Ok(false)` for
+/// the current version.
+fn check_magic(magic: &[u8]) -> Result<bool, String> {
+    let prefix = &SNAPSHOT_MAGIC[..7];
+    if magic.len() < 8 || &magic[..7] != prefix {
+        return Err("not a raftkv snapshot (bad magic)".into());
+    }
+    match magic[7] {
+        v if v == SNAPSHOT_FORMAT_VERSION => Ok(false),
+        v if v == SNAPSHOT_MAGIC_V1[7] => Ok(true),
+        v => Err(format!(
+            "unsupported snapshot format version {v} (this node reads versions 1 and {SNAPSHOT_FORMAT_VERSION})"
+        )),
+    }
+}
+
+/// Describes a read failure; running out of bytes is what a cut-short file looks like.
+fn io_reason(e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "truncated (the data ends early)".into()
+    } else {
+        e.to_string()
+    }
+}
+
+/// A writer that only counts.
+struct ByteCounter(u64);
+
+impl Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -1106,5 +1154,36 @@ mod tests {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         }
+    }
+
+    #[test]
+    fn a_snapshot_of_another_format_version_is_refused_as_such() {
+        let mut bytes = KvState::default().write_snapshot(Vec::new()).unwrap();
+        bytes[7] = SNAPSHOT_FORMAT_VERSION + 1;
+        for err in [
+            KvState::read_snapshot(&bytes[..]).unwrap_err(),
+            KvState::verify_snapshot(&bytes[..]).unwrap_err(),
+            KvState::read_snapshot_header(&bytes[..]).unwrap_err(),
+        ] {
+            assert!(err.contains("unsupported snapshot format version"), "{err}");
+        }
+        bytes[0] = b'X';
+        assert!(KvState::read_snapshot(&bytes[..]).unwrap_err().contains("bad magic"));
+    }
+
+    #[test]
+    fn the_announced_snapshot_size_is_the_written_size() {
+        let mut s = KvState::default();
+        for i in 0..300u32 {
+            s.data.insert(
+                Bytes::from(format!("key{i}")),
+                KvValue {
+                    value: Bytes::from(vec![7; (i * 13 % 700) as usize]),
+                    create_revision: i as u64,
+                    mod_revision: i as u64 * 1000,
+                },
+            );
+        }
+        assert_eq!(s.snapshot_size(), s.write_snapshot(Vec::new()).unwrap().len() as u64);
     }
 }

@@ -29,6 +29,7 @@
 //! - [`server`]: the HTTP server of both ports: connection cap with idle eviction, header and
 //!   idle timeouts, head size and h2 stream limits, lingering close.
 //! - [`identity`]: the member id and tombstone on the data directory.
+//! - [`restore`]: `raftkv-node restore`, a new single-member cluster seeded from a backup.
 //! - [`node`]: recovery, start-up and shutdown of one member.
 //! - [`local`]: a local cluster of member processes in one command.
 //! - [`pki`]: throwaway CA and certificates for `local --tls` and tests.
@@ -55,6 +56,7 @@ pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod read_index;
+pub mod restore;
 pub mod server;
 pub mod snapshot;
 pub mod state_machine;

@@ -67,6 +67,8 @@ pub const READ_TIMEOUT: &str = "read_timeout";
 pub const NOT_READY: &str = "not_ready";
 /// 503 from `/healthz`: the consensus loop has stopped.
 pub const UNHEALTHY: &str = "unhealthy";
+/// 503 from `GET /v1/snapshot`: as many snapshot streams as the member serves at once are open.
+pub const SNAPSHOT_BUSY: &str = "snapshot_busy";
 
 /// 503: the member has as many connections open as it accepts, every one busy.
 pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";

@@ -14,11 +14,13 @@
 //!   [`AddMemberRequest`], [`TransferRequest`], [`TransferResponse`], [`Bootstrapped`].
 //! - Watches: [`WatchEvent`] (one line of a `GET /v1/watch` stream), [`WatchChange`],
 //!   [`WatchProgress`], [`WatchEnd`].
+//! - Backups: [`snapshot`], the headers of `GET /v1/snapshot` and [`snapshot::SnapshotMeta`].
 //! - Errors: [`ErrorBody`].
 
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub mod codes;
+pub mod snapshot;
 
 /// `200` answer to `PUT /v1/kv/{key}`: the write is committed on a quorum and applied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

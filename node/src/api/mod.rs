@@ -1,6 +1,6 @@
 //! The client and admin HTTP API on the client port (HTTP/1.1 and h2c, or both over TLS),
-//! behind authentication and roles when they are on ([`auth`]): key-value calls,
-//! status, membership, leadership, bootstrap, health and metrics. The bodies are the types of
+//! behind authentication and roles when they are on ([`auth`]): key-value calls, watches,
+//! status, membership, leadership, bootstrap, backups, health and metrics. The bodies are the types of
 //! the `raftkv-api` crate, which the operator and the end-to-end suite read.
 //!
 //! Every request is validated before anything reaches Raft and has a deadline. A write whose
@@ -14,6 +14,7 @@
 //! - [`kv`]: the key-value handlers;
 //! - [`admin`]: status, health, metrics, membership and leadership handlers;
 //! - [`auth`]: authentication (client certificates, bearer tokens) and roles;
+//! - [`backup`]: the consistent snapshot stream of `GET /v1/snapshot`;
 //! - [`forward`]: forwarding admin calls to the leader;
 //! - [`request`]: reading bodies and query strings;
 //! - [`quota`]: what waiting requests may hold (writes, reads, listings), refused beyond it;
@@ -42,6 +43,7 @@ use crate::tls::PeerClient;
 
 mod admin;
 pub mod auth;
+mod backup;
 pub mod error;
 mod forward;
 mod kv;
@@ -114,6 +116,8 @@ pub struct ApiContext {
     /// Set once this process has applied up to a commit index confirmed by a leader: until then
     /// the local copy may be older than what this member served before a restart.
     caught_up: std::sync::atomic::AtomicBool,
+    /// Bounds the `GET /v1/snapshot` streams served at once.
+    snapshot_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// How this member is reached on the peer port and reaches the others there.
@@ -157,6 +161,7 @@ impl ApiContext {
             forwarder: peer.client,
             shutdown,
             caught_up: Default::default(),
+            snapshot_streams: backup::stream_limit(),
         })
     }
 }
@@ -184,7 +189,8 @@ pub fn client_router(state: ApiState, auth: auth::Auth) -> Router {
         .with_state(state)
 }
 
-/// The admin routes; also served on the peer port, where followers forward them.
+/// The admin routes; also served on the peer port, where followers forward them (all but
+/// `/v1/snapshot`, which every member serves from its own state).
 pub fn admin_routes() -> Router<ApiState> {
     Router::new()
         .route("/v1/members", get(admin::list_members).post(admin::add_member))
@@ -192,6 +198,7 @@ pub fn admin_routes() -> Router<ApiState> {
         .route("/v1/members/{id}/promote", post(admin::promote_member))
         .route("/v1/leader", post(admin::transfer_leader))
         .route("/v1/bootstrap", post(admin::bootstrap))
+        .route("/v1/snapshot", get(backup::snapshot))
 }
 
 async fn track_requests(State(s): State<ApiState>, req: Request, next: Next) -> Response {

@@ -64,6 +64,13 @@ pub fn member_ip() -> std::net::Ipv4Addr {
     )
 }
 
+/// A free port on a loopback address of its own, for a member whose peer URL must be known
+/// before it starts (see [`member_ip`] for why the address is its own).
+pub fn free_peer_addr() -> String {
+    let listener = std::net::TcpListener::bind((member_ip(), 0)).expect("bind a loopback port");
+    listener.local_addr().expect("bound address").to_string()
+}
+
 fn is_backtrace_frame(line: &str) -> bool {
     let t = line.trim_start();
     let indented = t.len() < line.len();
@@ -104,6 +111,29 @@ impl Member {
             dir,
             client_addr: format!("{ip}:0"),
             peer_addr: format!("{ip}:0"),
+            env: Vec::new(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        m.launch().await?;
+        Ok(m)
+    }
+
+    /// Starts a member on `dir` (already seeded, say by `raftkv-node restore`) whose peer
+    /// address was chosen in advance with [`free_peer_addr`]: a restored member's membership
+    /// records its peer URL before it first starts.
+    pub async fn spawn_in(dir: &Path, peer_addr: &str, args: &[&str]) -> Result<Member> {
+        let ip = peer_addr.split(':').next().context("peer address has no host")?;
+        let name = dir.file_name().context("data directory has no name")?.to_string_lossy();
+        let has = |flag: &str| args.contains(&flag);
+        let mut m = Member {
+            id: 0,
+            scheme: if has("--client-cert-file") { "https" } else { "http" },
+            peer_scheme: if has("--peer-cert-file") { "https" } else { "http" },
+            log: dir.with_file_name(format!("{name}.log")),
+            dir: dir.to_path_buf(),
+            client_addr: format!("{ip}:0"),
+            peer_addr: peer_addr.to_string(),
             env: Vec::new(),
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
