@@ -346,6 +346,50 @@ async fn ten_thousand_idle_connections_neither_lock_out_nor_slow_down_a_well_beh
     assert!(c.members[0].is_running());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_connection_is_told_the_stream_limit_and_its_extra_requests_wait_their_turn() {
+    let mut c = Cluster::start(1, &["--h2-max-streams", "8"]).await.unwrap();
+    c.wait_healthy().await.unwrap();
+    let addr = c.members[0].client_addr.clone();
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let (client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    // One request first, so that the member's settings have arrived (streams opened before
+    // they do are refused with REFUSED_STREAM beyond the limit, which clients retry).
+    let first = async {
+        let mut client = client.clone().ready().await.unwrap();
+        let req = http::Request::get(format!("http://{addr}/healthz")).body(()).unwrap();
+        client.send_request(req, true).unwrap().0.await.unwrap().status()
+    };
+    let status = tokio::select! {
+        s = first => s,
+        r = &mut conn => panic!("the connection ended first: {r:?}"),
+    };
+    assert_eq!(status, 200);
+    assert_eq!(conn.max_concurrent_send_streams(), 8);
+    // Then 32 requests at once on the connection: the client keeps at most 8 open, as told.
+    let requests = async {
+        let mut answers = Vec::new();
+        for _ in 0..32 {
+            let mut client = client.clone().ready().await.unwrap();
+            let req = http::Request::get(format!("http://{addr}/healthz")).body(()).unwrap();
+            let (answer, _) = client.send_request(req, true).unwrap();
+            answers.push(answer);
+        }
+        let mut ok = 0;
+        for a in answers {
+            if a.await.unwrap().status() == 200 {
+                ok += 1;
+            }
+        }
+        ok
+    };
+    let ok = tokio::select! {
+        ok = requests => ok,
+        r = &mut conn => panic!("the connection ended first: {r:?}"),
+    };
+    assert_eq!(ok, 32);
+}
+
 /// Opens a connection that starts a PUT and then trickles its body: a request in flight.
 async fn busy_connection(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
