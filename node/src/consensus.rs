@@ -65,6 +65,8 @@ struct ReadBatch {
 /// How long an unanswered read-index request waits before it is asked again (a new leader
 /// silently drops reads until it has committed an entry of its own term).
 const READ_RETRY: Duration = Duration::from_millis(300);
+/// Data bytes of the entries kept in memory behind a snapshot, at most (see `on_snapshot_created`).
+const CATCHUP_BYTES: u64 = 64 << 20;
 /// Inbox messages handled before the loop makes progress on Raft again.
 const MAX_INPUTS_PER_READY: usize = 4096;
 
@@ -669,9 +671,12 @@ impl Consensus {
         self.wal.sync()?;
         let (index, term) = (meta.index, meta.term);
         self.raw.mut_store().set_snapshot(meta);
-        self.raw
-            .mut_store()
-            .compact(index.saturating_sub(self.tuning.snapshot_catchup_entries));
+        // Entries kept behind the snapshot for followers that lag a little: at most
+        // `snapshot_catchup_entries` of them, and at most `CATCHUP_BYTES` of data, or large
+        // values would keep gigabytes of log in memory.
+        let by_count = index.saturating_sub(self.tuning.snapshot_catchup_entries);
+        let by_bytes = self.raw.store().compact_index_within(index, CATCHUP_BYTES);
+        self.raw.mut_store().compact(by_count.max(by_bytes));
         self.wal.release_to(index)?;
         self.snapshots.retain(3, (index, term))?;
         self.metrics.snapshot_index.set(index as i64);

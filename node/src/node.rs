@@ -341,9 +341,12 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
 /// Fits both ports' connection caps into the open-file limit, the client port getting what
 /// the peer port leaves.
 fn fit_caps(client: u64, peer: u64) -> (usize, usize) {
-    let wanted = (client + peer) as usize;
-    let fitted = server::fit_connection_caps(wanted);
-    let peer = (peer as usize).min(fitted / 2).max(1);
+    let (client, peer) = (client as usize, peer as usize);
+    let fitted = server::fit_connection_caps(client + peer);
+    if fitted >= client + peer {
+        return (client, peer);
+    }
+    let peer = peer.min(fitted / 2).max(1);
     (fitted.saturating_sub(peer).max(1), peer)
 }
 

@@ -54,6 +54,8 @@ const LINGER_BYTES: u64 = 16 << 20;
 /// Refusals (`503 too_many_connections`) being written at once; beyond it a connection over
 /// the cap is closed without an answer, so that refusing costs bounded memory too.
 const MAX_CONCURRENT_REFUSALS: usize = 256;
+/// How long a refused connection is given to send its request head before the refusal.
+const REFUSAL_HEAD_WAIT: Duration = Duration::from_secs(1);
 /// File descriptors kept for everything that is not a client connection: the WAL, snapshots,
 /// the listeners, peer streams.
 const RESERVED_FDS: u64 = 512;
@@ -304,10 +306,29 @@ async fn refuse_connection<I: AsyncRead + AsyncWrite + Unpin>(mut io: Lingering<
         body.len()
     );
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        // The answer follows the request head (or a short wait for it): an HTTP client that
+        // reads an answer before it sent its request takes it for a broken connection.
+        let _ = tokio::time::timeout(REFUSAL_HEAD_WAIT, read_head(&mut io)).await;
         io.write_all(answer.as_bytes()).await?;
         io.shutdown().await
     })
     .await;
+}
+
+/// Reads until the end of a request head, end of stream, or 16 KiB.
+async fn read_head<I: AsyncRead + Unpin>(io: &mut I) {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 4096];
+    while head.len() < 16 << 10 {
+        match io.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            return;
+        }
+    }
 }
 
 /// One open connection, as the cap sees it.

@@ -150,6 +150,19 @@ impl Shared {
 /// snapshot bytes, and the log tail kept in memory stays below a quarter of the state.
 pub const SNAPSHOT_LOG_RATIO: u64 = 4;
 
+/// Bytes of entry data applied since the last snapshot after which the next one is due
+/// however few entries they are (still subject to [`SNAPSHOT_LOG_RATIO`]).
+pub const SNAPSHOT_LOG_BYTES: u64 = 128 << 20;
+
+/// Whether a snapshot is due after `entries` entries holding `log_bytes` were applied since
+/// the last one of `snapshot_bytes`. Due after `snapshot_count` entries, or sooner once they
+/// hold [`SNAPSHOT_LOG_BYTES`] (the log tail since the last snapshot stays in memory, and ten
+/// thousand 1 MiB values would be ten gigabytes of it); either way only once the log is worth
+/// a quarter of the snapshot ([`SNAPSHOT_LOG_RATIO`]).
+pub fn snapshot_due(entries: u64, snapshot_count: u64, log_bytes: u64, snapshot_bytes: u64) -> bool {
+    (entries >= snapshot_count || log_bytes >= SNAPSHOT_LOG_BYTES) && log_bytes * SNAPSHOT_LOG_RATIO >= snapshot_bytes
+}
+
 /// The apply loop.
 pub struct StateMachine {
     /// The state it applies to.
@@ -207,8 +220,12 @@ impl StateMachine {
                 }
             }
             let applied = self.shared.state.read().applied_index;
-            let due =
-                applied >= last_snapshot + self.snapshot_count && log_bytes * SNAPSHOT_LOG_RATIO >= snapshot_bytes;
+            let due = snapshot_due(
+                applied - last_snapshot.min(applied),
+                self.snapshot_count,
+                log_bytes,
+                snapshot_bytes,
+            );
             if (due || snapshot_requested) && snapshot_task.is_none() && applied > 0 {
                 snapshot_requested = false;
                 log_bytes = 0;
@@ -324,6 +341,25 @@ impl StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_is_due_after_enough_entries_or_enough_bytes_of_them() {
+        let mib = 1 << 20;
+        assert!(
+            !snapshot_due(9_999, 10_000, 3 * mib, 0),
+            "small entries wait for the count"
+        );
+        assert!(snapshot_due(10_000, 10_000, 3 * mib, 0));
+        assert!(
+            snapshot_due(128, 10_000, 128 * mib, 32 * mib),
+            "128 large values are enough"
+        );
+        assert!(
+            !snapshot_due(128, 10_000, 128 * mib, 1024 * mib),
+            "but not while the log is worth less than a quarter of the snapshot"
+        );
+        assert!(snapshot_due(256, 10_000, 256 * mib, 1024 * mib));
+    }
 
     #[test]
     fn concurrent_first_requests_draw_ids_from_the_random_base() {

@@ -116,6 +116,23 @@ impl LogStore {
         self.offset = (index, term);
     }
 
+    /// The lowest index `compact` may drop up to so that the entries kept after it hold at
+    /// most `max_bytes` of data, counting back from `index` (inclusive of nothing after it).
+    pub fn compact_index_within(&self, index: u64, max_bytes: u64) -> u64 {
+        let index = index.min(self.last_index());
+        let mut kept = 0u64;
+        let mut first_kept = index + 1;
+        while first_kept > self.offset.0 + 1 {
+            let e = &self.entries[(first_kept - 1 - self.offset.0 - 1) as usize];
+            kept += e.data.len() as u64;
+            if kept > max_bytes {
+                break;
+            }
+            first_kept -= 1;
+        }
+        first_kept - 1
+    }
+
     /// Whether Raft asked for a newer snapshot since the last call.
     pub fn take_snapshot_wanted(&self) -> bool {
         self.snapshot_wanted.replace(false)
@@ -234,6 +251,24 @@ mod tests {
         assert_eq!(s.term(1).unwrap(), 1);
         assert!(s.term(0).is_err());
         assert!(s.term(8).is_err());
+    }
+
+    #[test]
+    fn compaction_within_a_byte_bound_keeps_the_newest_entries_that_fit() {
+        let entries: Vec<Entry> = (1..=10)
+            .map(|i| {
+                let mut e = Entry::default();
+                e.index = i;
+                e.term = 1;
+                e.data = vec![0u8; 100].into();
+                e
+            })
+            .collect();
+        let s = LogStore::new(SnapshotMetadata::default(), HardState::default(), entries);
+        // Up to index 8, keeping at most 250 bytes: entries 7 and 8 (200 bytes) stay.
+        assert_eq!(s.compact_index_within(8, 250), 6);
+        assert_eq!(s.compact_index_within(8, 10_000), 0, "everything fits");
+        assert_eq!(s.compact_index_within(8, 0), 8, "nothing is kept");
     }
 
     #[test]

@@ -151,7 +151,10 @@ pub(super) async fn put_key(State(s): State<ApiState>, uri: Uri, headers: Header
         None => s.limits.max_value_size as u64,
     };
     s.ensure_member()?;
-    let _admitted = s.admit_write(key.len() as u64 + announced)?;
+    // Refused with its body unread: the connection cannot carry another request.
+    let _admitted = s
+        .admit_write(key.len() as u64 + announced)
+        .map_err(|e| if announced > 0 { e.closing() } else { e })?;
     let value = read_body(body, &headers, s.limits.max_value_size, s.limits.body_timeout).await?;
     let outcome = s
         .propose(Op::Put {
