@@ -322,6 +322,20 @@ fn build_peer(files: &TlsFiles, cluster: &Option<String>, contents: &[Vec<u8>]) 
     })
 }
 
+/// A client configuration trusting the CA in `ca_pem` and presenting `cert_pem`/`key_pem`
+/// (HTTP/1.1 through ALPN).
+pub fn client_config(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ClientConfig>> {
+    let unnamed = Path::new("(in memory)");
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS versions: {e}")))?
+        .with_root_certificates(parse_roots(ca_pem, unnamed)?)
+        .with_client_auth_cert(parse_certs(cert_pem, unnamed)?, parse_key(key_pem, unnamed)?)
+        .map_err(|e| tls_error("client certificate", unnamed, e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 type Build<T> = Box<dyn Fn(&[Vec<u8>]) -> Result<T> + Send + Sync>;
 
 /// A value built from files and rebuilt when they change.
@@ -497,22 +511,41 @@ pub async fn accept(
     Ok((Accepted::Tls(Box::new(tls)), leaf))
 }
 
+/// Where a TLS client takes the configuration of each new connection from.
+type ClientTlsSource = Arc<dyn Fn() -> Arc<ClientConfig> + Send + Sync>;
+
 /// The client of every outgoing peer connection: TLS with the peer certificate when peer TLS
 /// is on (whatever the URL's scheme, so a membership recorded with `http://` URLs still
 /// connects once TLS is enabled), plain TCP otherwise. One connection per call: the transport
 /// keeps its streams open for long, and forwarding is rare.
-#[derive(Clone, Default, Debug)]
+#[derive(Clone, Default)]
 pub struct PeerClient {
-    tls: Option<PeerPortTls>,
+    tls: Option<ClientTlsSource>,
+}
+
+impl Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient").field("tls", &self.tls.is_some()).finish()
+    }
 }
 
 /// The sending half of one HTTP/1.1 connection to a peer.
 pub type PeerSender<B> = hyper::client::conn::http1::SendRequest<B>;
 
 impl PeerClient {
-    /// A client presenting `tls`'s peer certificate, or a plain one.
+    /// A client presenting `tls`'s peer certificate (the one in force at each connection), or
+    /// a plain one.
     pub fn new(tls: Option<PeerPortTls>) -> Self {
-        PeerClient { tls }
+        PeerClient {
+            tls: tls.map(|t| -> ClientTlsSource { Arc::new(move || t.get().client.clone()) }),
+        }
+    }
+
+    /// A client that connects with `config` (for tools talking to a member's TLS port).
+    pub fn with_config(config: Arc<ClientConfig>) -> Self {
+        PeerClient {
+            tls: Some(Arc::new(move || config.clone())),
+        }
     }
 
     /// Whether peer connections use TLS.
@@ -534,7 +567,7 @@ impl PeerClient {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let tls = self.tls.as_ref().map(|t| t.get().client.clone());
+        let tls = self.tls.as_ref().map(|source| source());
         let default_port = if tls.is_some() || uri.scheme_str() == Some("https") {
             443
         } else {
@@ -597,4 +630,58 @@ where
         let _ = conn.await;
     });
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{CertSpec, ThrowawayCa};
+
+    fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_rotation_caught_between_certificate_and_key_keeps_the_previous_pair_until_both_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ThrowawayCa::new("ca").unwrap();
+        let ip = [std::net::IpAddr::from([127, 0, 0, 1])];
+        let first = ca.issue(&CertSpec::member("m", &ip, None)).unwrap();
+        let files = TlsFiles {
+            cert: write(dir.path(), "c.pem", &first.cert_pem),
+            key: write(dir.path(), "c.key", &first.key_pem),
+            ca: None,
+        };
+        let tls = load_client_port(files.clone()).unwrap();
+        let before = tls.get();
+        assert!(!tls.reload_if_changed(), "nothing changed");
+
+        let second = ca.issue(&CertSpec::member("m", &ip, None)).unwrap();
+        write(dir.path(), "c.pem", &second.cert_pem);
+        assert!(!tls.reload_if_changed(), "a certificate without its key was taken");
+        assert!(Arc::ptr_eq(&tls.get(), &before), "the previous pair was dropped");
+        write(dir.path(), "c.key", &second.key_pem);
+        assert!(tls.reload_if_changed(), "the matching pair was not taken");
+        assert!(!Arc::ptr_eq(&tls.get(), &before));
+        std::fs::remove_file(&files.key).unwrap();
+        assert!(!tls.reload_if_changed(), "a missing file must keep the current pair");
+    }
+
+    #[test]
+    fn the_cluster_check_takes_only_a_certificate_naming_this_cluster() {
+        let ca = ThrowawayCa::new("ca").unwrap();
+        let ip = [std::net::IpAddr::from([127, 0, 0, 1])];
+        let der = |cluster: Option<&str>| {
+            let issued = ca.issue(&CertSpec::member("m", &ip, cluster)).unwrap();
+            CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap()
+        };
+        let alpha = Some("alpha".to_string());
+        assert!(check_cluster(&der(Some("alpha")), &alpha).is_ok());
+        assert!(check_cluster(&der(Some("beta")), &alpha).is_err());
+        assert!(check_cluster(&der(Some("alphabet")), &alpha).is_err());
+        assert!(check_cluster(&der(None), &alpha).is_err());
+        assert!(check_cluster(&der(None), &None).is_ok(), "no cluster name: no check");
+    }
 }

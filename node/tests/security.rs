@@ -225,6 +225,11 @@ async fn a_tls_cluster_serves_its_roles_and_refuses_each_hostile_request_without
     let leader = c.leader().await.unwrap();
     let follower = (0..3).find(|&i| i != leader).unwrap();
     let (url, furl) = (c.members[leader].url(), c.members[follower].url());
+    // A client that connects and never starts its handshake: it must not keep its slot.
+    let mut silent = TcpStream::connect(c.members[leader].client_addr.as_str())
+        .await
+        .unwrap();
+    let silent_since = std::time::Instant::now();
     let key_url = format!("{furl}/v1/kv/guarded");
     let check_key_unchanged = |c: &Cluster| {
         let key_url = key_url.clone();
@@ -257,10 +262,12 @@ async fn a_tls_cluster_serves_its_roles_and_refuses_each_hostile_request_without
         );
     }
 
-    // A write token writes through a follower; a read token reads.
+    // A write token writes through a follower; a read token reads; TLS negotiated HTTP/2.
     let tokens = https(pki.client_ca.cert_pem(), None);
     let put = reqwest::Method::PUT;
     let get = reqwest::Method::GET;
+    let r = tokens.get(format!("{furl}/healthz")).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN did not select h2");
     let (status, _, code) = call(&tokens, put.clone(), &key_url, Some(WRITE_TOKEN), Some("original")).await;
     assert_eq!((status, code.as_str()), (200, ""));
     let r = tokens.get(&key_url).bearer_auth(READ_TOKEN).send().await.unwrap();
@@ -485,6 +492,18 @@ async fn a_tls_cluster_serves_its_roles_and_refuses_each_hostile_request_without
     );
     assert_eq!(c.membership(leader).await.unwrap().len(), 3);
     check_key_unchanged(&c).await;
+
+    // The silent connection was closed once the handshake deadline (10 s) passed.
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(40), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection without a handshake stayed open: {closed:?}"
+    );
+    assert!(
+        silent_since.elapsed() >= Duration::from_secs(9),
+        "closed before its deadline"
+    );
 
     // Everything refused above left the cluster healthy.
     c.wait_healthy().await.unwrap();
