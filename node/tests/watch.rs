@@ -196,7 +196,19 @@ async fn a_watch_opened_after_an_acknowledged_write_sees_it_on_every_member() {
                 vec![("put".into(), key.clone(), rev)],
                 "member {i}"
             );
-            // Without a start revision the position already includes the write.
+            // Without a start revision the position already includes the write, and the
+            // answer says where the stream starts.
+            let resp = http
+                .get(format!("{}/v1/watch?prefix=lin/", c.members[i].url()))
+                .send()
+                .await
+                .unwrap();
+            let after: u64 = resp.headers()["x-raftkv-revision"].to_str().unwrap().parse().unwrap();
+            assert!(
+                after >= rev,
+                "member {i}: the watch starts after {after}, before the write at {rev}"
+            );
+            drop(resp);
             let mut now = open(&http, &c.members[i].url(), "prefix=lin/&progress_notify=true")
                 .await
                 .unwrap()

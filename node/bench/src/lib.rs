@@ -19,6 +19,8 @@
 //! With [`LoadConfig::tls`] every connection is TLS (rustls), presenting a client certificate
 //! when the configuration has one: the handshake is part of opening a connection, not of the
 //! measured requests, so the figures show what TLS costs per request on a kept-alive connection.
+//!
+//! [`watch`] adds the watch load: watchers over prefixes while the writers run.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -38,6 +40,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+pub mod watch;
 
 /// Result of the load generator's set-up.
 pub type Result<T, E = BenchError> = std::result::Result<T, E>;
@@ -232,7 +236,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(h: &Histogram<u64>) -> Latency {
+    pub(crate) fn of(h: &Histogram<u64>) -> Latency {
         if h.is_empty() {
             return Latency::default();
         }
@@ -379,7 +383,7 @@ impl Tally {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // 1 µs to 60 s at three significant digits.
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
@@ -403,24 +407,24 @@ struct ConnFailure {
 }
 
 /// Builds requests for one target and reads their answers.
-struct Protocol {
-    target: Target,
+pub(crate) struct Protocol {
+    pub(crate) target: Target,
     host: String,
-    value: Bytes,
+    pub(crate) value: Bytes,
     /// The value, base64-encoded once, for etcd's JSON bodies.
-    value_b64: String,
+    pub(crate) value_b64: String,
 }
 
 impl Protocol {
-    fn key(n: u64) -> String {
+    pub(crate) fn key(n: u64) -> String {
         format!("bench/{n:08}")
     }
 
-    fn b64(bytes: &[u8]) -> String {
+    pub(crate) fn b64(bytes: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(bytes)
     }
 
-    fn request(
+    pub(crate) fn request(
         &self,
         method: Method,
         path: &str,
@@ -440,7 +444,7 @@ impl Protocol {
         b.body(Full::new(body)).expect("a well-formed request")
     }
 
-    fn etcd_json(&self, path: &str, body: serde_json::Value) -> Request<Full<Bytes>> {
+    pub(crate) fn etcd_json(&self, path: &str, body: serde_json::Value) -> Request<Full<Bytes>> {
         let body = Bytes::from(serde_json::to_vec(&body).expect("JSON"));
         self.request(
             Method::POST,
@@ -452,12 +456,12 @@ impl Protocol {
 }
 
 /// One keep-alive connection with at most one request in flight.
-struct Connection {
-    sender: SendRequest<Full<Bytes>>,
+pub(crate) struct Connection {
+    pub(crate) sender: SendRequest<Full<Bytes>>,
 }
 
 impl Connection {
-    async fn open(
+    pub(crate) async fn open(
         addr: SocketAddr,
         tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
     ) -> std::result::Result<Connection, String> {
@@ -493,7 +497,7 @@ impl Connection {
         Ok(sender)
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &mut self,
         req: Request<Full<Bytes>>,
         timeout: Duration,
@@ -687,7 +691,7 @@ impl Protocol {
     }
 }
 
-fn protocol(cfg: &LoadConfig, endpoint: SocketAddr) -> Protocol {
+pub(crate) fn protocol(cfg: &LoadConfig, endpoint: SocketAddr) -> Protocol {
     let value = Bytes::from(vec![b'v'; cfg.value_size]);
     Protocol {
         target: cfg.target,

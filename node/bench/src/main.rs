@@ -64,6 +64,19 @@ struct Args {
     /// Key (PEM) of `--cert`.
     #[arg(long, requires = "cert")]
     key: Option<std::path::PathBuf>,
+    /// Watch load: open this many watch streams (spread over --prefixes) and measure writes
+    /// (puts at --conns) without and with them, events per second, ack-to-event delay and memory.
+    #[arg(long, default_value_t = 0)]
+    watchers: usize,
+    /// Watch load: distinct prefixes; must cut --key-space into slices of a power of ten.
+    #[arg(long, default_value_t = 100)]
+    prefixes: u64,
+    /// Watch load on raftkv: watch streams per h2c connection.
+    #[arg(long, default_value_t = 100)]
+    streams_per_conn: usize,
+    /// Watch load: server process ids whose resident memory is reported.
+    #[arg(long, value_delimiter = ',')]
+    server_pids: Vec<u32>,
 }
 
 /// The TLS client configuration of `--cacert` and `--cert`/`--key` (HTTP/1.1 through ALPN).
@@ -128,6 +141,22 @@ async fn main() -> anyhow::Result<()> {
         if args.preload_only {
             return Ok(());
         }
+    }
+    if args.watchers > 0 {
+        let report = bench::watch::run(&bench::watch::WatchConfig {
+            load: cfg,
+            watchers: args.watchers,
+            prefixes: args.prefixes,
+            streams_per_conn: args.streams_per_conn,
+            server_pids: args.server_pids,
+        })
+        .await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", report.table());
+        }
+        return Ok(());
     }
     let report = bench::run(&cfg).await?;
     if args.json {

@@ -74,7 +74,8 @@ pub(super) async fn watch(State(s): State<ApiState>, ClientQuery(q): ClientQuery
     s.read_barrier().await?;
     let start = q.start_revision.filter(|r| *r > 0);
     let watcher = Watcher::open(s.shared.clone(), filter, start).map_err(ApiError::compacted)?;
-    tracing::debug!(start = watcher.position() + 1, "watch opened");
+    let start_position = watcher.position();
+    tracing::debug!(start = start_position + 1, "watch opened");
     let stream = WatchStream {
         progress_at: Instant::now() + s.limits.watch_progress,
         announce: q.progress_notify,
@@ -93,6 +94,10 @@ pub(super) async fn watch(State(s): State<ApiState>, ClientQuery(q): ClientQuery
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Where the stream starts: every change after this revision is sent. A watch without
+    // `start_revision` learns here what "now" was, so it can resume without a gap even before
+    // its first event or progress.
+    h.insert("x-raftkv-revision", HeaderValue::from(start_position));
     Ok(resp)
 }
 

@@ -173,22 +173,20 @@ async fn run_on(c: &mut FaultCluster, fault: Fault, size: usize, seed: u64) -> R
     let targets: Targets = std::sync::Arc::new(parking_lot::RwLock::new(c.members.iter().map(|m| m.url()).collect()));
     let stop = CancellationToken::new();
     let clients = tokio::spawn(workload::run(targets.clone(), recorder.clone(), stop.clone(), seed));
-    // Watchers, each starting on its own member; the first replays from revision 1, the others
-    // start from the current revision.
+    // Watchers on every member (see `watchers::specs`).
     let (watch_done, watch_done_rx) = tokio::sync::watch::channel(None);
+    let specs = watchers::specs(c.members.len());
     let watch_logs: Vec<std::sync::Arc<parking_lot::Mutex<WatchLog>>> =
-        watchers::PREFIXES.iter().map(|_| Default::default()).collect();
-    let watcher_tasks: Vec<_> = watchers::PREFIXES
+        specs.iter().map(|_| Default::default()).collect();
+    let watcher_tasks: Vec<_> = specs
         .iter()
-        .enumerate()
-        .map(|(i, prefix)| {
+        .zip(&watch_logs)
+        .map(|(spec, log)| {
             tokio::spawn(watchers::run(
-                i,
-                prefix,
-                i == 0,
+                *spec,
                 targets.clone(),
                 watch_done_rx.clone(),
-                watch_logs[i].clone(),
+                log.clone(),
             ))
         })
         .collect();

@@ -2,9 +2,11 @@
 //!
 //! Each watcher follows a prefix through `GET /v1/watch`, starting on its own member. Whenever
 //! its stream ends, fails, stalls (no line, not even a progress event, for [`STALL`]: its member
-//! is paused or cut off) or has simply run for a while, it resumes from the revision after the
-//! last one it saw, on the next member. So watchers are killed, paused and partitioned with
-//! their members, and moved between members on purpose.
+//! is paused or killed) or, for the moving ones, has simply run for a while, it resumes from the
+//! revision after the last one it saw, on the next member. So watchers are killed, paused and
+//! partitioned with their members (a partitioned member still sends progress: its sticky
+//! watcher stays through the partition and the catch-up after it), and moved between members
+//! on purpose.
 //!
 //! After healing, the reference is the whole committed history as each live member's watch
 //! replays it from revision 1; the checks:
@@ -28,8 +30,42 @@ use tokio::time::Instant;
 use super::history::{Op, Outcome, Request};
 use super::workload::Targets;
 
-/// The prefixes watched, one watcher each: every key, the registers, the appends.
-pub const PREFIXES: &[&str] = &["", "reg", "append/"];
+/// One watcher's part.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    pub prefix: &'static str,
+    /// Replay from revision 1 rather than start at the current revision.
+    pub from_start: bool,
+    /// Stays on its member until the stream ends or stalls, never moving on a timer: so that
+    /// some watcher is on the member that is partitioned, or installs a snapshot, throughout.
+    pub sticky: bool,
+    /// The member it starts on.
+    pub first_member: usize,
+}
+
+/// The watchers of a run on `members` members: three that move between members on a timer
+/// (every key from revision 1, the registers and the appends from the current revision), and
+/// one sticky watcher of every key per member.
+pub fn specs(members: usize) -> Vec<Spec> {
+    let moving = [("", true), ("reg", false), ("append/", false)];
+    let mut specs: Vec<Spec> = moving
+        .iter()
+        .enumerate()
+        .map(|(i, &(prefix, from_start))| Spec {
+            prefix,
+            from_start,
+            sticky: false,
+            first_member: i,
+        })
+        .collect();
+    specs.extend((0..members).map(|m| Spec {
+        prefix: "",
+        from_start: false,
+        sticky: true,
+        first_member: m,
+    }));
+    specs
+}
 /// A stream that sends nothing (members send progress every `--watch-progress-ms`, 300 ms in
 /// these runs) for this long is given up for another member.
 pub const STALL: Duration = Duration::from_secs(2);
@@ -64,23 +100,22 @@ pub struct WatchLog {
     pub anomalies: Vec<String>,
 }
 
-/// Runs watcher `id` on `prefix` until `done` names a revision and it has reached it (or the
-/// caller gives up on it).
-pub async fn run(
-    id: usize,
-    prefix: &'static str,
-    from_start: bool,
-    targets: Targets,
-    done: watch::Receiver<Option<u64>>,
-    log: Arc<Mutex<WatchLog>>,
-) {
+/// Runs a watcher until `done` names a revision and it has reached it (or the caller gives up
+/// on it).
+pub async fn run(spec: Spec, targets: Targets, done: watch::Receiver<Option<u64>>, log: Arc<Mutex<WatchLog>>) {
+    let Spec {
+        prefix,
+        from_start,
+        sticky,
+        first_member,
+    } = spec;
     log.lock().prefix = prefix.to_string();
     // No overall timeout: streams outlive any request deadline; opening is bounded below.
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(1))
         .build()
         .expect("an HTTP client");
-    let mut member = id;
+    let mut member = first_member;
     loop {
         let finished = |log: &WatchLog| done.borrow().is_some_and(|r| log.start.is_some() && log.position >= r);
         if finished(&log.lock()) {
@@ -91,7 +126,7 @@ pub async fn run(
             t[member % t.len()].clone()
         };
         member += 1;
-        let reason = session(&http, &base, prefix, from_start, &log, &done).await;
+        let reason = session(&http, &base, prefix, from_start, sticky, &log, &done).await;
         let finished_now = {
             let mut l = log.lock();
             *l.ends.entry(reason).or_default() += 1;
@@ -110,6 +145,7 @@ async fn session(
     base: &str,
     prefix: &str,
     from_start: bool,
+    sticky: bool,
     log: &Mutex<WatchLog>,
     done: &watch::Receiver<Option<u64>>,
 ) -> String {
@@ -118,7 +154,7 @@ async fn session(
         match l.start {
             Some(_) => Some(l.position + 1),
             None if from_start => Some(1),
-            // The very first stream starts "now": its first progress event says where.
+            // The very first stream starts "now": its X-Raftkv-Revision header says where.
             None => None,
         }
     };
@@ -142,14 +178,36 @@ async fn session(
         }
         return format!("{status} {}", body["error"].as_str().unwrap_or(""));
     }
+    let opened_after: Option<u64> = resp
+        .headers()
+        .get("x-raftkv-revision")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     {
         let mut l = log.lock();
         l.sessions += 1;
-        if l.start.is_none() {
-            l.start = start;
+        match (opened_after, start) {
+            (None, _) => l.anomalies.push(format!("a watch on {base} without X-Raftkv-Revision")),
+            (Some(after), Some(s)) if after + 1 != s => l
+                .anomalies
+                .push(format!("a watch from {s} on {base} says it starts after {after}")),
+            (Some(after), None) => {
+                // The first stream started "now": the member says where that was.
+                l.start = Some(after + 1);
+                l.position = after;
+            }
+            (Some(_), Some(s)) => {
+                if l.start.is_none() {
+                    l.start = Some(s);
+                }
+            }
         }
     }
-    let moved_at = Instant::now() + MOVE_AFTER.mul_f64(0.3 + rand::random::<f64>() * 0.7);
+    let moved_at = if sticky {
+        Instant::now() + Duration::from_secs(3600)
+    } else {
+        Instant::now() + MOVE_AFTER.mul_f64(0.3 + rand::random::<f64>() * 0.7)
+    };
     let mut body = resp.bytes_stream();
     let mut buf = Vec::new();
     loop {
@@ -183,13 +241,6 @@ async fn session(
             let mut l = log.lock();
             match event {
                 WatchEvent::Put(c) | WatchEvent::Delete(c) => {
-                    if l.start.is_none() {
-                        l.anomalies.push(format!(
-                            "a change at {} came before the progress event that starts a watch",
-                            c.revision
-                        ));
-                        l.start = Some(c.revision);
-                    }
                     l.position = l.position.max(c.revision);
                     l.seen.push(Seen {
                         revision: c.revision,
@@ -198,10 +249,6 @@ async fn session(
                     });
                 }
                 WatchEvent::Progress(p) => {
-                    if l.start.is_none() {
-                        l.start = Some(p.revision + 1);
-                        l.position = p.revision;
-                    }
                     if p.revision < l.position {
                         let msg = format!("progress {} from {base} is behind position {}", p.revision, l.position);
                         l.anomalies.push(msg);
@@ -245,7 +292,7 @@ pub async fn reference(base: &str, upto: u64) -> Result<Vec<Seen>, String> {
         if Instant::now() > deadline {
             return Err(format!("{base} replayed only up to {} of {upto}", log.lock().position));
         }
-        let reason = session(&http, base, "", true, &log, &done).await;
+        let reason = session(&http, base, "", true, true, &log, &done).await;
         if reason.starts_with("410") {
             return Err(format!("{base} no longer holds the history from revision 1"));
         }
