@@ -309,6 +309,23 @@ async fn a_restored_backup_is_a_new_cluster_that_serves_the_keys_continues_revis
         put.json()["revision"].as_u64().unwrap() > revision,
         "revisions continue after the backup's"
     );
+    // Bootstrapped once, by the restore: a second bootstrap is refused.
+    let again = c.post(r, "/v1/bootstrap", None).await.unwrap();
+    assert_eq!(
+        (again.status, again.json()["error"].clone()),
+        (409, json!("already_initialized"))
+    );
+    // The restored member is an ordinary member on its volume: it restarts as itself.
+    c.members[r].stop().await.unwrap();
+    c.members[r].restart().await.unwrap();
+    wait_until("the restored member to lead again", DEADLINE, || async {
+        let s = c.status(r).await?;
+        (s["role"] == "leader" && s["ready"] == true && s["cluster_id"] == json!(new_cluster)).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.get(r, "/v1/kv/after-restore").await.unwrap().text(), "new");
+    assert_eq!(c.get(r, "/v1/kv/key00").await.unwrap().text(), "value 0");
 
     // A member of the old cluster, added to the restored one, is refused by the cluster id: it
     // never replicates, and keeps its own cluster and data.
