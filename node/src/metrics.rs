@@ -18,6 +18,13 @@ pub struct RequestLabels {
     pub code: u16,
 }
 
+/// Labels of the backup stream counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupLabels {
+    /// How the stream ended: `complete`, `client_gone`, `stalled` or `failed`.
+    pub outcome: &'static str,
+}
+
 /// Every metric the node exports.
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +56,10 @@ pub struct Metrics {
     pub wal_bytes: Counter,
     /// Client and admin request latency by route and status code.
     pub requests: Family<RequestLabels, Histogram>,
+    /// `GET /v1/snapshot` streams, by how they ended.
+    pub backups: Family<BackupLabels, Counter>,
+    /// Bytes of `GET /v1/snapshot` streams handed to clients.
+    pub backup_bytes: Counter,
 }
 
 impl Metrics {
@@ -70,6 +81,8 @@ impl Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             wal_bytes: Counter::default(),
             requests: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
+            backups: Family::default(),
+            backup_bytes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.term.clone());
@@ -125,6 +138,16 @@ impl Metrics {
             "http_request_seconds",
             "Request latency by route and code",
             m.requests.clone(),
+        );
+        registry.register(
+            "backup_streams",
+            "GET /v1/snapshot streams by how they ended",
+            m.backups.clone(),
+        );
+        registry.register(
+            "backup_bytes",
+            "Bytes of GET /v1/snapshot streams handed to clients",
+            m.backup_bytes.clone(),
         );
         Metrics { registry, ..m }
     }
