@@ -42,6 +42,13 @@ pub struct RefusalLabels {
     pub queue: &'static str,
 }
 
+/// Labels of the backup stream counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupLabels {
+    /// How the stream ended: `complete`, `client_gone`, `stalled` or `failed`.
+    pub outcome: &'static str,
+}
+
 /// Every metric the node exports.
 pub struct Metrics {
     registry: Registry,
@@ -97,6 +104,10 @@ pub struct Metrics {
     pub watch_events: Counter,
     /// Watch streams ended because their position was compacted.
     pub watch_compacted: Counter,
+    /// `GET /v1/snapshot` streams, by how they ended.
+    pub backups: Family<BackupLabels, Counter>,
+    /// Bytes of `GET /v1/snapshot` streams handed to clients.
+    pub backup_bytes: Counter,
 }
 
 impl Metrics {
@@ -130,6 +141,8 @@ impl Metrics {
             watchers: Gauge::default(),
             watch_events: Counter::default(),
             watch_compacted: Counter::default(),
+            backups: Family::default(),
+            backup_bytes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.term.clone());
@@ -229,6 +242,16 @@ impl Metrics {
             "watch_compacted",
             "Watch streams ended because their position was compacted",
             m.watch_compacted.clone(),
+        );
+        registry.register(
+            "backup_streams",
+            "GET /v1/snapshot streams by how they ended",
+            m.backups.clone(),
+        );
+        registry.register(
+            "backup_bytes",
+            "Bytes of GET /v1/snapshot streams handed to clients",
+            m.backup_bytes.clone(),
         );
         Metrics { registry, ..m }
     }

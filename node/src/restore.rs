@@ -125,6 +125,14 @@ pub fn restore(args: &RestoreArgs) -> Result<Outcome> {
         read_backup(file)
     }
     .map_err(bad_backup)?;
+    if state.applied_index == 0 || state.applied_term == 0 {
+        // Every member's state is at index 1 or later from its bootstrap on; a log cannot
+        // start at index 0.
+        return Err(bad_backup(format!(
+            "holds index {} of term {}, which no member's state machine is at",
+            state.applied_index, state.applied_term
+        )));
+    }
     let keys = state.data.len() as u64;
     match previous {
         DirState::Empty | DirState::Interrupted => {}
@@ -382,6 +390,17 @@ mod tests {
         assert_eq!(state.membership.peer_urls[&5], "http://m5:8081");
         assert!(!dir.join(IN_PROGRESS_FILE).exists());
         refuse_interrupted(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_backup_at_index_zero_is_refused_before_anything_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("b.snap");
+        fs::write(&file, KvState::default().write_snapshot(Vec::new()).unwrap()).unwrap();
+        let dir = tmp.path().join("data");
+        let err = restore(&args(&file, &dir)).unwrap_err();
+        assert!(err.to_string().contains("index 0"), "{err}");
+        assert!(!dir.exists());
     }
 
     #[test]

@@ -309,6 +309,23 @@ async fn a_restored_backup_is_a_new_cluster_that_serves_the_keys_continues_revis
         put.json()["revision"].as_u64().unwrap() > revision,
         "revisions continue after the backup's"
     );
+    // Bootstrapped once, by the restore: a second bootstrap is refused.
+    let again = c.post(r, "/v1/bootstrap", None).await.unwrap();
+    assert_eq!(
+        (again.status, again.json()["error"].clone()),
+        (409, json!("already_initialized"))
+    );
+    // The restored member is an ordinary member on its volume: it restarts as itself.
+    c.members[r].stop().await.unwrap();
+    c.members[r].restart().await.unwrap();
+    wait_until("the restored member to lead again", DEADLINE, || async {
+        let s = c.status(r).await?;
+        (s["role"] == "leader" && s["ready"] == true && s["cluster_id"] == json!(new_cluster)).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.get(r, "/v1/kv/after-restore").await.unwrap().text(), "new");
+    assert_eq!(c.get(r, "/v1/kv/key00").await.unwrap().text(), "value 0");
 
     // A member of the old cluster, added to the restored one, is refused by the cluster id: it
     // never replicates, and keeps its own cluster and data.
@@ -656,6 +673,7 @@ async fn a_backup_can_be_paced_needs_a_member_and_frees_its_stream_when_the_clie
         .unwrap();
     assert_eq!(paced.status(), 200);
     let meta = snapshot_meta(&paced).unwrap();
+    let meta_size = meta.size;
     let body = paced.bytes().await.unwrap().to_vec();
     let took = started.elapsed().as_secs_f64();
     let floor = meta.size as f64 / rate as f64;
@@ -673,6 +691,22 @@ async fn a_backup_can_be_paced_needs_a_member_and_frees_its_stream_when_the_clie
             "{bad}"
         );
     }
+
+    // Every stream is counted by how it ended, and its bytes too.
+    let counted = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    wait_until("the backup streams in /metrics", DEADLINE, || async {
+        let text = c.get(0, "/metrics").await.ok()?.text();
+        let complete = counted(&text, "raftkv_backup_streams_total{outcome=\"complete\"}");
+        let gone = counted(&text, "raftkv_backup_streams_total{outcome=\"client_gone\"}");
+        let bytes = counted(&text, "raftkv_backup_bytes_total");
+        (complete >= 2 && gone >= 1 && bytes >= 2 * meta_size).then_some(())
+    })
+    .await
+    .unwrap();
 
     // A member that belongs to no cluster has nothing to back up.
     let root = tempfile::tempdir().unwrap();

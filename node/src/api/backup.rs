@@ -26,6 +26,7 @@ use super::error::{ApiError, ApiResult};
 use super::request::ClientQuery;
 use super::ApiState;
 use crate::kv::{KvState, SNAPSHOT_FORMAT_VERSION};
+use crate::metrics::{BackupLabels, Metrics};
 
 /// Snapshot streams one member serves at once. Each pins the map version it copies, so the
 /// memory of every key overwritten meanwhile stays alive until it ends.
@@ -87,7 +88,8 @@ pub(super) async fn snapshot(
     );
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     let pace = query.max_bytes_per_sec;
-    tokio::task::spawn_blocking(move || stream_snapshot(state, size, pace, tx, permit));
+    let metrics = s.metrics.clone();
+    tokio::task::spawn_blocking(move || stream_snapshot(state, size, pace, tx, permit, &metrics));
     let mut resp = Response::new(Body::from_stream(ReceiverStream::new(rx)));
     *resp.status_mut() = StatusCode::OK;
     let headers = resp.headers_mut();
@@ -110,6 +112,7 @@ fn stream_snapshot(
     pace: Option<u64>,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
     permit: OwnedSemaphorePermit,
+    metrics: &Metrics,
 ) {
     let started = std::time::Instant::now();
     let revision = state.applied_index;
@@ -121,11 +124,19 @@ fn stream_snapshot(
         started,
         stall_timeout: STALL_TIMEOUT,
         runtime: tokio::runtime::Handle::current(),
+        bytes: metrics.backup_bytes.clone(),
     };
     let result = state.write_snapshot(writer).and_then(|mut w| {
         w.flush()?;
         Ok(w.sent)
     });
+    let outcome = match &result {
+        Ok(sent) if *sent == size => "complete",
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => "client_gone",
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "stalled",
+        _ => "failed",
+    };
+    metrics.backups.get_or_create(&BackupLabels { outcome }).inc();
     match result {
         Ok(sent) if sent == size => {
             let secs = started.elapsed().as_secs_f64();
@@ -178,6 +189,8 @@ struct ChannelWriter {
     stall_timeout: std::time::Duration,
     /// The runtime the channel belongs to, to wait on it with a timeout from this blocking thread.
     runtime: tokio::runtime::Handle,
+    /// Counts the bytes handed over, for `/metrics`.
+    bytes: prometheus_client::metrics::counter::Counter,
 }
 
 impl ChannelWriter {
@@ -186,13 +199,16 @@ impl ChannelWriter {
             return Ok(());
         }
         let chunk = self.buf.split().freeze();
-        self.sent += chunk.len() as u64;
+        let len = chunk.len() as u64;
+        self.sent += len;
         self.buf.reserve(CHUNK_BYTES);
         let sent = self
             .runtime
             .block_on(self.tx.send_timeout(Ok(chunk), self.stall_timeout));
         match sent {
-            Ok(()) => {}
+            Ok(()) => {
+                self.bytes.inc_by(len);
+            }
             Err(SendTimeoutError::Closed(_)) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::BrokenPipe,
@@ -249,6 +265,7 @@ mod tests {
             started: std::time::Instant::now(),
             stall_timeout,
             runtime: tokio::runtime::Handle::current(),
+            bytes: Default::default(),
         }
     }
 
