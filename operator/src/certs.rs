@@ -11,6 +11,8 @@
 //!
 //! Everything here is pure apart from key generation: the caller passes the time.
 
+use std::net::IpAddr;
+
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -169,15 +171,24 @@ pub fn new_cluster_cas(names: &ClusterNames, now: Timestamp) -> Result<ClusterCa
     })
 }
 
+/// A certificate to issue.
+struct Request<'a> {
+    purpose: Purpose,
+    /// Common name and, for client certificates, the role (subject Organization).
+    subject: (&'a str, Option<&'a str>),
+    /// Pod IPs to name besides the DNS names (see [`issue_peer`]).
+    ips: &'a [IpAddr],
+}
+
 fn issue(
     names: &ClusterNames,
     ca: &CertifiedKey,
     ca_which: &str,
-    purpose: Purpose,
-    subject: (&str, Option<&str>),
+    request: Request<'_>,
     now: Timestamp,
     lifetime_hours: u32,
 ) -> Result<Issued> {
+    let Request { purpose, subject, ips } = request;
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(rcgen_error("reading the CA key"))?;
     let issuer = Issuer::new(ca_params(names, ca_which, now)?, ca_key);
     let mut params = CertificateParams::default();
@@ -211,6 +222,9 @@ fn issue(
                 .map_err(|e| Error::Certificate(format!("DNS name: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
+    params
+        .subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     if purpose == Purpose::Peer {
         let uri = peer_cluster_uri(names)
             .try_into()
@@ -234,37 +248,41 @@ fn issue(
     })
 }
 
-/// The client port's server certificate: every pod's DNS names and the client Service's.
+/// The client port's server certificate: every pod's DNS names and the client Service's, and
+/// `ips` (see [`issue_peer`]).
 pub fn issue_client_server(
     names: &ClusterNames,
     cas: &ClusterCas,
     now: Timestamp,
     lifetime_hours: u32,
+    ips: &[IpAddr],
 ) -> Result<Issued> {
     let common_name = format!("{}.{}.svc", names.client_service(), names.namespace);
-    issue(
-        names,
-        &cas.client,
-        "client",
-        Purpose::ClientServer,
-        (&common_name, None),
-        now,
-        lifetime_hours,
-    )
+    let request = Request {
+        purpose: Purpose::ClientServer,
+        subject: (&common_name, None),
+        ips,
+    };
+    issue(names, &cas.client, "client", request, now, lifetime_hours)
 }
 
-/// The peer certificate: every pod's DNS names and the cluster's URI SAN.
-pub fn issue_peer(names: &ClusterNames, cas: &ClusterCas, now: Timestamp, lifetime_hours: u32) -> Result<Issued> {
+/// The peer certificate: every pod's DNS names and the cluster's URI SAN. `ips` are the pod
+/// IPs of a cluster whose members advertise their IP (pod-IP addressing): their peers then
+/// verify the certificate against that IP.
+pub fn issue_peer(
+    names: &ClusterNames,
+    cas: &ClusterCas,
+    now: Timestamp,
+    lifetime_hours: u32,
+    ips: &[IpAddr],
+) -> Result<Issued> {
     let common_name = peer_domain(names);
-    issue(
-        names,
-        &cas.peer,
-        "peer",
-        Purpose::Peer,
-        (&common_name, None),
-        now,
-        lifetime_hours,
-    )
+    let request = Request {
+        purpose: Purpose::Peer,
+        subject: (&common_name, None),
+        ips,
+    };
+    issue(names, &cas.peer, "peer", request, now, lifetime_hours)
 }
 
 /// A client certificate for `user` with `role` as its subject Organization, which the node
@@ -277,15 +295,12 @@ pub fn issue_client(
     now: Timestamp,
     lifetime_hours: u32,
 ) -> Result<Issued> {
-    issue(
-        names,
-        &cas.client,
-        "client",
-        Purpose::Client,
-        (user, Some(role)),
-        now,
-        lifetime_hours,
-    )
+    let request = Request {
+        purpose: Purpose::Client,
+        subject: (user, Some(role)),
+        ips: &[],
+    };
+    issue(names, &cas.client, "client", request, now, lifetime_hours)
 }
 
 /// Whether a certificate valid from `not_before` to `not_after` is due for renewal at `now`:
@@ -325,7 +340,7 @@ mod tests {
     #[test]
     fn peer_certificates_name_every_pod_and_the_cluster() {
         let cas = new_cluster_cas(&names(), now()).unwrap();
-        let peer = issue_peer(&names(), &cas, now(), 24).unwrap();
+        let peer = issue_peer(&names(), &cas, now(), 24, &[]).unwrap();
         let der = der(&peer.certified.cert_pem);
         assert!(contains(&der, b"urn:raftkv:cluster:demo.prod"));
         assert!(contains(&der, b"demo-0.demo-peer.prod.svc"));
@@ -340,12 +355,20 @@ mod tests {
     #[test]
     fn the_client_port_certificate_names_the_client_service_and_every_pod() {
         let cas = new_cluster_cas(&names(), now()).unwrap();
-        let server = issue_client_server(&names(), &cas, now(), 24).unwrap();
+        let server = issue_client_server(&names(), &cas, now(), 24, &[]).unwrap();
         let der = der(&server.certified.cert_pem);
         assert!(contains(&der, b"demo.prod.svc"));
         assert!(contains(&der, b"demo-2.demo-peer.prod.svc"));
         assert!(!contains(&der, b"urn:raftkv:cluster"));
         assert_eq!(server.ca_pem, cas.client.cert_pem);
+    }
+
+    #[test]
+    fn pod_ips_are_named_when_given() {
+        let cas = new_cluster_cas(&names(), now()).unwrap();
+        let ip: IpAddr = "127.9.0.3".parse().unwrap();
+        let peer = issue_peer(&names(), &cas, now(), 24, &[ip]).unwrap();
+        assert!(contains(&der(&peer.certified.cert_pem), &[127, 9, 0, 3]));
     }
 
     #[test]
@@ -365,7 +388,7 @@ mod tests {
         // names the CA's subject as its issuer, exactly as the CA certificate states it.
         let cas = new_cluster_cas(&names(), now()).unwrap();
         let later = now() + SignedDuration::from_hours(24 * 30);
-        let peer = issue_peer(&names(), &cas, later, 24).unwrap();
+        let peer = issue_peer(&names(), &cas, later, 24, &[]).unwrap();
         let ca_der = der(&cas.peer.cert_pem);
         let subject = b"raftkv peer CA prod/demo";
         assert!(contains(&ca_der, subject));

@@ -34,7 +34,7 @@ use crate::certs::{
     issue_client, issue_client_server, issue_peer, new_cluster_cas, peer_domain, pod_dns_name, APPLICATION_ROLE,
     OPERATOR_ROLE,
 };
-use crate::config::{OperatorConfig, FIELD_MANAGER};
+use crate::config::{OperatorConfig, PeerAddressing, FIELD_MANAGER};
 use crate::crd::{BootstrapRecord, BootstrapState, MemberStatus, RaftCluster, RaftClusterStatus};
 use crate::execute::{execute, ClusterEffects, Execution, Outcome};
 use crate::metrics::Metrics;
@@ -47,7 +47,8 @@ use crate::plan::{recreated_statefulset_replicas, Desired, Step};
 use crate::status::{cluster_status, degraded_warning, refused_status, Refusal, SpecIssue};
 use crate::tls::{
     application_secret_name, build_ca_secret, build_issued_secret, ca_secret_name, issued_secret_names, node_tls,
-    plan_generation, read_ca_secret, IssuedSecret, NodeTls, TlsSecretNames, CERTIFICATE_LABEL, ROTATE_ANNOTATION,
+    plan_generation, read_ca_secret, IssuedSecret, NodeTls, SecretRecord, TlsSecretNames, CERTIFICATE_LABEL,
+    ROTATE_ANNOTATION,
 };
 use crate::{Error, Result};
 
@@ -184,7 +185,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
 
     // Certificates first: the pod template names the Secrets it mounts, and the operator needs
     // its own certificate to talk to the nodes.
-    let node_tls = ensure_tls(&ctx.client, &cluster, &mut valid).await?;
+    let node_tls = ensure_tls(&ctx, &cluster, &mut valid, &found).await?;
 
     // Plan and apply the objects, then plan and execute one membership step.
     let planned_objects = plan_objects(&cluster, &valid, &ctx.config, &found);
@@ -400,17 +401,32 @@ async fn plan_step<N: NodeApi>(
 /// the server and peer Secrets are issued generation by generation (see
 /// [`crate::tls::plan_generation`]), and the operator's and the applications' client
 /// certificates are replaced in place when due.
-async fn ensure_tls(client: &Client, cluster: &RaftCluster, valid: &mut ValidCluster) -> Result<Option<NodeTls>> {
+async fn ensure_tls<N: NodeApi>(
+    ctx: &Context<N>,
+    cluster: &RaftCluster,
+    valid: &mut ValidCluster,
+    found: &Found,
+) -> Result<Option<NodeTls>> {
     let Some(tls) = valid.tls.as_mut() else {
         return Ok(None);
     };
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &valid.names.namespace);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &valid.names.namespace);
     if let Some(lifetime_hours) = tls.issued_lifetime_hours {
         let snapshot = ValidCluster {
             tls: None,
             ..valid.clone()
         };
-        let names = ensure_issued(&secrets, cluster, &snapshot, lifetime_hours).await?;
+        // Members that advertise their pod IP are verified by their peers against it, so the
+        // certificates name those IPs; with DNS addressing they name DNS names only.
+        let pod_ips: BTreeSet<std::net::IpAddr> = match ctx.config.peer_addressing {
+            PeerAddressing::Dns => BTreeSet::new(),
+            PeerAddressing::PodIp => found
+                .pods
+                .iter()
+                .filter_map(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok())
+                .collect(),
+        };
+        let names = ensure_issued(&secrets, cluster, &snapshot, lifetime_hours, &pod_ips).await?;
         if let Some(tls) = valid.tls.as_mut() {
             tls.secrets = names;
         }
@@ -439,6 +455,7 @@ async fn ensure_issued(
     cluster: &RaftCluster,
     valid: &ValidCluster,
     lifetime_hours: u32,
+    pod_ips: &BTreeSet<std::net::IpAddr>,
 ) -> Result<TlsSecretNames> {
     let names = &valid.names;
     let now = Timestamp::now();
@@ -473,19 +490,39 @@ async fn ensure_issued(
         .collect();
     let plan = plan_generation(&found, rotation, now);
     let current = issued_secret_names(names, plan.current);
-    if plan.issue {
-        let server = issue_client_server(names, &cas, now, lifetime_hours)?;
-        let peer = issue_peer(names, &cas, now, lifetime_hours)?;
-        let generation = Some(plan.current);
-        // Each generation is written once and never changed: pods still on the previous one keep
-        // exactly the files they started with while the rollout reaches them.
-        for secret in [
-            build_issued_secret(valid, &current.client, "client", generation, &server, rotation),
-            build_issued_secret(valid, &current.peer, "peer", generation, &peer, rotation),
-        ] {
-            secrets.create(&PostParams::default(), &secret).await?;
+    // With pod-IP addressing a new pod's IP is known only once it runs; the current generation
+    // is then re-issued in place to name it, and the nodes reload the updated files. This is the
+    // one change ever made to a written generation, and only in the simulated environments
+    // pod-IP addressing is meant for.
+    let uncovered = !plan.issue
+        && found
+            .iter()
+            .filter(|s| s.generation == Some(plan.current))
+            .any(|s| !s.ips.is_superset(pod_ips));
+    if plan.issue || uncovered {
+        let ips: Vec<std::net::IpAddr> = pod_ips.iter().copied().collect();
+        let server = issue_client_server(names, &cas, now, lifetime_hours, &ips)?;
+        let peer = issue_peer(names, &cas, now, lifetime_hours, &ips)?;
+        let record = SecretRecord {
+            generation: Some(plan.current),
+            rotation,
+            ips: &ips,
+        };
+        let built = [
+            build_issued_secret(valid, &current.client, "client", &server, record),
+            build_issued_secret(valid, &current.peer, "peer", &peer, record),
+        ];
+        for secret in built {
+            if plan.issue {
+                // Each generation is written once: pods still on the previous one keep exactly
+                // the files they started with while the rollout reaches them.
+                secrets.create(&PostParams::default(), &secret).await?;
+            } else {
+                let name = secret.metadata.name.clone().unwrap_or_default();
+                secrets.patch(&name, &apply_params(), &Patch::Apply(&secret)).await?;
+            }
         }
-        info!(generation = plan.current, not_after = %server.not_after, "issued certificates");
+        info!(generation = plan.current, not_after = %server.not_after, ips = ?ips, "issued certificates");
     }
     for name in &plan.delete {
         delete_if_present(secrets, name).await?;
@@ -509,7 +546,11 @@ async fn ensure_issued(
         let existing = found.iter().find(|s| s.name == name);
         if existing.is_none_or(|s| s.needs_replacing(rotation, now)) {
             let issued = issue_client(names, &cas, &user, role, now, lifetime_hours)?;
-            let secret = build_issued_secret(valid, &name, certificate, None, &issued, rotation);
+            let record = SecretRecord {
+                rotation,
+                ..SecretRecord::default()
+            };
+            let secret = build_issued_secret(valid, &name, certificate, &issued, record);
             secrets.patch(&name, &apply_params(), &Patch::Apply(&secret)).await?;
             info!(secret = %name, role, "issued a client certificate");
         }

@@ -12,7 +12,8 @@
 //! User-provided Secrets (cert-manager `Certificate`s) are mounted under the same paths; they are
 //! renewed in place by their issuer, and the nodes reload the files when the kubelet updates them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -32,6 +33,9 @@ pub const CERTIFICATE_LABEL: &str = "raftkv.dev/certificate";
 pub const NOT_BEFORE_ANNOTATION: &str = "raftkv.dev/not-before";
 /// Annotation on an issued Secret: its certificate's `notAfter` (RFC 3339).
 pub const NOT_AFTER_ANNOTATION: &str = "raftkv.dev/not-after";
+/// Annotation on an issued server or peer Secret: the pod IPs its certificate names, comma
+/// separated (pod-IP addressing only).
+pub const IP_ADDRESSES_ANNOTATION: &str = "raftkv.dev/ip-addresses";
 /// Annotation on a `RaftCluster`: changing its value makes the operator issue and roll out new
 /// certificates at once (after a key leaked, or to try a rotation). Issued Secrets record the
 /// value they were issued under.
@@ -94,6 +98,8 @@ pub struct IssuedSecret {
     pub not_after: Option<Timestamp>,
     /// The value of [`ROTATE_ANNOTATION`] it was issued under.
     pub rotation: Option<String>,
+    /// The pod IPs its certificate names.
+    pub ips: BTreeSet<IpAddr>,
 }
 
 impl IssuedSecret {
@@ -109,6 +115,10 @@ impl IssuedSecret {
             not_before: time(NOT_BEFORE_ANNOTATION),
             not_after: time(NOT_AFTER_ANNOTATION),
             rotation: annotations.get(ROTATE_ANNOTATION).cloned(),
+            ips: annotations
+                .get(IP_ADDRESSES_ANNOTATION)
+                .map(|ips| ips.split(',').filter_map(|ip| ip.trim().parse().ok()).collect())
+                .unwrap_or_default(),
         })
     }
 
@@ -226,16 +236,32 @@ pub fn read_ca_secret(secret: &Secret) -> Result<ClusterCas> {
     })
 }
 
+/// What an issued Secret records besides its certificate.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SecretRecord<'a> {
+    /// The generation, for server and peer Secrets.
+    pub generation: Option<u32>,
+    /// The [`ROTATE_ANNOTATION`] value it answers.
+    pub rotation: Option<&'a str>,
+    /// The pod IPs the certificate names.
+    pub ips: &'a [IpAddr],
+}
+
 /// A `kubernetes.io/tls` Secret holding an issued certificate, its key and its CA, labelled
-/// with what it is and annotated with its validity and the rotation request it answers.
+/// with what it is and annotated with its validity, the rotation request it answers and the
+/// pod IPs it names.
 pub fn build_issued_secret(
     cluster: &ValidCluster,
     name: &str,
     certificate: &str,
-    generation: Option<u32>,
     issued: &Issued,
-    rotation: Option<&str>,
+    record: SecretRecord<'_>,
 ) -> Secret {
+    let SecretRecord {
+        generation,
+        rotation,
+        ips,
+    } = record;
     let mut metadata = secret_metadata(cluster, name, certificate);
     if let Some(generation) = generation {
         metadata
@@ -249,6 +275,10 @@ pub fn build_issued_secret(
     ]);
     if let Some(rotation) = rotation {
         annotations.insert(ROTATE_ANNOTATION.into(), rotation.into());
+    }
+    if !ips.is_empty() {
+        let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+        annotations.insert(IP_ADDRESSES_ANNOTATION.into(), ips.join(","));
     }
     metadata.annotations = Some(annotations);
     Secret {
@@ -326,6 +356,7 @@ mod tests {
             not_before: Some(not_before),
             not_after: Some(not_before + SignedDuration::from_hours(90)),
             rotation: rotation.map(String::from),
+            ips: BTreeSet::new(),
         }
     }
 
@@ -406,13 +437,20 @@ mod tests {
         )
         .unwrap();
         let cas = crate::certs::new_cluster_cas(&cluster.names, now()).unwrap();
-        let cert = crate::certs::issue_peer(&cluster.names, &cas, now(), 90).unwrap();
-        let secret = build_issued_secret(&cluster, "demo-peer-tls-4", "peer", Some(4), &cert, Some("x"));
+        let ip: IpAddr = "127.9.0.3".parse().unwrap();
+        let cert = crate::certs::issue_peer(&cluster.names, &cas, now(), 90, &[ip]).unwrap();
+        let record = SecretRecord {
+            generation: Some(4),
+            rotation: Some("x"),
+            ips: &[ip],
+        };
+        let secret = build_issued_secret(&cluster, "demo-peer-tls-4", "peer", &cert, record);
         assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
         let read = IssuedSecret::read(&secret).unwrap();
         assert_eq!(read.generation, Some(4));
         assert_eq!(read.not_after, Some(cert.not_after));
         assert_eq!(read.rotation.as_deref(), Some("x"));
+        assert_eq!(read.ips, BTreeSet::from([ip]));
         assert!(!read.needs_replacing(Some("x"), now()));
         assert!(read.needs_replacing(None, now()));
         assert_eq!(read_ca_secret(&build_ca_secret(&cluster, &cas)).unwrap(), cas);
