@@ -9,10 +9,17 @@
 # physical limits the figures should be read against: the disk's raw fdatasync rate and the
 # loopback HTTP ceiling (a trivial endpoint of each system: raftkv /healthz, etcd /version).
 #
-# Usage: e2e/bench/compare.sh            (about 4 minutes)
+# Then the TLS points: each system again on a fresh cluster with TLS on the client and the peer
+# port, client certificates required on both (etcd --client-cert-auth and --peer-client-cert-auth;
+# raftkv --client-ca-file, which also turns its role checks on, and mutual TLS between peers),
+# certificates from one throwaway CA made with openssl; writes at 1 and 64 connections and both
+# reads at 64. The closing note gives the cost of TLS on writes and reads for each system.
+#
+# Usage: e2e/bench/compare.sh            (about 6 minutes)
 # Environment: DURATION (s per point, 5), WARMUP (s, 1), KEYS (100000), VALUE_SIZE (256),
 #   BENCH_DIR (data and results; default target/bench-compare under the repository),
-#   NO_BUILD=1 to use the release binaries already built, JSON_OUT=file for every raw report.
+#   NO_BUILD=1 to use the release binaries already built, JSON_OUT=file for every raw report,
+#   TLS=0 to skip the TLS points.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -22,6 +29,7 @@ KEYS=${KEYS:-100000}
 VALUE_SIZE=${VALUE_SIZE:-256}
 BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench-compare}
 BIN=$ROOT/target/release
+TLS=${TLS:-1}
 
 PIDS=()
 stop_all() {
@@ -68,9 +76,10 @@ free_base() {
   exit 1
 }
 
+CURL_TLS=()
 wait_http() { # url, expected body fragment
   for _ in $(seq 300); do
-    if curl -fsS --max-time 1 "$1" 2>/dev/null | grep -q "$2"; then return 0; fi
+    if curl -fsS --max-time 1 "${CURL_TLS[@]}" "$1" 2>/dev/null | grep -q "$2"; then return 0; fi
     sleep 0.1
   done
   echo "timed out waiting for $1" >&2
@@ -86,12 +95,28 @@ rss_mb() { # pids... -> total resident set in MB
   echo $((total / 1024))
 }
 
+BENCH_TLS=()
 point() { # system endpoints name conns mix
   local system=$1 endpoints=$2 name=$3 conns=$4 mix=$5
   log "$system: $name ($conns conns, $mix)"
-  "$BIN/raftkv-bench" --target "$system" --endpoints "$endpoints" --conns "$conns" --mix "$mix" \
+  "$BIN/raftkv-bench" "${BENCH_TLS[@]}" --target "$system" --endpoints "$endpoints" --conns "$conns" --mix "$mix" \
     --duration "$DURATION" --warmup "$WARMUP" --key-space "$KEYS" --value-size "$VALUE_SIZE" --json |
     jq -c --arg system "$system" --arg name "$name" '. + {system: $system, point: $name}' >>"$RESULTS"
+}
+
+preload() { # system endpoints
+  log "$1: preloading $KEYS keys"
+  "$BIN/raftkv-bench" "${BENCH_TLS[@]}" --target "$1" --endpoints "$2" --conns 64 --key-space "$KEYS" \
+    --value-size "$VALUE_SIZE" --preload --preload-only
+}
+
+# The TLS points: the same operations as their plaintext namesakes, on a TLS cluster.
+tls_sweep() { # system endpoints
+  local system=$1 endpoints=$2
+  preload "$system" "$endpoints"
+  for conns in 1 64; do point "$system" "$endpoints" "write (TLS)" "$conns" put; done
+  point "$system" "$endpoints" "linearizable read (TLS)" 64 get
+  point "$system" "$endpoints" "stale read (TLS)" 64 stale_get
 }
 
 sweep() { # system endpoints pids...
@@ -99,9 +124,7 @@ sweep() { # system endpoints pids...
   shift 2
   point "$system" "$endpoints" "http ceiling" 1 health
   point "$system" "$endpoints" "http ceiling" 64 health
-  log "$system: preloading $KEYS keys"
-  "$BIN/raftkv-bench" --target "$system" --endpoints "$endpoints" --conns 64 --key-space "$KEYS" \
-    --value-size "$VALUE_SIZE" --preload --preload-only
+  preload "$system" "$endpoints"
   for conns in 1 16 64 256; do point "$system" "$endpoints" "write" "$conns" put; done
   point "$system" "$endpoints" "linearizable read" 64 get
   point "$system" "$endpoints" "stale read" 64 stale_get
@@ -127,47 +150,102 @@ os.unlink(path)
 print(json.dumps({"fdatasync_per_sec": round(count / elapsed), "fdatasync_us": round(elapsed / count * 1e6)}))
 EOF
 
-# etcd: three members, default tuning, data under $BENCH_DIR/etcd.
-base=$(free_base)
-cluster=""
-for i in 1 2 3; do cluster+="${cluster:+,}e$i=http://127.0.0.1:$((base + 100 + i))"; done
-endpoints=""
-ETCD_PIDS=()
-for i in 1 2 3; do
-  c=$((base + i)) p=$((base + 100 + i))
-  etcd --name "e$i" --data-dir "$BENCH_DIR/etcd/e$i" \
-    --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
-    --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
-    --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token raftkv-bench \
-    --logger zap --log-level warn >"$BENCH_DIR/etcd-$i.log" 2>&1 &
-  PIDS+=($!)
-  ETCD_PIDS+=($!)
-  endpoints+="${endpoints:+,}http://127.0.0.1:$c"
-done
-log "etcd $(etcd --version | head -1 | awk '{print $3}') on $endpoints"
-for i in 1 2 3; do wait_http "http://127.0.0.1:$((base + i))/health" '"health":"true"'; done
-sweep etcd "$endpoints" "${ETCD_PIDS[@]}"
+# One throwaway CA; a certificate for 127.0.0.1 used by every member of both systems as server
+# and as peer client (with raftkv's cluster URI SAN), and a client certificate (O=admin) for the
+# load generator.
+PKI=$BENCH_DIR/pki
+make_pki() {
+  mkdir -p "$PKI"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+    -keyout "$PKI/ca.key" -out "$PKI/ca.pem" 2>/dev/null
+  issue() { # name subject extensions
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "$2" \
+      -keyout "$PKI/$1.key" -out "$PKI/$1.csr" 2>/dev/null
+    printf '%s\n' "$3" >"$PKI/$1.ext"
+    openssl x509 -req -in "$PKI/$1.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca.key" -CAcreateserial -days 1 \
+      -extfile "$PKI/$1.ext" -out "$PKI/$1.pem" 2>/dev/null
+  }
+  issue member "/CN=member" "subjectAltName=IP:127.0.0.1,DNS:localhost,URI:urn:raftkv:cluster:bench
+extendedKeyUsage=serverAuth,clientAuth"
+  issue client "/CN=bench/O=admin" "extendedKeyUsage=clientAuth"
+}
+
+# etcd: three members, default tuning, data under $BENCH_DIR/etcd[-tls]; $1 = tls or plain.
+start_etcd() {
+  local mode=$1 scheme=http tls_flags=() i c p
+  if [[ $mode == tls ]]; then
+    scheme=https
+    tls_flags=(--cert-file "$PKI/member.pem" --key-file "$PKI/member.key" --client-cert-auth
+      --trusted-ca-file "$PKI/ca.pem" --peer-cert-file "$PKI/member.pem" --peer-key-file "$PKI/member.key"
+      --peer-client-cert-auth --peer-trusted-ca-file "$PKI/ca.pem")
+  fi
+  base=$(free_base)
+  local cluster=""
+  for i in 1 2 3; do cluster+="${cluster:+,}e$i=$scheme://127.0.0.1:$((base + 100 + i))"; done
+  endpoints=""
+  SYSTEM_PIDS=()
+  for i in 1 2 3; do
+    c=$((base + i)) p=$((base + 100 + i))
+    etcd --name "e$i" --data-dir "$BENCH_DIR/etcd-$mode/e$i" "${tls_flags[@]}" \
+      --listen-client-urls "$scheme://127.0.0.1:$c" --advertise-client-urls "$scheme://127.0.0.1:$c" \
+      --listen-peer-urls "$scheme://127.0.0.1:$p" --initial-advertise-peer-urls "$scheme://127.0.0.1:$p" \
+      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token raftkv-bench \
+      --logger zap --log-level warn >"$BENCH_DIR/etcd-$mode-$i.log" 2>&1 &
+    PIDS+=($!)
+    SYSTEM_PIDS+=($!)
+    endpoints+="${endpoints:+,}$scheme://127.0.0.1:$c"
+  done
+  log "etcd $(etcd --version | head -1 | awk '{print $3}') on $endpoints"
+  for i in 1 2 3; do wait_http "$scheme://127.0.0.1:$((base + i))/health" '"health":"true"'; done
+}
+
+# raftkv: three members with static bootstrap, default tuning, data under $BENCH_DIR/raftkv[-tls].
+start_raftkv() {
+  local mode=$1 scheme=http tls_flags=() i c p
+  if [[ $mode == tls ]]; then
+    scheme=https
+    tls_flags=(--client-cert-file "$PKI/member.pem" --client-key-file "$PKI/member.key"
+      --client-ca-file "$PKI/ca.pem" --peer-cert-file "$PKI/member.pem" --peer-key-file "$PKI/member.key"
+      --peer-ca-file "$PKI/ca.pem" --peer-cluster-name bench)
+  fi
+  base=$(free_base)
+  local cluster=""
+  for i in 1 2 3; do cluster+="${cluster:+,}$i=$scheme://127.0.0.1:$((base + 100 + i))"; done
+  endpoints=""
+  SYSTEM_PIDS=()
+  for i in 1 2 3; do
+    c=$((base + i)) p=$((base + 100 + i))
+    RUST_LOG=warn "$BIN/raftkv-node" --id "$i" --data-dir "$BENCH_DIR/raftkv-$mode/node-$i" "${tls_flags[@]}" \
+      --client-addr "127.0.0.1:$c" --peer-addr "127.0.0.1:$p" --initial-cluster "$cluster" \
+      >"$BENCH_DIR/raftkv-$mode-$i.log" 2>&1 &
+    PIDS+=($!)
+    SYSTEM_PIDS+=($!)
+    endpoints+="${endpoints:+,}$scheme://127.0.0.1:$c"
+  done
+  log "raftkv on $endpoints"
+  for i in 1 2 3; do wait_http "$scheme://127.0.0.1:$((base + i))/readyz" ready; done
+}
+
+start_etcd plain
+sweep etcd "$endpoints" "${SYSTEM_PIDS[@]}"
+stop_all
+start_raftkv plain
+sweep raftkv "$endpoints" "${SYSTEM_PIDS[@]}"
 stop_all
 
-# raftkv: three members with static bootstrap, default tuning, data under $BENCH_DIR/raftkv.
-base=$(free_base)
-cluster=""
-for i in 1 2 3; do cluster+="${cluster:+,}$i=http://127.0.0.1:$((base + 100 + i))"; done
-endpoints=""
-RAFTKV_PIDS=()
-for i in 1 2 3; do
-  c=$((base + i)) p=$((base + 100 + i))
-  RUST_LOG=warn "$BIN/raftkv-node" --id "$i" --data-dir "$BENCH_DIR/raftkv/node-$i" \
-    --client-addr "127.0.0.1:$c" --peer-addr "127.0.0.1:$p" --initial-cluster "$cluster" \
-    >"$BENCH_DIR/raftkv-$i.log" 2>&1 &
-  PIDS+=($!)
-  RAFTKV_PIDS+=($!)
-  endpoints+="${endpoints:+,}http://127.0.0.1:$c"
-done
-log "raftkv on $endpoints"
-for i in 1 2 3; do wait_http "http://127.0.0.1:$((base + i))/readyz" ready; done
-sweep raftkv "$endpoints" "${RAFTKV_PIDS[@]}"
-stop_all
+if [[ $TLS != 0 ]]; then
+  make_pki
+  CURL_TLS=(--cacert "$PKI/ca.pem" --cert "$PKI/client.pem" --key "$PKI/client.key")
+  BENCH_TLS=(--cacert "$PKI/ca.pem" --cert "$PKI/client.pem" --key "$PKI/client.key")
+  start_etcd tls
+  tls_sweep etcd "$endpoints"
+  stop_all
+  start_raftkv tls
+  tls_sweep raftkv "$endpoints"
+  stop_all
+  CURL_TLS=()
+  BENCH_TLS=()
+fi
 
 if [[ -n "${JSON_OUT:-}" ]]; then cp "$RESULTS" "$JSON_OUT"; fi
 
@@ -207,4 +285,21 @@ errs = [r for r in rows if r.get("errors") or r.get("unknown")]
 for r in errs:
     print(f"! {r['system']} {r['point']} {r['conns']}: {r['errors']} errors, {r['unknown']} unknown: {r.get('error_samples')}")
 print("\nratio = raftkv ops/s / etcd ops/s (resident set: etcd MB / raftkv MB); '!' marks a point with errors")
+tls_notes = []
+for system in ("raftkv", "etcd"):
+    costs = []
+    for (point, conns) in points:
+        if not point.endswith(" (TLS)"):
+            continue
+        plain, tls = by.get((system, point[: -len(" (TLS)")], conns)), by.get((system, point, conns))
+        if not plain or not tls or not plain["ops_per_sec"]:
+            continue
+        drop = 100 * (1 - tls["ops_per_sec"] / plain["ops_per_sec"])
+        p50 = (tls["latency"]["p50_us"] - plain["latency"]["p50_us"]) / 1000
+        costs.append(f"{point[: -len(' (TLS)')]} at {conns}: {drop:.0f}% fewer ops/s, p50 {p50:+.2f} ms")
+    if costs:
+        tls_notes.append(f"  {system}: " + "; ".join(costs))
+if tls_notes:
+    print("cost of TLS (each TLS point against its plaintext namesake):")
+    print("\n".join(tls_notes))
 EOF

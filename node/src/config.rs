@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::identity::MAX_MEMBER_ID;
+use crate::tls::TlsFiles;
 
 /// How one member runs.
 #[derive(clap::Args, Debug, Clone)]
@@ -20,13 +21,14 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTKV_PEER_ADDR", default_value = "0.0.0.0:8081")]
     pub peer_addr: SocketAddr,
     /// URL other members use to reach this member's peer port (default: the bound peer address
-    /// when it is not a wildcard).
+    /// when it is not a wildcard, `https://` when peer TLS is on).
     #[arg(long, env = "RAFTKV_ADVERTISE_PEER_URL")]
     pub advertise_peer_url: Option<String>,
     /// This member's id, for a static cluster. Without it a random id is created on first start.
     #[arg(long, env = "RAFTKV_ID", value_parser = clap::value_parser!(u64).range(1..=MAX_MEMBER_ID))]
     pub id: Option<u64>,
-    /// Static bootstrap: `1=http://host:port,2=http://host:port,...`. Used only on first start.
+    /// Static bootstrap: `1=http://host:port,2=http://host:port,...` (`https://` with peer
+    /// TLS). Used only on first start.
     #[arg(long, env = "RAFTKV_INITIAL_CLUSTER", value_parser = parse_initial_cluster)]
     pub initial_cluster: Option<InitialCluster>,
     /// Applied entries between two snapshots.
@@ -66,12 +68,91 @@ pub struct NodeConfig {
     /// passes its own id so that its members never outlive it, however it ended.
     #[arg(long, hide = true)]
     pub stop_with_parent: Option<u32>,
+    /// Certificate chain (PEM) of the client port: with `--client-key-file`, the client port
+    /// serves TLS only (HTTP/2 through ALPN, and HTTP/1.1).
+    #[arg(long, env = "RAFTKV_CLIENT_CERT_FILE", requires = "client_key_file")]
+    pub client_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `--client-cert-file`.
+    #[arg(long, env = "RAFTKV_CLIENT_KEY_FILE", requires = "client_cert_file")]
+    pub client_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to. Turns authentication on: a
+    /// client certificate's subject O is its role (`read`, `write`, `admin`), its CN its name.
+    /// A client without a certificate may still present a token.
+    #[arg(long, env = "RAFTKV_CLIENT_CA_FILE", requires = "client_cert_file")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Certificate chain (PEM) of the peer port. With `--peer-key-file` and `--peer-ca-file`
+    /// the peer port is mutual TLS both ways: the server and every outgoing peer connection
+    /// present this certificate and require one chaining to the peer CA.
+    #[arg(long, env = "RAFTKV_PEER_CERT_FILE", requires_all = ["peer_key_file", "peer_ca_file"])]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `--peer-cert-file`.
+    #[arg(long, env = "RAFTKV_PEER_KEY_FILE", requires = "peer_cert_file")]
+    pub peer_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) that peer certificates must chain to.
+    #[arg(long, env = "RAFTKV_PEER_CA_FILE", requires = "peer_cert_file")]
+    pub peer_ca_file: Option<PathBuf>,
+    /// With peer TLS: a peer certificate must carry the URI SAN `urn:raftkv:cluster:NAME`;
+    /// a certificate from the same CA issued to another cluster is refused.
+    #[arg(long, env = "RAFTKV_PEER_CLUSTER_NAME", requires = "peer_cert_file", value_parser = parse_cluster_name)]
+    pub peer_cluster_name: Option<String>,
+    /// Bearer tokens, one per line: `<token> <role> [<name>]` with role `read`, `write` or
+    /// `admin`; `#` starts a comment. Turns authentication on.
+    #[arg(long, env = "RAFTKV_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// With authentication on, protect `/healthz`, `/readyz` and `/metrics` too (any role may
+    /// read them). Off by default so that kubelet's HTTP probes keep working.
+    #[arg(long, env = "RAFTKV_AUTH_PROBES", default_value_t = false)]
+    pub auth_probes: bool,
+    /// How often certificate, key, CA and token files are checked for changes, in milliseconds.
+    #[arg(long, env = "RAFTKV_RELOAD_INTERVAL_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub reload_interval_ms: u64,
 }
 
 impl NodeConfig {
     /// The request deadline.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// The client port's TLS files, when it serves TLS.
+    pub fn client_tls_files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.client_cert_file.clone()?,
+            key: self.client_key_file.clone()?,
+            ca: self.client_ca_file.clone(),
+        })
+    }
+
+    /// The peer port's TLS files, when peer TLS is on.
+    pub fn peer_tls_files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.peer_cert_file.clone()?,
+            key: self.peer_key_file.clone()?,
+            ca: Some(self.peer_ca_file.clone()?),
+        })
+    }
+
+    /// Whether requests must carry credentials (a client certificate or a token).
+    pub fn auth_enabled(&self) -> bool {
+        self.client_ca_file.is_some() || self.token_file.is_some()
+    }
+
+    /// How often reloadable files are checked.
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_millis(self.reload_interval_ms)
+    }
+}
+
+/// A cluster name as it goes into `urn:raftkv:cluster:NAME`: Kubernetes-name characters only.
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a cluster name (letters, digits, '-', '.', '_')"))
     }
 }
 
@@ -93,7 +174,7 @@ impl InitialCluster {
     }
 }
 
-/// Parses `1=http://a:1,2=http://b:2`.
+/// Parses `1=http://a:1,2=http://b:2` (`https://` with peer TLS).
 pub fn parse_initial_cluster(s: &str) -> Result<InitialCluster, String> {
     let mut out: Vec<(u64, String)> = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -105,8 +186,8 @@ pub fn parse_initial_cluster(s: &str) -> Result<InitialCluster, String> {
             .filter(|id| *id >= 1 && *id <= MAX_MEMBER_ID)
             .ok_or_else(|| format!("{id:?} is not a member id (1 to {MAX_MEMBER_ID})"))?;
         let url = url.trim();
-        if !url.starts_with("http://") {
-            return Err(format!("peer URL {url:?} must start with http://"));
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(format!("peer URL {url:?} must start with http:// or https://"));
         }
         if out.iter().any(|(other, _)| *other == id) {
             return Err(format!("member id {id} appears twice"));

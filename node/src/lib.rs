@@ -18,11 +18,14 @@
 //! - [`kv`]: the replicated state itself (ordered map, revisions, membership) and its snapshot format.
 //! - [`command`]: how client writes and membership contexts are encoded in log entries.
 //! - [`transport`]: peer-to-peer streams of Raft messages and snapshots over HTTP.
+//! - [`tls`]: TLS configurations of both ports from PEM files, reloaded when the files change;
+//!   the peer port's cluster check; the client of every outgoing peer connection.
 //! - [`api`]: the client and admin HTTP API (key-value and admin handlers, forwarding to the
 //!   leader, request decoding, error answers); its bodies are the `raftkv-api` crate's types.
 //! - [`identity`]: the member id and tombstone on the data directory.
 //! - [`node`]: recovery, start-up and shutdown of one member.
 //! - [`local`]: a local cluster of member processes in one command.
+//! - [`pki`]: throwaway CA and certificates for `local --tls` and tests.
 //! - [`config`], [`metrics`], [`error`]: flags, Prometheus metrics, the error type.
 //!
 //! The load generator behind `raftkv-bench` is not part of the node: it is a crate of its own,
@@ -43,10 +46,12 @@ pub mod kv;
 pub mod local;
 pub mod metrics;
 pub mod node;
+pub mod pki;
 pub mod read_index;
 pub mod snapshot;
 pub mod state_machine;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 pub mod wal;
 

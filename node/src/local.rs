@@ -1,6 +1,7 @@
 //! `raftkv-node local`: a static cluster of real `raftkv-node` processes on 127.0.0.1, for trying
 //! raftkv without Kubernetes. Each member is this same binary in its own process with its own data
-//! directory; Ctrl-C stops them all gracefully.
+//! directory; Ctrl-C stops them all gracefully. With `--tls` every port is TLS with throwaway
+//! certificates made under the data directory, and authentication is on.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -45,6 +46,97 @@ pub struct LocalArgs {
     /// Applied entries between snapshots, passed to every member.
     #[arg(long)]
     pub snapshot_count: Option<u64>,
+    /// Serve TLS on every port with a throwaway CA made under `<data-dir>/tls` (kept for the
+    /// next start), mutual TLS between members, and authentication: an admin client
+    /// certificate and an admin token are made there too.
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// The files of `local --tls`, under `<data-dir>/tls`.
+struct LocalPki {
+    dir: PathBuf,
+}
+
+/// The cluster name in the local members' peer certificates.
+const LOCAL_CLUSTER: &str = "local";
+
+impl LocalPki {
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Makes the CA, each member's client and peer certificates, an admin client certificate
+    /// and an admin token, unless an earlier start made them (the members' data is kept too,
+    /// and stays with the CA that started it).
+    fn ensure(dir: PathBuf, nodes: u64) -> anyhow::Result<LocalPki> {
+        use crate::pki::{CertSpec, ThrowawayCa};
+        let pki = LocalPki { dir };
+        let wanted: Vec<PathBuf> = (1..=nodes)
+            .flat_map(|i| [format!("node-{i}-peer.pem"), format!("node-{i}-client.pem")])
+            .chain(["ca.pem".into(), "admin.pem".into(), "tokens".into()])
+            .map(|f| pki.path(&f))
+            .collect();
+        if wanted.iter().all(|p| p.exists()) {
+            return Ok(pki);
+        }
+        std::fs::create_dir_all(&pki.dir).with_context(|| format!("creating {}", pki.dir.display()))?;
+        let write = |file: &str, contents: &str| -> anyhow::Result<()> {
+            crate::identity::write_atomically(&pki.path(file), contents.as_bytes())?;
+            Ok(())
+        };
+        // One CA for both ports: a client certificate is still no peer certificate, since the
+        // peer port requires this cluster's URI SAN, which client certificates do not carry.
+        let ca = ThrowawayCa::new("raftkv local CA")?;
+        write("ca.pem", ca.cert_pem())?;
+        let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
+        for i in 1..=nodes {
+            let name = format!("node-{i}");
+            let peer = ca.issue(&CertSpec::member(&name, &loopback, Some(LOCAL_CLUSTER)))?;
+            write(&format!("{name}-peer.pem"), &peer.cert_pem)?;
+            write(&format!("{name}-peer-key.pem"), &peer.key_pem)?;
+            let client = ca.issue(&CertSpec::member(&name, &loopback, None))?;
+            write(&format!("{name}-client.pem"), &client.cert_pem)?;
+            write(&format!("{name}-client-key.pem"), &client.key_pem)?;
+        }
+        let admin = ca.issue(&CertSpec::client("admin", "admin"))?;
+        write("admin.pem", &admin.cert_pem)?;
+        write("admin-key.pem", &admin.key_pem)?;
+        let token: String = (0..32).map(|_| format!("{:x}", rand::random::<u8>() & 0xf)).collect();
+        write("admin.token", &token)?;
+        write(
+            "tokens",
+            &format!("# <token> <role> [<name>]: read, write or admin\n{token} admin local-admin\n"),
+        )?;
+        Ok(pki)
+    }
+
+    /// The flags of member `i`.
+    fn member_flags(&self, i: u64) -> Vec<std::ffi::OsString> {
+        let mut flags = Vec::new();
+        for (flag, file) in [
+            ("--client-cert-file", format!("node-{i}-client.pem")),
+            ("--client-key-file", format!("node-{i}-client-key.pem")),
+            ("--client-ca-file", "ca.pem".into()),
+            ("--peer-cert-file", format!("node-{i}-peer.pem")),
+            ("--peer-key-file", format!("node-{i}-peer-key.pem")),
+            ("--peer-ca-file", "ca.pem".into()),
+            ("--token-file", "tokens".into()),
+        ] {
+            flags.push(flag.into());
+            flags.push(self.path(&file).into_os_string());
+        }
+        flags.push("--peer-cluster-name".into());
+        flags.push(LOCAL_CLUSTER.into());
+        flags
+    }
+
+    /// A client presenting the admin certificate, for the launcher's own status polls.
+    fn admin_client(&self) -> anyhow::Result<crate::tls::PeerClient> {
+        let read = |f: &str| std::fs::read(self.path(f)).with_context(|| format!("reading {}", self.path(f).display()));
+        let config = crate::tls::client_config(&read("ca.pem")?, &read("admin.pem")?, &read("admin-key.pem")?)?;
+        Ok(crate::tls::PeerClient::with_config(config))
+    }
 }
 
 /// Starts the members, prints their URLs, and stops them on Ctrl-C or when one exits.
@@ -57,12 +149,19 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     for i in 1..=args.nodes {
         members.push((i, port(i)?, port(100 + i)?));
     }
+    let scheme = if args.tls { "https" } else { "http" };
     let initial: Vec<String> = members
         .iter()
-        .map(|(i, _, peer)| format!("{i}=http://127.0.0.1:{peer}"))
+        .map(|(i, _, peer)| format!("{i}={scheme}://127.0.0.1:{peer}"))
         .collect();
     let initial = initial.join(",");
     refuse_partial_data(&args.data_dir, args.nodes)?;
+    let pki = if args.tls {
+        let (dir, nodes) = (args.data_dir.join("tls"), args.nodes);
+        Some(tokio::task::spawn_blocking(move || LocalPki::ensure(dir, nodes)).await??)
+    } else {
+        None
+    };
     let mut children: Vec<(u64, Child)> = Vec::new();
     for &(i, client, peer) in &members {
         let dir = args.data_dir.join(format!("node-{i}"));
@@ -85,6 +184,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         if let Some(n) = args.snapshot_count {
             cmd.arg("--snapshot-count").arg(n.to_string());
         }
+        if let Some(pki) = &pki {
+            cmd.args(pki.member_flags(i));
+        }
         let mut child = cmd.spawn().with_context(|| format!("starting member {i}"))?;
         for stream in [child.stdout.take().map(boxed), child.stderr.take().map(boxed)]
             .into_iter()
@@ -101,9 +203,13 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     }
     let urls: Vec<String> = members
         .iter()
-        .map(|(_, c, _)| format!("http://127.0.0.1:{c}"))
+        .map(|(_, c, _)| format!("{scheme}://127.0.0.1:{c}"))
         .collect();
-    match wait_for_leader(&urls, Duration::from_secs(30)).await {
+    let client = match &pki {
+        Some(pki) => pki.admin_client()?,
+        None => crate::tls::PeerClient::default(),
+    };
+    match wait_for_leader(&client, &urls, Duration::from_secs(30)).await {
         Ok(leader) => {
             say!(
                 "raftkv local cluster of {} members is up (leader: member {leader})",
@@ -115,8 +221,32 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                     args.data_dir.join(format!("node-{i}")).display()
                 );
             }
-            say!("try:  curl -X PUT {}/v1/kv/greeting -d hello", urls[0]);
-            say!("      curl {}/v1/kv/greeting", urls[urls.len() - 1]);
+            match &pki {
+                None => {
+                    say!("try:  curl -X PUT {}/v1/kv/greeting -d hello", urls[0]);
+                    say!("      curl {}/v1/kv/greeting", urls[urls.len() - 1]);
+                }
+                Some(pki) => {
+                    let ca = pki.path("ca.pem");
+                    say!(
+                        "TLS and authentication are on; certificates, keys and tokens are in {}",
+                        pki.dir.display()
+                    );
+                    say!(
+                        "try:  curl --cacert {} --cert {} --key {} -X PUT {}/v1/kv/greeting -d hello",
+                        ca.display(),
+                        pki.path("admin.pem").display(),
+                        pki.path("admin-key.pem").display(),
+                        urls[0]
+                    );
+                    say!(
+                        "      curl --cacert {} -H \"Authorization: Bearer $(cat {})\" {}/v1/kv/greeting",
+                        ca.display(),
+                        pki.path("admin.token").display(),
+                        urls[urls.len() - 1]
+                    );
+                }
+            }
             say!("Ctrl-C stops every member.");
         }
         Err(e) => warn_user!("warning: {e:#}"),
@@ -194,9 +324,7 @@ fn refuse_partial_data(data_dir: &std::path::Path, nodes: u64) -> anyhow::Result
     Ok(())
 }
 
-async fn wait_for_leader(urls: &[String], within: Duration) -> anyhow::Result<u64> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+async fn wait_for_leader(client: &crate::tls::PeerClient, urls: &[String], within: Duration) -> anyhow::Result<u64> {
     let deadline = tokio::time::Instant::now() + within;
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -205,7 +333,10 @@ async fn wait_for_leader(urls: &[String], within: Duration) -> anyhow::Result<u6
             let Ok(uri) = format!("{url}/v1/status").parse::<hyper::Uri>() else {
                 continue;
             };
-            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(1), client.get(uri)).await {
+            let Ok(req) = hyper::Request::get(uri).body(http_body_util::Empty::<bytes::Bytes>::new()) else {
+                continue;
+            };
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(1), client.request(req)).await {
                 use http_body_util::BodyExt;
                 if let Ok(body) = resp.into_body().collect().await {
                     let status: serde_json::Value = serde_json::from_slice(&body.to_bytes()).unwrap_or_default();

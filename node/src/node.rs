@@ -28,6 +28,7 @@ use crate::kv::{KvState, MemberRole};
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotStore;
 use crate::state_machine::{Shared, StateMachine};
+use crate::tls::{self, PeerClient};
 use crate::transport::{self, Transport, TransportContext};
 use crate::wal::{Wal, WalOptions};
 
@@ -132,15 +133,31 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         .io_context(|| format!("bind peer address {}", cfg.peer_addr))?;
     let client_addr = client.local_addr().io_context(|| "client address".into())?;
     let peer_addr = peer.local_addr().io_context(|| "peer address".into())?;
+    // Certificates are read before anything else starts: a missing or broken file is a
+    // configuration error at start-up, not a port that fails every handshake.
+    let tls_cfg = cfg.clone();
+    let (client_tls, peer_tls, tokens) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let client = tls_cfg.client_tls_files().map(tls::load_client_port).transpose()?;
+        let peer = tls_cfg
+            .peer_tls_files()
+            .map(|files| tls::load_peer(files, tls_cfg.peer_cluster_name.clone()))
+            .transpose()?;
+        let tokens = tls_cfg.token_file.clone().map(api::auth::load_tokens).transpose()?;
+        Ok((client, peer, tokens))
+    })
+    .await
+    .map_err(|e| Error::Task(format!("loading TLS files: {e}")))??;
+    let scheme = if peer_tls.is_some() { "https" } else { "http" };
     let advertise_peer_url = cfg
         .advertise_peer_url
         .clone()
-        .or_else(|| (!peer_addr.ip().is_unspecified()).then(|| format!("http://{peer_addr}")));
+        .or_else(|| (!peer_addr.ip().is_unspecified()).then(|| format!("{scheme}://{peer_addr}")));
+    let peer_client = PeerClient::new(peer_tls.clone());
 
     if let (Some(initial), Some(id)) = (&cfg.initial_cluster, cfg.id) {
         let joined = identity::peek(&cfg.data_dir)?.is_some_and(|i| i.cluster_id != 0);
         if !joined {
-            refuse_if_bootstrapped_before(initial, id).await?;
+            refuse_if_bootstrapped_before(initial, id, &peer_client).await?;
         }
     }
     let recover_cfg = cfg.clone();
@@ -179,6 +196,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         shutdown: shutdown.clone(),
         removed: Default::default(),
         advertise_url: advertise_peer_url.clone(),
+        peer_client: peer_client.clone(),
     };
     let transport = Transport::new(transport_ctx.clone(), tokio::runtime::Handle::current());
     let tuning = Tuning {
@@ -220,18 +238,47 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
             request_timeout: cfg.request_timeout(),
             max_ready_lag: cfg.max_lag,
         },
-        advertise_peer_url,
+        api::PeerSide {
+            advertise_url: advertise_peer_url,
+            client: peer_client,
+        },
         shutdown.clone(),
     );
-    let client_router = api::client_router(api_state.clone());
+    let auth = api::auth::Auth {
+        enabled: cfg.auth_enabled(),
+        tokens: tokens.clone(),
+        protect_probes: cfg.auth_probes,
+    };
+    let client_router = api::client_router(api_state.clone(), auth.clone());
+    let peer_admin = api::admin_routes()
+        .layer(axum::middleware::from_fn_with_state(auth, api::auth::authorize_peer))
+        .with_state(api_state);
     let peer_router = Router::new()
         .route("/raft/stream", post(transport::receive_stream))
         .route("/raft/snapshot", post(transport::receive_snapshot))
         .with_state(transport_ctx)
-        .merge(api::admin_routes().with_state(api_state));
-    for (listener, router, name) in [(client, client_router, "client"), (peer, peer_router, "peer")] {
-        tasks.push(tokio::spawn(serve(listener, router, shutdown.clone(), name)));
+        .merge(peer_admin);
+    let client_source = client_tls
+        .clone()
+        .map(|t| -> TlsSource { Arc::new(move || (*t.get()).clone()) });
+    let peer_source = peer_tls
+        .clone()
+        .map(|t| -> TlsSource { Arc::new(move || t.get().server.clone()) });
+    for (listener, router, name, tls) in [
+        (client, client_router, "client", client_source),
+        (peer, peer_router, "peer", peer_source),
+    ] {
+        tasks.push(tokio::spawn(serve(listener, router, shutdown.clone(), name, tls)));
     }
+    let mut reloadable: Vec<Arc<dyn tls::Reload>> = Vec::new();
+    reloadable.extend(client_tls.map(|t| t as Arc<dyn tls::Reload>));
+    reloadable.extend(peer_tls.map(|t| t as Arc<dyn tls::Reload>));
+    reloadable.extend(tokens.map(|t| t as Arc<dyn tls::Reload>));
+    tasks.push(tokio::spawn(tls::watch(
+        reloadable,
+        cfg.reload_interval(),
+        shutdown.clone(),
+    )));
     if let Some(path) = &cfg.addr_file {
         /// What `--addr-file` holds: who listens where, for a launcher that bound port 0.
         #[derive(serde::Serialize)]
@@ -248,7 +295,15 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         .map_err(|e| Error::Codec(e.to_string()))?;
         identity::write_atomically(path, &body)?;
     }
-    tracing::info!(member_id = id, %client_addr, %peer_addr, "serving");
+    tracing::info!(
+        member_id = id,
+        %client_addr,
+        %peer_addr,
+        client_tls = cfg.client_tls_files().is_some(),
+        peer_tls = cfg.peer_tls_files().is_some(),
+        auth = cfg.auth_enabled(),
+        "serving"
+    );
     Ok(RunningNode {
         id,
         client_addr,
@@ -268,9 +323,21 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open connections to finish their requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves `router` (HTTP/1.1 and h2c) until `shutdown`, with two protections `axum::serve`
-/// does not give: a deadline on reading request headers and a cap on open connections.
-async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken, name: &'static str) -> Result<()> {
+/// Where a TLS port takes the server configuration of each new handshake from (it changes when
+/// the certificate files are rotated).
+type TlsSource = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
+
+/// Serves `router` (HTTP/1.1 and h2c, or both over TLS) until `shutdown`, with two protections
+/// `axum::serve` does not give: a deadline on reading request headers (and on the TLS
+/// handshake) and a cap on open connections. A TLS connection's verified client certificate
+/// reaches the handlers as a [`tls::VerifiedCert`] request extension.
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    name: &'static str,
+    tls: Option<TlsSource>,
+) -> Result<()> {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();
     loop {
@@ -278,8 +345,8 @@ async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToke
             a = listener.accept() => a,
             _ = shutdown.cancelled() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, remote) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, most likely: back off instead of spinning.
                 tracing::warn!(server = name, error = %e, "accept failed");
@@ -292,23 +359,26 @@ async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToke
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let shutdown = shutdown.clone();
+        // The configuration current now: a rotation changes the next handshakes only.
+        let tls_config = tls.as_ref().map(|source| source());
         connections.spawn(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            builder.http2().timer(TokioTimer::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            let (stream, cert) = match tls::accept(stream, tls_config).await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::debug!(server = name, %remote, %error, "TLS handshake failed");
+                    return;
                 }
+            };
+            let router = match cert.as_deref().and_then(tls::cert_subject) {
+                Some(subject) => router.layer(axum::Extension(tls::VerifiedCert(Arc::new(subject)))),
+                None => router,
+            };
+            let service = TowerToHyperService::new(router);
+            match stream {
+                tls::Accepted::Plain(s) => serve_connection(TokioIo::new(s), service, shutdown).await,
+                tls::Accepted::Tls(s) => serve_connection(TokioIo::new(*s), service, shutdown).await,
             }
             drop(permit);
         });
@@ -320,6 +390,28 @@ async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToke
     Ok(())
 }
 
+/// Serves one connection until it ends, or finishes its requests and closes on `shutdown`.
+async fn serve_connection<IO>(io: TokioIo<IO>, service: TowerToHyperService<Router>, shutdown: CancellationToken)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
 /// How long each initial member is given to answer before a static bootstrap.
 const BOOTSTRAP_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -329,15 +421,21 @@ const BOOTSTRAP_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// (it could elect a leader missing acknowledged writes); it must be removed and added again
 /// under a new id. As etcd does, the check is best effort: members that do not answer (the
 /// usual case when a new cluster starts all at once) do not hold the bootstrap back.
-async fn refuse_if_bootstrapped_before(initial: &crate::config::InitialCluster, id: u64) -> Result<()> {
+async fn refuse_if_bootstrapped_before(
+    initial: &crate::config::InitialCluster,
+    id: u64,
+    client: &PeerClient,
+) -> Result<()> {
     let cluster_id = initial.cluster_id();
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<axum::body::Body>();
     for (peer, url) in initial.0.iter().filter(|(peer, _)| *peer != id) {
         let Ok(uri) = format!("{}/v1/members", url.trim_end_matches('/')).parse::<hyper::Uri>() else {
             continue;
         };
         let answer = tokio::time::timeout(BOOTSTRAP_PROBE_TIMEOUT, async {
-            let resp = client.get(uri).await.ok()?;
+            let req = hyper::Request::get(uri)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .ok()?;
+            let resp = client.request(req).await.ok()?;
             let body = http_body_util::BodyExt::collect(resp.into_body())
                 .await
                 .ok()?

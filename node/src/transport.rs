@@ -1,4 +1,5 @@
-//! The peer transport: Raft messages between members over HTTP/1.1 on the peer port.
+//! The peer transport: Raft messages between members over HTTP/1.1 on the peer port (over
+//! mutual TLS when peer TLS is on, see [`crate::tls::PeerClient`]).
 //!
 //! Each peer has one sender task holding one long-lived `POST /raft/stream` request whose body is
 //! an endless sequence of frames (`u32 LE length | protobuf Message`). Whatever queued up while the
@@ -24,11 +25,9 @@ use futures::StreamExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::ReaderStream;
@@ -40,6 +39,7 @@ use crate::api::error::json_error;
 use crate::inbox::RaftInput;
 use crate::kv::KvState;
 use crate::snapshot::SnapshotStore;
+use crate::tls::PeerClient;
 
 /// Header carrying the sender's cluster id.
 pub const CLUSTER_ID_HEADER: &str = "x-raftkv-cluster-id";
@@ -75,6 +75,8 @@ pub struct TransportContext {
     /// Members removed from the cluster: their messages are answered `410 member_removed` so a
     /// removed member that missed its own removal learns of it.
     pub removed: Arc<parking_lot::RwLock<std::collections::BTreeSet<u64>>>,
+    /// Opens connections to peers: mutual TLS with the peer certificate when peer TLS is on.
+    pub peer_client: PeerClient,
 }
 
 struct Peer {
@@ -230,7 +232,7 @@ impl PeerSender {
 
     /// Streams messages over one request until it breaks (Err) or the peer is removed (Ok).
     async fn stream(&self, first: Message, rx: &mut mpsc::Receiver<Message>) -> Result<(), String> {
-        let mut sender = connect(&self.url).await?;
+        let mut sender = self.ctx.peer_client.connect::<PeerBody>(&self.url).await?;
         let (body_tx, body_rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
         let body = BoxBody::new(StreamBody::new(ReceiverStream::new(body_rx)));
         let req = hyper::Request::post(format!("{}/raft/stream", self.url))
@@ -296,25 +298,6 @@ impl PeerSender {
 
 type PeerBody = BoxBody<Bytes, std::io::Error>;
 
-/// Opens one HTTP/1.1 connection to a peer; the connection task ends with the connection.
-async fn connect(url: &str) -> Result<hyper::client::conn::http1::SendRequest<PeerBody>, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad peer URL {url}: {e}"))?;
-    let authority = uri.authority().ok_or_else(|| format!("peer URL {url} has no host"))?;
-    let port = authority.port_u16().unwrap_or(80);
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((authority.host(), port)))
-        .await
-        .map_err(|_| format!("connecting to {url} timed out"))?
-        .map_err(|e| format!("connecting to {url}: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake with {url}: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
-}
-
 fn encode_frame(msg: &Message, out: &mut BytesMut) {
     let len = msg.compute_size() as usize;
     out.reserve(4 + len);
@@ -366,7 +349,7 @@ async fn send_snapshot_inner(url: &str, msg: &Message, ctx: &TransportContext) -
         .header(FROM_HEADER, ctx.self_id)
         .body(BoxBody::new(StreamBody::new(body)))
         .map_err(|e| e.to_string())?;
-    let mut sender = connect(url).await?;
+    let mut sender = ctx.peer_client.connect::<PeerBody>(url).await?;
     let resp = sender
         .send_request(req)
         .await
@@ -473,7 +456,7 @@ pub async fn receive_stream(State(ctx): State<TransportContext>, headers: Header
     let url = headers
         .get(PEER_URL_HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|u| u.starts_with("http://"));
+        .filter(|u| u.starts_with("http://") || u.starts_with("https://"));
     if let (Some(id), Some(url)) = (from, url) {
         let _ = ctx
             .inbox

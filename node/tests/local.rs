@@ -49,10 +49,16 @@ async fn run_to_exit(args: Vec<std::ffi::OsString>) -> std::process::Output {
 
 /// Starts `raftkv-node local --nodes 3` and waits for its banner.
 async fn start_local(base: u16, data: &std::path::Path) -> (Launcher, Vec<String>) {
+    start_local_with(base, data, &[]).await
+}
+
+/// Starts `raftkv-node local --nodes 3 <extra>` and waits for its banner.
+async fn start_local_with(base: u16, data: &std::path::Path, extra: &[&str]) -> (Launcher, Vec<String>) {
     let mut launcher = Command::new(BIN)
         .args(["local", "--nodes", "3", "--base-port", &base.to_string()])
         .arg("--data-dir")
         .arg(data)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -221,4 +227,66 @@ async fn members_stop_with_the_launcher_on_sigterm_and_even_on_sigkill() {
             .unwrap_or_else(|e| panic!("after {signal}: {e:#}"));
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_with_tls_makes_throwaway_certificates_prints_a_working_curl_line_and_keeps_them() {
+    let data = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let (launcher, banner) = start_local_with(base, data.path(), &["--tls"]).await;
+    let tls = data.path().join("tls");
+    let curl = banner
+        .iter()
+        .find(|l| l.contains("curl --cacert"))
+        .expect("a curl line");
+    for file in ["ca.pem", "admin.pem", "admin-key.pem"] {
+        assert!(curl.contains(&tls.join(file).display().to_string()), "{curl}");
+    }
+    assert!(curl.contains(&format!("https://127.0.0.1:{}", base + 1)), "{curl}");
+
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(tls.join("ca.pem")).unwrap()).unwrap();
+    let pem = [
+        std::fs::read(tls.join("admin.pem")).unwrap(),
+        std::fs::read(tls.join("admin-key.pem")).unwrap(),
+    ]
+    .concat();
+    let admin = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca.clone())
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let anonymous = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let token = std::fs::read_to_string(tls.join("admin.token")).unwrap();
+    let put = admin
+        .put(format!("https://127.0.0.1:{}/v1/kv/greeting", base + 1))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let url3 = format!("https://127.0.0.1:{}/v1/kv/greeting", base + 3);
+    let got = anonymous.get(&url3).bearer_auth(token.trim()).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.text().await.unwrap(), "hello");
+    assert_eq!(anonymous.get(&url3).send().await.unwrap().status(), 401);
+    assert!(reqwest::get(format!("http://127.0.0.1:{}/v1/kv/greeting", base + 3))
+        .await
+        .is_err());
+    stop_local(launcher, base).await;
+
+    // A second start keeps the CA and certificates its members' data was made with.
+    let ca_before = std::fs::read(tls.join("ca.pem")).unwrap();
+    let (launcher, _) = start_local_with(base, data.path(), &["--tls"]).await;
+    assert_eq!(std::fs::read(tls.join("ca.pem")).unwrap(), ca_before);
+    let got = admin.get(&url3).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.text().await.unwrap(), "hello");
+    stop_local(launcher, base).await;
 }

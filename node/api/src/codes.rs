@@ -17,7 +17,7 @@ pub const INVALID_BODY: &str = "invalid_body";
 pub const INVALID_JSON: &str = "invalid_json";
 /// 400: a member id in the path is not a positive integer.
 pub const INVALID_ID: &str = "invalid_id";
-/// 400: a peer URL is not `http://host:port`.
+/// 400: a peer URL is not `http://host:port` or `https://host:port`.
 pub const INVALID_PEER_URL: &str = "invalid_peer_url";
 /// 400: the request is invalid for the membership (for example a zero id).
 pub const INVALID_REQUEST: &str = "invalid_request";
@@ -31,6 +31,17 @@ pub const BODY_TIMEOUT: &str = "body_timeout";
 pub const PRECONDITION_FAILED: &str = "precondition_failed";
 /// 413: the value or body is larger than the member accepts.
 pub const TOO_LARGE: &str = "too_large";
+
+// Authentication and roles: 401 and 403. Nothing was done.
+
+/// 401 (with `WWW-Authenticate: Bearer`): the request carries no credentials (no client
+/// certificate, no `Authorization: Bearer` token).
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+/// 401 (with `WWW-Authenticate: Bearer error="invalid_token"`): the token is not in the token
+/// file, or the `Authorization` header is not `Bearer <token>`.
+pub const INVALID_TOKEN: &str = "invalid_token";
+/// 403: the caller's role (`read`, `write`, `admin`) does not allow the call.
+pub const FORBIDDEN: &str = "forbidden";
 
 // Not now: 503 with Retry-After. Nothing was proposed; retrying is safe.
 

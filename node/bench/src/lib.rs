@@ -15,6 +15,10 @@
 //! - anything else (other statuses, failed reads, refused connections) counts as an error.
 //!
 //! Only completions after the warm-up are recorded; a connection that fails is reopened.
+//!
+//! With [`LoadConfig::tls`] every connection is TLS (rustls), presenting a client certificate
+//! when the configuration has one: the handshake is part of opening a connection, not of the
+//! measured requests, so the figures show what TLS costs per request on a kept-alive connection.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -195,12 +199,18 @@ pub struct LoadConfig {
     pub request_timeout: Duration,
     /// Seed of the per-connection generators, so two runs issue the same sequence.
     pub seed: u64,
+    /// TLS for every connection (`https://` endpoints); `None`: plain HTTP.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
-/// Parses `http://127.0.0.1:2379` (or a bare `127.0.0.1:2379`) into a socket address.
+/// Parses `http://127.0.0.1:2379` or `https://...` (or a bare `127.0.0.1:2379`) into a socket
+/// address; whether connections use TLS is [`LoadConfig::tls`]'s to say.
 pub fn parse_endpoint(s: &str) -> Result<SocketAddr> {
     let trimmed = s.trim().trim_end_matches('/');
-    let hostport = trimmed.strip_prefix("http://").unwrap_or(trimmed);
+    let hostport = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"))
+        .unwrap_or(trimmed);
     hostport.parse().map_err(|_| BenchError::Endpoint(s.to_string()))
 }
 
@@ -447,19 +457,40 @@ struct Connection {
 }
 
 impl Connection {
-    async fn open(addr: SocketAddr) -> std::result::Result<Connection, String> {
+    async fn open(
+        addr: SocketAddr,
+        tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+    ) -> std::result::Result<Connection, String> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let sender = match tls {
+            None => Self::handshake(TokioIo::new(stream), addr).await?,
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let stream = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+                Self::handshake(TokioIo::new(stream), addr).await?
+            }
+        };
+        Ok(Connection { sender })
+    }
+
+    async fn handshake<IO>(io: IO, addr: SocketAddr) -> std::result::Result<SendRequest<Full<Bytes>>, String>
+    where
+        IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| format!("handshake with {addr}: {e}"))?;
         // The connection task ends when `sender` is dropped or the peer closes.
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Connection { sender })
+        Ok(sender)
     }
 
     async fn call(
@@ -686,7 +717,7 @@ pub async fn preload(cfg: &LoadConfig) -> Result<Duration> {
     for c in 0..conns {
         let endpoint = cfg.endpoints[c % cfg.endpoints.len()];
         let proto = protocol(cfg, endpoint);
-        let (key_space, timeout) = (cfg.key_space, cfg.request_timeout);
+        let (key_space, timeout, tls) = (cfg.key_space, cfg.request_timeout, cfg.tls.clone());
         tasks.push(tokio::spawn(async move {
             let mut conn: Option<Connection> = None;
             let mut key = c as u64;
@@ -694,7 +725,7 @@ pub async fn preload(cfg: &LoadConfig) -> Result<Duration> {
             while key < key_space {
                 let result = match conn.as_mut() {
                     Some(open) => proto.execute(open, OpKind::Put, key, timeout).await,
-                    None => match Connection::open(endpoint).await {
+                    None => match Connection::open(endpoint, tls.as_ref()).await {
                         Ok(open) => {
                             conn = Some(open);
                             continue;
@@ -743,13 +774,14 @@ pub async fn run(cfg: &LoadConfig) -> Result<Report> {
         let endpoint = cfg.endpoints[c % cfg.endpoints.len()];
         let proto = protocol(cfg, endpoint);
         let (mix, key_space, timeout) = (cfg.mix.clone(), cfg.key_space, cfg.request_timeout);
+        let tls = cfg.tls.clone();
         let mut rng = SmallRng::seed_from_u64(cfg.seed.wrapping_add(c as u64));
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::new();
             let mut conn: Option<Connection> = None;
             while Instant::now() < end {
                 let Some(open) = conn.as_mut() else {
-                    match Connection::open(endpoint).await {
+                    match Connection::open(endpoint, tls.as_ref()).await {
                         Ok(open) => {
                             if Instant::now() >= record_from {
                                 tally.reconnects += 1;

@@ -18,7 +18,8 @@ struct Args {
     /// Protocol to speak: raftkv's /v1/kv API or etcd's v3 JSON gateway.
     #[arg(long, value_enum, default_value = "raftkv")]
     target: Target,
-    /// Comma-separated member URLs (http://ip:port); connections are spread over them.
+    /// Comma-separated member URLs (http://ip:port, https:// with --cacert); connections are
+    /// spread over them.
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8081")]
     endpoints: Vec<String>,
     /// Concurrent keep-alive connections, each with one request in flight.
@@ -54,6 +55,42 @@ struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Speak TLS, trusting the CA in this PEM file.
+    #[arg(long)]
+    cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) to present over TLS.
+    #[arg(long, requires_all = ["cacert", "key"])]
+    cert: Option<std::path::PathBuf>,
+    /// Key (PEM) of `--cert`.
+    #[arg(long, requires = "cert")]
+    key: Option<std::path::PathBuf>,
+}
+
+/// The TLS client configuration of `--cacert` and `--cert`/`--key` (HTTP/1.1 through ALPN).
+fn tls_config(args: &Args) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(ca) = &args.cacert else { return Ok(None) };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))? {
+        roots.add(cert?)?;
+    }
+    let builder =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+    let mut config = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .with_context(|| format!("reading {}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(std::sync::Arc::new(config)))
 }
 
 #[tokio::main]
@@ -78,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
         mix: args.mix.parse::<Mix>()?,
         request_timeout: seconds(args.request_timeout, "--request-timeout")?,
         seed: args.seed,
+        tls: tls_config(&args)?,
     };
     if args.preload {
         let took = bench::preload(&cfg).await?;

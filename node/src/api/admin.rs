@@ -146,10 +146,10 @@ fn validate_peer_url(url: &str) -> ApiResult<()> {
     let uri: Uri = url
         .parse()
         .map_err(|e| ApiError::bad_request(codes::INVALID_PEER_URL, format!("peer_url {url:?} is not a URL: {e}")))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err(ApiError::bad_request(
             codes::INVALID_PEER_URL,
-            format!("peer_url {url:?} must be http://host:port"),
+            format!("peer_url {url:?} must be http://host:port or https://host:port"),
         ));
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! Admin calls are made on the leader: a member that is not the leader forwards the call to the
-//! leader's peer port and relays the answer; a forwarded call is never forwarded again.
+//! leader's peer port (over mutual TLS when peer TLS is on) and relays the answer; a forwarded
+//! call is never forwarded again.
 
 use std::future::Future;
 use std::time::Duration;
@@ -71,11 +72,17 @@ pub(super) async fn forward_to_leader(
             "the leader's address is not known yet; retry",
         ));
     };
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(format!("{}{path}", url.trim_end_matches('/')))
         .header(FORWARDED_HEADER, "1")
-        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_TYPE, "application/json");
+    // Without peer TLS the leader's peer port checks the caller's token itself; with it, the
+    // verified peer certificate vouches for this member, which checked the caller already.
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        req = req.header(header::AUTHORIZATION, auth);
+    }
+    let req = req
         .body(Full::new(body))
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, e.to_string()))?;
     // The leader answers within its own deadline; a second more covers the hop.

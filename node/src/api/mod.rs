@@ -1,4 +1,5 @@
-//! The client and admin HTTP API on the client port (HTTP/1.1 and h2c): key-value calls,
+//! The client and admin HTTP API on the client port (HTTP/1.1 and h2c, or both over TLS),
+//! behind authentication and roles when they are on ([`auth`]): key-value calls,
 //! status, membership, leadership, bootstrap, health and metrics. The bodies are the types of
 //! the `raftkv-api` crate, which the operator and the end-to-end suite read.
 //!
@@ -12,6 +13,7 @@
 //!   request's deadline and by shutdown;
 //! - [`kv`]: the key-value handlers;
 //! - [`admin`]: status, health, metrics, membership and leadership handlers;
+//! - [`auth`]: authentication (client certificates, bearer tokens) and roles;
 //! - [`forward`]: forwarding admin calls to the leader;
 //! - [`request`]: reading bodies and query strings;
 //! - [`error`]: error answers.
@@ -25,10 +27,6 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{any, get, post};
 use axum::Router;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use raftkv_api::codes;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -38,8 +36,10 @@ use crate::inbox::{NotProposed, RaftInput, RaftStatus};
 use crate::kv::{ApplyOutcome, MemberRole};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::state_machine::Shared;
+use crate::tls::PeerClient;
 
 mod admin;
+pub mod auth;
 pub mod error;
 mod forward;
 mod kv;
@@ -85,13 +85,21 @@ pub struct ApiContext {
     /// This member's advertised peer URL.
     pub advertise_peer_url: Option<String>,
     /// Forwards admin calls to the leader's peer port.
-    pub forwarder: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    pub forwarder: PeerClient,
     /// Cancelled on shutdown: waiting requests answer at once instead of holding shutdown up
     /// until their deadline.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Set once this process has applied up to a commit index confirmed by a leader: until then
     /// the local copy may be older than what this member served before a restart.
     caught_up: std::sync::atomic::AtomicBool,
+}
+
+/// How this member is reached on the peer port and reaches the others there.
+pub struct PeerSide {
+    /// This member's advertised peer URL.
+    pub advertise_url: Option<String>,
+    /// The client of outgoing peer connections, for forwarding.
+    pub client: PeerClient,
 }
 
 /// Shared handler state.
@@ -105,7 +113,7 @@ impl ApiContext {
         status: watch::Receiver<RaftStatus>,
         metrics: Arc<Metrics>,
         limits: Limits,
-        advertise_peer_url: Option<String>,
+        peer: PeerSide,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> ApiState {
         Arc::new(ApiContext {
@@ -114,16 +122,16 @@ impl ApiContext {
             status,
             metrics,
             limits,
-            advertise_peer_url,
-            forwarder: Client::builder(TokioExecutor::new()).build_http(),
+            advertise_peer_url: peer.advertise_url,
+            forwarder: peer.client,
             shutdown,
             caught_up: Default::default(),
         })
     }
 }
 
-/// The client port's routes.
-pub fn client_router(state: ApiState) -> Router {
+/// The client port's routes, behind `auth`.
+pub fn client_router(state: ApiState, auth: auth::Auth) -> Router {
     Router::new()
         .route("/v1/kv", get(kv::list))
         .route("/v1/kv/", any(kv::empty_key))
@@ -138,6 +146,8 @@ pub fn client_router(state: ApiState) -> Router {
         .merge(admin_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside the request metrics, so refusals are counted like any other answer.
+        .layer(middleware::from_fn_with_state(auth, auth::authorize))
         .layer(middleware::from_fn_with_state(state.clone(), track_requests))
         .with_state(state)
 }

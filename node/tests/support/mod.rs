@@ -79,6 +79,9 @@ pub struct Member {
     pub log: PathBuf,
     /// Extra environment for the next launch (the fault suite arms fail points with `FAILPOINTS`).
     pub env: Vec<(String, String)>,
+    /// `https` when the member serves its client port (or peer port) over TLS.
+    pub scheme: &'static str,
+    pub peer_scheme: &'static str,
     args: Vec<String>,
     child: Option<Child>,
 }
@@ -86,9 +89,16 @@ pub struct Member {
 impl Member {
     /// Starts a member on fresh ports of its own loopback address and waits until it listens.
     pub async fn spawn(root: &Path, name: &str, args: &[&str]) -> Result<Member> {
+        Member::spawn_at(root, name, member_ip(), args).await
+    }
+
+    /// Starts a member on fresh ports of `ip` (for certificates issued to that address).
+    pub async fn spawn_at(root: &Path, name: &str, ip: std::net::Ipv4Addr, args: &[&str]) -> Result<Member> {
         let dir = root.join(name);
-        let ip = member_ip();
+        let has = |flag: &str| args.contains(&flag);
         let mut m = Member {
+            scheme: if has("--client-cert-file") { "https" } else { "http" },
+            peer_scheme: if has("--peer-cert-file") { "https" } else { "http" },
             id: 0,
             log: root.join(format!("{name}.log")),
             dir,
@@ -152,11 +162,11 @@ impl Member {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.client_addr)
+        format!("{}://{}", self.scheme, self.client_addr)
     }
 
     pub fn peer_url(&self) -> String {
-        format!("http://{}", self.peer_addr)
+        format!("{}://{}", self.peer_scheme, self.peer_addr)
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -299,27 +309,44 @@ impl Reply {
     }
 }
 
+/// Extra flags of one member, from the test root, its name and its address (for TLS tests,
+/// which issue each member certificates for its own address).
+pub type MemberArgs = Box<dyn Fn(&Path, &str, std::net::Ipv4Addr) -> Vec<String> + Send + Sync>;
+
 /// A cluster of members plus an HTTP client.
 pub struct Cluster {
     pub members: Vec<Member>,
     pub http: reqwest::Client,
     pub root: tempfile::TempDir,
     args: Vec<String>,
+    member_args: Option<MemberArgs>,
 }
 
 impl Cluster {
     /// `n` members formed as the operator forms them: bootstrap the first, then add each other
     /// one as a learner and promote it once caught up.
     pub async fn start(n: usize, extra: &[&str]) -> Result<Cluster> {
-        let root = tempfile::tempdir()?;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+        Cluster::start_with(n, extra, tempfile::tempdir()?, http, None).await
+    }
+
+    /// Like [`Cluster::start`] in `root`, talking through `http`, each member also given the
+    /// flags `member_args` makes for it.
+    pub async fn start_with(
+        n: usize,
+        extra: &[&str],
+        root: tempfile::TempDir,
+        http: reqwest::Client,
+        member_args: Option<MemberArgs>,
+    ) -> Result<Cluster> {
         let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
         let mut c = Cluster {
             members: Vec::new(),
             http,
             root,
             args,
+            member_args,
         };
         match c.form(n).await {
             Ok(()) => Ok(c),
@@ -352,8 +379,13 @@ impl Cluster {
     /// Starts one more uninitialised member process; returns its index.
     pub async fn spawn_member(&mut self) -> Result<usize> {
         let name = format!("m{}", self.members.len());
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let m = Member::spawn(self.root.path(), &name, &args).await?;
+        let ip = member_ip();
+        let mut args = self.args.clone();
+        if let Some(extra) = &self.member_args {
+            args.extend(extra(self.root.path(), &name, ip));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let m = Member::spawn_at(self.root.path(), &name, ip, &args).await?;
         self.members.push(m);
         Ok(self.members.len() - 1)
     }
