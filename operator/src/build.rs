@@ -12,19 +12,35 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount,
-    VolumeResourceRequirements, WeightedPodAffinityTerm,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
+use crate::certs::{peer_cluster_name, DEFAULT_LIFETIME_HOURS};
 use crate::config::{OperatorConfig, PeerAddressing};
 use crate::crd::{RaftCluster, RaftClusterSpec, DEFAULT_MAX_LAG, MAX_REPLICAS};
 use crate::names::{ClusterNames, DATA_DIR, DATA_VOLUME, NODE_CONTAINER};
 use crate::quantity::{is_quantity, same_quantity};
+use crate::tls::{issued_secret_names, TlsSecretNames, CA_CERT_KEY, TLS_CERT_KEY, TLS_KEY_KEY};
 use crate::{Error, Result};
+
+/// Where the client port's certificate Secret is mounted in the node container.
+pub const CLIENT_TLS_DIR: &str = "/etc/raftkv/tls/client";
+/// Where the peer certificate Secret is mounted in the node container.
+pub const PEER_TLS_DIR: &str = "/etc/raftkv/tls/peer";
+/// Volume names of the two certificate Secrets.
+const CLIENT_TLS_VOLUME: &str = "client-tls";
+const PEER_TLS_VOLUME: &str = "peer-tls";
+/// Mode of the mounted certificate files: readable by the node's user and its `fsGroup` only,
+/// since `tls.key` is a private key.
+const TLS_FILE_MODE: i32 = 0o440;
 
 /// The user and group the node runs as: the conventional unprivileged "nonroot" id of
 /// distroless images, so the data volume is writable through `fsGroup` without root.
@@ -43,6 +59,19 @@ pub struct ValidCluster {
     pub spec: RaftClusterSpec,
     /// The `metadata.generation` the spec came from.
     pub generation: Option<i64>,
+    /// TLS, when `spec.tls.enabled`.
+    pub tls: Option<ValidTls>,
+}
+
+/// A cluster's TLS settings once validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidTls {
+    /// The Secrets the pods mount and the operator authenticates with. For issued certificates
+    /// the reconciler replaces the generation with the one it found or wrote.
+    pub secrets: TlsSecretNames,
+    /// The lifetime of the certificates the operator issues, in hours; `None` when the user
+    /// provides the Secrets.
+    pub issued_lifetime_hours: Option<u32>,
 }
 
 impl ValidCluster {
@@ -101,12 +130,38 @@ pub fn validate(cluster: &RaftCluster, config: &OperatorConfig) -> Result<ValidC
             )));
         }
     }
+    let names = ClusterNames::new(name, namespace);
+    let tls = spec.tls.as_ref().filter(|t| t.enabled).map(|t| match &t.secrets {
+        Some(secrets) => ValidTls {
+            secrets: TlsSecretNames {
+                client: secrets.client.clone(),
+                peer: secrets.peer.clone(),
+                operator: secrets.operator.clone(),
+            },
+            issued_lifetime_hours: None,
+        },
+        None => ValidTls {
+            secrets: issued_secret_names(&names, 1),
+            issued_lifetime_hours: Some(t.certificate_lifetime_hours.unwrap_or(DEFAULT_LIFETIME_HOURS)),
+        },
+    });
+    if let Some(secrets) = spec.tls.as_ref().and_then(|t| t.secrets.as_ref()) {
+        if [&secrets.client, &secrets.peer, &secrets.operator]
+            .iter()
+            .any(|s| s.trim().is_empty())
+        {
+            return Err(Error::InvalidSpec(
+                "tls.secrets needs the names of the client, peer and operator Secrets".into(),
+            ));
+        }
+    }
     Ok(ValidCluster {
-        names: ClusterNames::new(name, namespace),
+        names,
         owner,
         image,
         spec: spec.clone(),
         generation: cluster.metadata.generation,
+        tls,
     })
 }
 
@@ -236,6 +291,8 @@ pub struct ClusterObjects {
     /// The disruption budget; `None` for a single replica, where any budget would either block
     /// node drains forever or allow nothing.
     pub pdb: Option<PodDisruptionBudget>,
+    /// The NetworkPolicy; `None` unless `spec.networkPolicy.enabled`.
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 /// Builds every object of the cluster, with the StatefulSet at `statefulset_replicas` pods.
@@ -245,6 +302,7 @@ pub fn build(cluster: &ValidCluster, config: &OperatorConfig, statefulset_replic
         client_service: build_client_service(cluster, config),
         statefulset: build_statefulset(cluster, config, statefulset_replicas),
         pdb: build_pdb(cluster),
+        network_policy: build_network_policy(cluster, config),
     }
 }
 
@@ -324,11 +382,15 @@ fn value_env(name: &str, value: impl ToString) -> EnvVar {
     }
 }
 
-fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+/// A probe of the client port. Over TLS the kubelet speaks HTTPS without checking the
+/// certificate (as it always does), and the probe paths stay open on the node without a client
+/// certificate.
+fn http_probe(path: &str, period: i32, failures: i32, tls: bool) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String("client".into()),
+            scheme: tls.then(|| "HTTPS".into()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -351,7 +413,9 @@ fn node_args(cluster: &ValidCluster, config: &OperatorConfig) -> Vec<String> {
         ),
         PeerAddressing::PodIp => ("$(POD_IP)".to_string(), "$(POD_IP)".to_string()),
     };
-    vec![
+    // Peers dial each other over mutual TLS when the cluster has TLS, so they advertise https.
+    let scheme = if cluster.tls.is_some() { "https" } else { "http" };
+    let mut args: Vec<String> = vec![
         "--data-dir".into(),
         DATA_DIR.into(),
         "--client-addr".into(),
@@ -359,8 +423,65 @@ fn node_args(cluster: &ValidCluster, config: &OperatorConfig) -> Vec<String> {
         "--peer-addr".into(),
         format!("{bind_host}:{}", config.peer_port),
         "--advertise-peer-url".into(),
-        format!("http://{advertise_host}:{}", config.peer_port),
-    ]
+        format!("{scheme}://{advertise_host}:{}", config.peer_port),
+    ];
+    if cluster.tls.is_some() {
+        let file = |dir: &str, key: &str| format!("{dir}/{key}");
+        args.extend([
+            "--client-cert-file".into(),
+            file(CLIENT_TLS_DIR, TLS_CERT_KEY),
+            "--client-key-file".into(),
+            file(CLIENT_TLS_DIR, TLS_KEY_KEY),
+            // Client certificates chain to the CA of the client port's own certificate: one CA
+            // per port, whoever issues it.
+            "--client-ca-file".into(),
+            file(CLIENT_TLS_DIR, CA_CERT_KEY),
+            "--peer-cert-file".into(),
+            file(PEER_TLS_DIR, TLS_CERT_KEY),
+            "--peer-key-file".into(),
+            file(PEER_TLS_DIR, TLS_KEY_KEY),
+            "--peer-ca-file".into(),
+            file(PEER_TLS_DIR, CA_CERT_KEY),
+            "--peer-cluster-name".into(),
+            peer_cluster_name(&cluster.names),
+        ]);
+    }
+    args
+}
+
+/// The certificate Secrets as pod volumes and their mounts, for a TLS cluster.
+fn tls_volumes(cluster: &ValidCluster) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let Some(tls) = &cluster.tls else {
+        return (Vec::new(), Vec::new());
+    };
+    let pairs = [
+        (CLIENT_TLS_VOLUME, &tls.secrets.client, CLIENT_TLS_DIR),
+        (PEER_TLS_VOLUME, &tls.secrets.peer, PEER_TLS_DIR),
+    ];
+    let volumes = pairs
+        .iter()
+        .map(|(volume, secret, _)| Volume {
+            name: (*volume).into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some((*secret).clone()),
+                default_mode: Some(TLS_FILE_MODE),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        })
+        .collect();
+    // Mounted whole, never with subPath: the kubelet updates a Secret volume in place only when
+    // it is mounted as a directory, and the nodes reload certificates from those updates.
+    let mounts = pairs
+        .iter()
+        .map(|(volume, _, dir)| VolumeMount {
+            name: (*volume).into(),
+            mount_path: (*dir).into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        })
+        .collect();
+    (volumes, mounts)
 }
 
 fn node_env(cluster: &ValidCluster) -> Vec<EnvVar> {
@@ -416,6 +537,14 @@ fn default_affinity(cluster: &ValidCluster) -> Affinity {
 pub fn build_statefulset(cluster: &ValidCluster, config: &OperatorConfig, replicas: u32) -> StatefulSet {
     let names = &cluster.names;
     let spec = &cluster.spec;
+    let tls = cluster.tls.is_some();
+    let (tls_volumes, tls_mounts) = tls_volumes(cluster);
+    let mut volume_mounts = vec![VolumeMount {
+        name: DATA_VOLUME.into(),
+        mount_path: DATA_DIR.into(),
+        ..VolumeMount::default()
+    }];
+    volume_mounts.extend(tls_mounts);
     let container = Container {
         name: NODE_CONTAINER.into(),
         image: Some(cluster.image.clone()),
@@ -438,23 +567,19 @@ pub fn build_statefulset(cluster: &ValidCluster, config: &OperatorConfig, replic
         ]),
         // Ready means "a member that knows the leader and has caught up": the Service only
         // routes to such pods and the operator waits for it between rollout steps.
-        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 3, tls)),
         // Liveness only asks whether the process serves at all; a lagging member must not be
         // restarted for lagging, or it would never catch up.
         liveness_probe: Some(Probe {
             initial_delay_seconds: Some(10),
-            ..http_probe("/healthz", 10, 6)
+            ..http_probe("/healthz", 10, 6, tls)
         }),
         termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
         // A crash the node could not report itself (a panic, a signal) still leaves the end of
         // its log as the message.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         resources: spec.resources.clone(),
-        volume_mounts: Some(vec![VolumeMount {
-            name: DATA_VOLUME.into(),
-            mount_path: DATA_DIR.into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(volume_mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -515,6 +640,7 @@ pub fn build_statefulset(cluster: &ValidCluster, config: &OperatorConfig, replic
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    volumes: (!tls_volumes.is_empty()).then_some(tls_volumes),
                     // A node never talks to the Kubernetes API: it gets no credentials for it.
                     automount_service_account_token: Some(false),
                     security_context: Some(PodSecurityContext {
@@ -560,6 +686,57 @@ pub fn build_pdb(cluster: &ValidCluster) -> Option<PodDisruptionBudget> {
             ..PodDisruptionBudgetSpec::default()
         }),
         ..PodDisruptionBudget::default()
+    })
+}
+
+fn port_rule(from: Vec<NetworkPolicyPeer>, ports: &[u16]) -> NetworkPolicyIngressRule {
+    NetworkPolicyIngressRule {
+        from: Some(from),
+        ports: Some(
+            ports
+                .iter()
+                .map(|port| NetworkPolicyPort {
+                    port: Some(IntOrString::Int(i32::from(*port))),
+                    protocol: Some("TCP".into()),
+                    ..NetworkPolicyPort::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// The NetworkPolicy of a cluster that asks for one: the peer port (and the client port, for
+/// forwarded requests) between the cluster's own pods only; the client port also from the
+/// operator and from every source `spec.networkPolicy.clientFrom` lists.
+///
+/// A rule with an empty `from` would admit everyone, so the client rule is left out when it
+/// lists nobody.
+pub fn build_network_policy(cluster: &ValidCluster, config: &OperatorConfig) -> Option<NetworkPolicy> {
+    let spec = cluster.spec.network_policy.as_ref().filter(|p| p.enabled)?;
+    let own_pods = NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(cluster.names.selector_labels()),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    };
+    let mut rules = vec![port_rule(vec![own_pods], &[config.peer_port, config.client_port])];
+    let mut clients: Vec<NetworkPolicyPeer> = config.operator_peer.iter().cloned().collect();
+    clients.extend(spec.client_from.iter().cloned());
+    if !clients.is_empty() {
+        rules.push(port_rule(clients, &[config.client_port]));
+    }
+    Some(NetworkPolicy {
+        metadata: metadata(cluster, cluster.names.network_policy()),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(cluster.names.selector_labels()),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(rules),
+            ..NetworkPolicySpec::default()
+        }),
     })
 }
 
@@ -752,6 +929,152 @@ mod tests {
             }
         );
         assert!(conflict.to_string().contains("RaftCluster/demo-peer"), "{conflict}");
+    }
+
+    fn tls_cluster() -> ValidCluster {
+        valid(&yaml(include_str!("../fixtures/raftcluster-tls.yaml")))
+    }
+
+    fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+        let at = args.iter().position(|a| a == name)?;
+        args.get(at + 1).map(String::as_str)
+    }
+
+    #[test]
+    fn a_tls_cluster_mounts_its_certificate_secrets_and_passes_them_to_the_node() {
+        let statefulset = build_statefulset(&tls_cluster(), &OperatorConfig::default(), 3);
+        let pod = statefulset.spec.template.spec.as_ref().unwrap();
+        let secrets: Vec<(&str, Option<&str>, Option<i32>)> = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let secret = v.secret.as_ref().unwrap();
+                (v.name.as_str(), secret.secret_name.as_deref(), secret.default_mode)
+            })
+            .collect();
+        assert_eq!(
+            secrets,
+            [
+                ("client-tls", Some("demo-client-tls-1"), Some(0o440)),
+                ("peer-tls", Some("demo-peer-tls-1"), Some(0o440))
+            ]
+        );
+        let container = &pod.containers[0];
+        let mounts: Vec<(&str, &str, Option<bool>, Option<&str>)> = container
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m.name.as_str(),
+                    m.mount_path.as_str(),
+                    m.read_only,
+                    m.sub_path.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("data", DATA_DIR, None, None),
+                ("client-tls", CLIENT_TLS_DIR, Some(true), None),
+                ("peer-tls", PEER_TLS_DIR, Some(true), None)
+            ]
+        );
+        let args = container.args.as_ref().unwrap();
+        let expected = [
+            ("--client-cert-file", "/etc/raftkv/tls/client/tls.crt"),
+            ("--client-key-file", "/etc/raftkv/tls/client/tls.key"),
+            ("--client-ca-file", "/etc/raftkv/tls/client/ca.crt"),
+            ("--peer-cert-file", "/etc/raftkv/tls/peer/tls.crt"),
+            ("--peer-key-file", "/etc/raftkv/tls/peer/tls.key"),
+            ("--peer-ca-file", "/etc/raftkv/tls/peer/ca.crt"),
+            ("--peer-cluster-name", "demo.prod"),
+            (
+                "--advertise-peer-url",
+                "https://$(POD_NAME).demo-peer.$(POD_NAMESPACE).svc:8081",
+            ),
+        ];
+        for (name, value) in expected {
+            assert_eq!(flag(args, name), Some(value), "{name} in {args:?}");
+        }
+    }
+
+    #[test]
+    fn a_tls_cluster_is_probed_over_https() {
+        let statefulset = build_statefulset(&tls_cluster(), &OperatorConfig::default(), 3);
+        let container = node_container(&statefulset);
+        for probe in [&container.readiness_probe, &container.liveness_probe] {
+            let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!(get.scheme.as_deref(), Some("HTTPS"));
+        }
+        let plain = node_container(&built().statefulset).clone();
+        let get = plain.readiness_probe.unwrap().http_get.unwrap();
+        assert_eq!(get.scheme, None, "plaintext clusters keep the default scheme");
+        assert!(plain.args.unwrap().iter().all(|a| !a.contains("tls")));
+    }
+
+    #[test]
+    fn user_provided_secrets_are_mounted_by_name() {
+        let mut cluster: RaftCluster = yaml(include_str!("../fixtures/raftcluster-tls.yaml"));
+        cluster.spec.tls.as_mut().unwrap().secrets = Some(crate::crd::TlsSecrets {
+            client: "demo-client-cert".into(),
+            peer: "demo-peer-cert".into(),
+            operator: "demo-operator-cert".into(),
+        });
+        let valid = valid(&cluster);
+        let tls = valid.tls.as_ref().unwrap();
+        assert_eq!(tls.issued_lifetime_hours, None);
+        assert_eq!(tls.secrets.operator, "demo-operator-cert");
+        let statefulset = build_statefulset(&valid, &OperatorConfig::default(), 3);
+        let volumes = statefulset.spec.template.spec.unwrap().volumes.unwrap();
+        let names: Vec<_> = volumes
+            .iter()
+            .map(|v| v.secret.as_ref().unwrap().secret_name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["demo-client-cert", "demo-peer-cert"]);
+
+        cluster.spec.tls.as_mut().unwrap().secrets.as_mut().unwrap().peer = " ".into();
+        let error = validate(&cluster, &OperatorConfig::default()).unwrap_err();
+        assert!(matches!(error, Error::InvalidSpec(_)), "{error}");
+    }
+
+    #[test]
+    fn disabled_tls_builds_a_plaintext_cluster() {
+        let mut cluster: RaftCluster = yaml(include_str!("../fixtures/raftcluster-tls.yaml"));
+        cluster.spec.tls.as_mut().unwrap().enabled = false;
+        let valid = valid(&cluster);
+        assert_eq!(valid.tls, None);
+        let statefulset = build_statefulset(&valid, &OperatorConfig::default(), 3);
+        assert_eq!(statefulset.spec.template.spec.unwrap().volumes, None);
+    }
+
+    #[test]
+    fn the_network_policy_matches_its_fixture() {
+        let config = OperatorConfig {
+            operator_peer: crate::config::operator_peer(
+                "raftkv-system",
+                BTreeMap::from([("app.kubernetes.io/name".to_string(), "raftkv-operator".to_string())]),
+            ),
+            ..OperatorConfig::default()
+        };
+        let policy = build(&tls_cluster(), &config, 3).network_policy.expect("a policy");
+        assert_matches_fixture(&policy, include_str!("../fixtures/networkpolicy.yaml"));
+    }
+
+    #[test]
+    fn a_network_policy_with_no_client_sources_admits_only_the_cluster_itself() {
+        let mut cluster: RaftCluster = yaml(include_str!("../fixtures/raftcluster-tls.yaml"));
+        cluster.spec.network_policy.as_mut().unwrap().client_from.clear();
+        let policy = build_network_policy(&valid(&cluster), &OperatorConfig::default()).unwrap();
+        let rules = policy.spec.unwrap().ingress.unwrap();
+        // A second rule with an empty `from` would admit every source.
+        assert_eq!(rules.len(), 1);
+        assert!(!rules[0].from.as_ref().unwrap().is_empty());
+        assert_eq!(built().network_policy, None, "no policy unless asked for");
     }
 
     /// The fixture's StatefulSet as the API server stores it: claim templates defaulted, the

@@ -3,6 +3,11 @@
 //! They live apart from `main.rs` so that the pure builders and the tests take them as a plain
 //! value instead of reading flags or the environment.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
 /// The default port of the node's client and admin API.
 pub const DEFAULT_CLIENT_PORT: u16 = 8080;
 /// The default port of the node's Raft peer transport.
@@ -34,6 +39,9 @@ pub struct OperatorConfig {
     pub peer_port: u16,
     /// How nodes bind and advertise themselves.
     pub peer_addressing: PeerAddressing,
+    /// The operator's own pods as a NetworkPolicy source, so a cluster's NetworkPolicy lets
+    /// the operator reach the admin API; `None` when the operator does not know its namespace.
+    pub operator_peer: Option<NetworkPolicyPeer>,
 }
 
 impl Default for OperatorConfig {
@@ -43,6 +51,7 @@ impl Default for OperatorConfig {
             client_port: DEFAULT_CLIENT_PORT,
             peer_port: DEFAULT_PEER_PORT,
             peer_addressing: PeerAddressing::Dns,
+            operator_peer: None,
         }
     }
 }
@@ -59,6 +68,36 @@ impl OperatorConfig {
         } else {
             format!("http://{pod_ip}:{}", self.client_port)
         }
+    }
+}
+
+/// The operator's pods as a NetworkPolicy source: pods with `labels` in `namespace`. An empty
+/// label set would select every pod of the namespace, so it gives `None`.
+pub fn operator_peer(namespace: &str, labels: BTreeMap<String, String>) -> Option<NetworkPolicyPeer> {
+    if namespace.is_empty() || labels.is_empty() {
+        return None;
+    }
+    Some(NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_string(),
+                namespace.to_string(),
+            )])),
+            ..LabelSelector::default()
+        }),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(labels),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    })
+}
+
+impl OperatorConfig {
+    /// The base URL of a TLS node's admin API, by the DNS name its certificate names; the node
+    /// client resolves it to the pod IP.
+    pub fn tls_node_url(&self, dns_name: &str) -> String {
+        format!("https://{dns_name}:{}", self.client_port)
     }
 }
 

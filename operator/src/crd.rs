@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -126,6 +127,15 @@ pub struct RaftClusterSpec {
     /// Raft tuning. Every field has a safe default in the node; set one only with a reason.
     #[serde(default)]
     pub raft: RaftTuning,
+
+    /// TLS on the client and peer ports, and client authentication by certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+
+    /// A NetworkPolicy for the cluster's pods: peer traffic only between them, client traffic
+    /// only from where this says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySpec>,
 }
 
 fn default_replicas() -> i32 {
@@ -200,6 +210,66 @@ pub struct RaftTuning {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_lag: Option<u64>,
+}
+
+/// TLS for a cluster: every connection to the client and peer ports is encrypted, peers
+/// authenticate each other, and clients authenticate with a certificate (its Organization is
+/// the role: `read`, `write` or `admin`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Serve both ports over TLS and require client authentication.
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// Certificates the user provides (cert-manager `Certificate`s, for instance). When omitted
+    /// the operator issues every certificate itself from CAs it keeps in the Secret
+    /// `<name>-ca`, and renews them well before they expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<TlsSecrets>,
+
+    /// Lifetime of the certificates the operator issues, in hours (default 2160, 90 days). They
+    /// are renewed when a third of it is left, and rolled out one pod at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 87600))]
+    pub certificate_lifetime_hours: Option<u32>,
+}
+
+/// Secrets of type `kubernetes.io/tls` with `tls.crt`, `tls.key` and `ca.crt`, as cert-manager
+/// writes them. Each is mounted in every pod, so a server certificate names every pod.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSecrets {
+    /// The client port's server certificate. Its DNS names include the client Service
+    /// (`<name>.<namespace>.svc`) and every pod (`<name>-<n>.<name>-peer.<namespace>.svc`,
+    /// or `*.<name>-peer.<namespace>.svc`); its `ca.crt` is also the CA client certificates
+    /// must chain to.
+    #[schemars(length(min = 1))]
+    pub client: String,
+    /// The peer port's certificate, used as server and as client between members. Its DNS names
+    /// include every pod, and it carries the URI SAN `urn:raftkv:cluster:<name>.<namespace>`;
+    /// its `ca.crt` is the CA peers must chain to.
+    #[schemars(length(min = 1))]
+    pub peer: String,
+    /// The operator's own client certificate: subject Organization `admin`, issued by the CA
+    /// in the client Secret's `ca.crt`.
+    #[schemars(length(min = 1))]
+    pub operator: String,
+}
+
+/// The cluster's NetworkPolicy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create the NetworkPolicy; set `false` (rather than removing the field) to delete it.
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// Who may reach the client port, as NetworkPolicy peers (`podSelector`,
+    /// `namespaceSelector`, `ipBlock`). The cluster's own pods and the operator always may.
+    /// Empty: nobody else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_from: Vec<NetworkPolicyPeer>,
 }
 
 /// The node's default for [`RaftTuning::max_lag`], used by the operator when the spec leaves it

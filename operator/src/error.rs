@@ -81,6 +81,10 @@ pub enum Error {
     /// whose delay would be unsafe (a Lease renewal) are bounded by the caller.
     #[error("{0} timed out")]
     Timeout(&'static str),
+
+    /// A certificate could not be issued, or a TLS Secret lacks what the node needs.
+    #[error("certificates: {0}")]
+    Certificate(String),
 }
 
 impl Error {
@@ -105,6 +109,7 @@ impl Error {
             Error::Server(_) => "server",
             Error::Config(_) => "config",
             Error::Timeout(_) => "timeout",
+            Error::Certificate(_) => "certificate",
         }
     }
 }

@@ -8,6 +8,10 @@
 //! - [`config`]: operator-wide settings from the command line, and how a pod's node is dialled.
 //! - [`names`]: names and labels of a cluster's objects.
 //! - [`quantity`]: the one parser of Kubernetes quantities such as `1Gi`.
+//! - [`certs`]: the certificates the operator issues (CAs, server, peer and client
+//!   certificates) and when they are due for renewal.
+//! - [`tls`]: the TLS Secrets of a cluster: which generation the pods mount, and what the
+//!   operator's node client needs.
 //! - [`build`]: validation and the pure builders of the Kubernetes objects.
 //! - [`node_client`]: the [`node_client::NodeApi`] trait and its HTTP client for the nodes'
 //!   admin API.
@@ -24,6 +28,7 @@
 //! - [`error`]: the crate's error type.
 
 pub mod build;
+pub mod certs;
 pub mod config;
 pub mod crd;
 pub mod error;
@@ -38,6 +43,7 @@ pub mod plan;
 pub mod quantity;
 pub mod reconcile;
 pub mod status;
+pub mod tls;
 
 #[cfg(test)]
 mod convergence_tests;

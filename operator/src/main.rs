@@ -1,6 +1,7 @@
 //! The `raftkv-operator` binary: flags, logging, leader election, the metrics server and the
 //! controller.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tracing::{error, info, warn};
 
-use raftkv_operator::config::{OperatorConfig, PeerAddressing, DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT};
+use raftkv_operator::config::{operator_peer, OperatorConfig, PeerAddressing, DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT};
 use raftkv_operator::leader::{fallback_identity, while_leading, LeaderElector, LeaseTimings};
 use raftkv_operator::metrics::{self, Metrics};
 use raftkv_operator::node_client::{HttpNodeClient, NodeClientTimeouts};
@@ -69,9 +70,30 @@ struct Flags {
     #[arg(long, env = "RAFTKV_OPERATOR_PEER_ADDRESSING", value_enum, default_value = "dns")]
     peer_addressing: PeerAddressing,
 
+    /// The operator's own namespace, for the NetworkPolicies that let it reach the nodes.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+
+    /// Labels selecting the operator's own pods, `key=value,key=value`: clusters' NetworkPolicies
+    /// admit them to the client port.
+    #[arg(long, env = "RAFTKV_OPERATOR_POD_LABELS", value_parser = parse_labels)]
+    pod_labels: Option<BTreeMap<String, String>>,
+
     /// Log format.
     #[arg(long, env = "RAFTKV_OPERATOR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+}
+
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    text.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+            Ok((key.trim().to_string(), value.trim().to_string()))
+        })
+        .collect()
 }
 
 #[tokio::main]
@@ -94,6 +116,10 @@ async fn main() -> anyhow::Result<()> {
         client_port: flags.node_port,
         peer_port: flags.node_peer_port,
         peer_addressing: flags.peer_addressing,
+        operator_peer: operator_peer(
+            flags.namespace.as_deref().unwrap_or_default(),
+            flags.pod_labels.unwrap_or_default(),
+        ),
     };
     let metrics = Arc::new(Metrics::default());
     let server = tokio::spawn(metrics::serve(flags.metrics_addr, metrics.clone()));

@@ -68,6 +68,11 @@ impl ClusterNames {
         &self.cluster
     }
 
+    /// The NetworkPolicy.
+    pub fn network_policy(&self) -> &str {
+        &self.cluster
+    }
+
     /// The pod with this ordinal.
     pub fn pod(&self, ordinal: u32) -> String {
         format!("{}-{ordinal}", self.cluster)

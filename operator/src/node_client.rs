@@ -5,13 +5,24 @@
 //! processes started by a test without Kubernetes. Every call names the node it goes to by the
 //! base URL of its client port (see [`crate::config::OperatorConfig::node_url`]). The request and
 //! response bodies are the node's own types, from the `raftkv-api` crate.
+//!
+//! A TLS cluster's nodes are named by their pod's stable DNS name
+//! (`https://<pod>.<peer service>.<namespace>.svc:<port>`), which is what their certificate
+//! names, and reached at their pod IP: [`NodeApi::use_tls`] hands the client the cluster's CA,
+//! the operator's certificate and the pods' addresses, and the client's resolver answers those
+//! names from that table. So the certificate is checked against the name the operator means,
+//! not against an IP that a restarted pod may hand to another.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use raftkv_api::{AddMemberRequest, ErrorBody, TransferRequest, TransferResponse};
 use serde::Deserialize;
 
+use crate::tls::NodeTls;
 use crate::{Error, Result};
 
 pub use raftkv_api::{
@@ -42,6 +53,15 @@ pub trait NodeApi: Send + Sync {
     fn transfer_leader(&self, node: &str, to: u64) -> impl Future<Output = Result<u64>> + Send;
     /// `POST /v1/bootstrap`.
     fn bootstrap(&self, node: &str) -> impl Future<Output = Result<Bootstrapped>> + Send;
+
+    /// Prepares calls to a TLS cluster whose nodes are named under `domain`
+    /// (`<peer service>.<namespace>.svc`): trust `tls.ca_pem`, authenticate with the operator's
+    /// certificate, and reach each pod name of `pods` at its IP. Clients that only speak to
+    /// plaintext nodes (the in-memory models of the tests) ignore it.
+    fn use_tls(&self, domain: &str, tls: &NodeTls, pods: &BTreeMap<String, IpAddr>) -> Result<()> {
+        let _ = (domain, tls, pods);
+        Ok(())
+    }
 }
 
 /// Timeouts of [`HttpNodeClient`].
@@ -66,11 +86,57 @@ impl Default for NodeClientTimeouts {
     }
 }
 
-/// [`NodeApi`] over HTTP/1.1 with JSON bodies.
+/// The pod addresses of TLS clusters, by pod DNS name: the resolver of the TLS clients.
+#[derive(Debug, Default)]
+struct PodAddresses {
+    by_name: RwLock<HashMap<String, IpAddr>>,
+}
+
+impl reqwest::dns::Resolve for PodAddresses {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let found = self
+            .by_name
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name.as_str())
+            .copied();
+        let name = name.as_str().to_string();
+        Box::pin(async move {
+            // Only names the operator registered are dialled: a name it does not know is a pod it
+            // has not seen, and cluster DNS may not even exist (a simulated control plane).
+            let ip = found.ok_or_else(|| format!("no pod address known for {name}"))?;
+            let addrs: reqwest::dns::Addrs = Box::new(std::iter::once(SocketAddr::new(ip, 0)));
+            Ok(addrs)
+        })
+    }
+}
+
+/// The TLS client of one cluster, and the material it was built from.
+#[derive(Debug)]
+struct TlsClient {
+    /// What the client trusts and presents; a change (a renewed operator certificate) builds a
+    /// new client.
+    material: NodeTls,
+    http: reqwest::Client,
+}
+
+/// [`NodeApi`] over HTTP/1.1 with JSON bodies, plaintext or TLS.
 #[derive(Clone, Debug)]
 pub struct HttpNodeClient {
+    /// The client of plaintext clusters.
     http: reqwest::Client,
     timeouts: NodeClientTimeouts,
+    /// Pod addresses of TLS clusters, shared with every TLS client's resolver.
+    addresses: Arc<PodAddresses>,
+    /// One client per TLS cluster, by the domain its pods are named under.
+    tls: Arc<RwLock<HashMap<String, TlsClient>>>,
+}
+
+fn build_error(source: reqwest::Error) -> Error {
+    Error::NodeTransport {
+        url: String::new(),
+        source: source.into(),
+    }
 }
 
 impl HttpNodeClient {
@@ -81,11 +147,48 @@ impl HttpNodeClient {
             // Pod IPs are reached directly; a proxy from the environment would not know them.
             .no_proxy()
             .build()
-            .map_err(|source| Error::NodeTransport {
-                url: String::new(),
-                source: source.into(),
-            })?;
-        Ok(Self { http, timeouts })
+            .map_err(build_error)?;
+        Ok(Self {
+            http,
+            timeouts,
+            addresses: Arc::default(),
+            tls: Arc::default(),
+        })
+    }
+
+    fn tls_client(&self, material: &NodeTls) -> Result<reqwest::Client> {
+        let ca = reqwest::Certificate::from_pem(material.ca_pem.as_bytes())
+            .map_err(|e| Error::Certificate(format!("the cluster's CA: {e}")))?;
+        let identity = reqwest::Identity::from_pem(material.identity_pem.as_bytes())
+            .map_err(|e| Error::Certificate(format!("the operator's client certificate: {e}")))?;
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(self.timeouts.connect)
+            .no_proxy()
+            // Only the cluster's own CA: a certificate from a public CA naming the pod is not one
+            // of the cluster's nodes.
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .identity(identity)
+            .https_only(true)
+            .dns_resolver(self.addresses.clone())
+            .build()
+            .map_err(build_error)
+    }
+
+    /// The client for `url`: its TLS cluster's, or the plaintext one.
+    fn client_for(&self, url: &str) -> reqwest::Client {
+        let domain = url
+            .strip_prefix("https://")
+            .and_then(|rest| rest.split([':', '/']).next())
+            .and_then(|host| host.split_once('.'))
+            .map(|(_, domain)| domain);
+        domain
+            .and_then(|domain| {
+                let clients = self.tls.read().unwrap_or_else(|e| e.into_inner());
+                clients.get(domain).map(|c| c.http.clone())
+            })
+            .unwrap_or_else(|| self.http.clone())
     }
 
     async fn call<T: serde::de::DeserializeOwned>(&self, request: reqwest::RequestBuilder, url: String) -> Result<T> {
@@ -138,20 +241,20 @@ impl<'de> Deserialize<'de> for Unit {
 impl NodeApi for HttpNodeClient {
     async fn status(&self, node: &str) -> Result<NodeStatus> {
         let url = format!("{node}/v1/status");
-        let request = self.http.get(&url).timeout(self.timeouts.read);
+        let request = self.client_for(&url).get(&url).timeout(self.timeouts.read);
         self.call(request, url).await
     }
 
     async fn members(&self, node: &str) -> Result<Members> {
         let url = format!("{node}/v1/members");
-        let request = self.http.get(&url).timeout(self.timeouts.read);
+        let request = self.client_for(&url).get(&url).timeout(self.timeouts.read);
         self.call(request, url).await
     }
 
     async fn add_learner(&self, node: &str, id: u64, peer_url: &str) -> Result<Vec<Member>> {
         let url = format!("{node}/v1/members");
         let request = self
-            .http
+            .client_for(&url)
             .post(&url)
             .timeout(self.timeouts.change)
             .json(&AddMemberRequest {
@@ -164,20 +267,20 @@ impl NodeApi for HttpNodeClient {
 
     async fn promote(&self, node: &str, id: u64) -> Result<()> {
         let url = format!("{node}/v1/members/{id}/promote");
-        let request = self.http.post(&url).timeout(self.timeouts.change);
+        let request = self.client_for(&url).post(&url).timeout(self.timeouts.change);
         self.call::<Unit>(request, url).await.map(|_| ())
     }
 
     async fn remove_member(&self, node: &str, id: u64) -> Result<()> {
         let url = format!("{node}/v1/members/{id}");
-        let request = self.http.delete(&url).timeout(self.timeouts.change);
+        let request = self.client_for(&url).delete(&url).timeout(self.timeouts.change);
         self.call::<Unit>(request, url).await.map(|_| ())
     }
 
     async fn transfer_leader(&self, node: &str, to: u64) -> Result<u64> {
         let url = format!("{node}/v1/leader");
         let request = self
-            .http
+            .client_for(&url)
             .post(&url)
             .timeout(self.timeouts.change)
             .json(&TransferRequest { id: to });
@@ -186,7 +289,33 @@ impl NodeApi for HttpNodeClient {
 
     async fn bootstrap(&self, node: &str) -> Result<Bootstrapped> {
         let url = format!("{node}/v1/bootstrap");
-        let request = self.http.post(&url).timeout(self.timeouts.change);
+        let request = self.client_for(&url).post(&url).timeout(self.timeouts.change);
         self.call(request, url).await
+    }
+
+    fn use_tls(&self, domain: &str, tls: &NodeTls, pods: &BTreeMap<String, IpAddr>) -> Result<()> {
+        {
+            let mut addresses = self.addresses.by_name.write().unwrap_or_else(|e| e.into_inner());
+            // The cluster's table is replaced whole: a pod that is gone has no address left.
+            addresses.retain(|name, _| !name.ends_with(&format!(".{domain}")));
+            addresses.extend(pods.iter().map(|(name, ip)| (name.clone(), *ip)));
+        }
+        let current = self
+            .tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(domain)
+            .is_some_and(|c| &c.material == tls);
+        if !current {
+            let http = self.tls_client(tls)?;
+            self.tls.write().unwrap_or_else(|e| e.into_inner()).insert(
+                domain.to_string(),
+                TlsClient {
+                    material: tls.clone(),
+                    http,
+                },
+            );
+        }
+        Ok(())
     }
 }

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -29,7 +30,11 @@ use serde_json::json;
 use tracing::{debug, info, instrument, warn, Span};
 
 use crate::build::{build, keep_claim_templates, name_conflict, validate, ClusterObjects, NameConflict, ValidCluster};
-use crate::config::{OperatorConfig, FIELD_MANAGER};
+use crate::certs::{
+    issue_client, issue_client_server, issue_peer, new_cluster_cas, peer_domain, pod_dns_name, APPLICATION_ROLE,
+    OPERATOR_ROLE,
+};
+use crate::config::{OperatorConfig, PeerAddressing, FIELD_MANAGER};
 use crate::crd::{BootstrapRecord, BootstrapState, MemberStatus, RaftCluster, RaftClusterStatus};
 use crate::execute::{execute, ClusterEffects, Execution, Outcome};
 use crate::metrics::Metrics;
@@ -40,6 +45,11 @@ use crate::node_client::{HttpNodeClient, NodeApi};
 use crate::observe::{claim_ordinals, endpoints, observe_and_plan, pod_facts, removed_member_claims, Inputs, Planned};
 use crate::plan::{recreated_statefulset_replicas, Desired, Step};
 use crate::status::{cluster_status, degraded_warning, refused_status, Refusal, SpecIssue};
+use crate::tls::{
+    application_secret_name, build_ca_secret, build_issued_secret, ca_secret_name, issued_secret_names, node_tls,
+    plan_generation, read_ca_secret, IssuedSecret, NodeTls, SecretRecord, TlsSecretNames, CERTIFICATE_LABEL,
+    ROTATE_ANNOTATION,
+};
 use crate::{Error, Result};
 
 /// How soon to look again after each kind of outcome (see [`requeue_after`]).
@@ -141,7 +151,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
 
     // Validate: an invalid spec is reported once and then waits for the user to change it.
-    let valid = match validate(&cluster, &ctx.config) {
+    let mut valid = match validate(&cluster, &ctx.config) {
         Ok(valid) => valid,
         Err(Error::InvalidSpec(message)) => {
             warn!(%message, "invalid spec");
@@ -173,10 +183,15 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         }
     };
 
+    // Certificates first: the pod template names the Secrets it mounts, and the operator needs
+    // its own certificate to talk to the nodes.
+    let node_tls = ensure_tls(&ctx, &cluster, &mut valid, &found).await?;
+
     // Plan and apply the objects, then plan and execute one membership step.
     let planned_objects = plan_objects(&cluster, &valid, &ctx.config, &found);
     apply(&ctx.client, &valid, &planned_objects.objects, found.pdb_exists).await?;
-    let (node_urls, Planned { observed, step }) = plan_step(&ctx, &cluster, &valid, &found, &planned_objects).await;
+    let (node_urls, Planned { observed, step }) =
+        plan_step(&ctx, &cluster, &valid, &found, &planned_objects, node_tls.as_ref()).await?;
     Span::current().record("step", step.kind());
     let effects = KubeEffects {
         client: ctx.client.clone(),
@@ -329,7 +344,8 @@ async fn plan_step<N: NodeApi>(
     valid: &ValidCluster,
     found: &Found,
     planned_objects: &PlannedObjects,
-) -> (BTreeMap<u32, String>, Planned) {
+    node_tls: Option<&NodeTls>,
+) -> Result<(BTreeMap<u32, String>, Planned)> {
     let update_revision = found
         .statefulset
         .as_ref()
@@ -339,7 +355,26 @@ async fn plan_step<N: NodeApi>(
         .iter()
         .filter_map(|p| pod_facts(&valid.names, p, update_revision))
         .collect();
-    let node_urls = endpoints(&ctx.config, &facts);
+    let node_urls = match node_tls {
+        None => endpoints(&ctx.config, &facts),
+        Some(tls) => {
+            // Over TLS a node is named by its pod's DNS name, the name its certificate carries;
+            // the client resolves it to the pod IP it is given here.
+            let domain = peer_domain(&valid.names);
+            let pods: BTreeMap<u32, (String, std::net::IpAddr)> = facts
+                .iter()
+                .filter_map(|p| {
+                    let ip = p.ip.as_deref()?.parse().ok()?;
+                    Some((p.ordinal, (pod_dns_name(&valid.names, p.ordinal), ip)))
+                })
+                .collect();
+            let addresses = pods.values().cloned().collect();
+            ctx.nodes.use_tls(&domain, tls, &addresses)?;
+            pods.into_iter()
+                .map(|(ordinal, (name, _))| (ordinal, ctx.config.tls_node_url(&name)))
+                .collect()
+        }
+    };
     let removed_member_claims = removed_member_claims(&valid.names, &found.claims);
     let inputs = Inputs {
         names: &valid.names,
@@ -356,7 +391,171 @@ async fn plan_step<N: NodeApi>(
         max_lag: valid.max_lag(),
     };
     let planned = observe_and_plan(inputs, &desired, &ctx.nodes).await;
-    (node_urls, planned)
+    Ok((node_urls, planned))
+}
+
+/// Makes sure the certificate Secrets of a TLS cluster exist and points `valid` at the ones
+/// the pods are to mount; returns what the node client needs, or `None` without TLS.
+///
+/// User-provided Secrets are only read. For issued certificates the CA Secret is created once,
+/// the server and peer Secrets are issued generation by generation (see
+/// [`crate::tls::plan_generation`]), and the operator's and the applications' client
+/// certificates are replaced in place when due.
+async fn ensure_tls<N: NodeApi>(
+    ctx: &Context<N>,
+    cluster: &RaftCluster,
+    valid: &mut ValidCluster,
+    found: &Found,
+) -> Result<Option<NodeTls>> {
+    let Some(tls) = valid.tls.as_mut() else {
+        return Ok(None);
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &valid.names.namespace);
+    if let Some(lifetime_hours) = tls.issued_lifetime_hours {
+        let snapshot = ValidCluster {
+            tls: None,
+            ..valid.clone()
+        };
+        // Members that advertise their pod IP are verified by their peers against it, so the
+        // certificates name those IPs; with DNS addressing they name DNS names only.
+        let pod_ips: BTreeSet<std::net::IpAddr> = match ctx.config.peer_addressing {
+            PeerAddressing::Dns => BTreeSet::new(),
+            PeerAddressing::PodIp => found
+                .pods
+                .iter()
+                .filter_map(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok())
+                .collect(),
+        };
+        let names = ensure_issued(&secrets, cluster, &snapshot, lifetime_hours, &pod_ips).await?;
+        if let Some(tls) = valid.tls.as_mut() {
+            tls.secrets = names;
+        }
+    }
+    let names = &valid
+        .tls
+        .as_ref()
+        .map(|t| t.secrets.clone())
+        .unwrap_or_else(|| issued_secret_names(&valid.names, 1));
+    let missing = |name: &str| Error::Certificate(format!("Secret {name} does not exist"));
+    let client_secret = secrets
+        .get_opt(&names.client)
+        .await?
+        .ok_or_else(|| missing(&names.client))?;
+    let operator_secret = secrets
+        .get_opt(&names.operator)
+        .await?
+        .ok_or_else(|| missing(&names.operator))?;
+    Ok(Some(node_tls(&client_secret, &operator_secret)?))
+}
+
+/// The issued-certificate side of [`ensure_tls`]; returns the Secrets of the generation the pods
+/// are to mount.
+async fn ensure_issued(
+    secrets: &Api<Secret>,
+    cluster: &RaftCluster,
+    valid: &ValidCluster,
+    lifetime_hours: u32,
+    pod_ips: &BTreeSet<std::net::IpAddr>,
+) -> Result<TlsSecretNames> {
+    let names = &valid.names;
+    let now = Timestamp::now();
+    let rotation = cluster.annotations().get(ROTATE_ANNOTATION).map(String::as_str);
+    let ca_name = ca_secret_name(names);
+    let cas = match secrets.get_opt(&ca_name).await? {
+        Some(secret) => read_ca_secret(&secret)?,
+        None => {
+            let cas = new_cluster_cas(names, now)?;
+            // Created, never applied: another writer's CA (an operator replica that raced this
+            // one) must not be replaced, or the certificates it issued would chain to nothing.
+            match secrets
+                .create(&PostParams::default(), &build_ca_secret(valid, &cas))
+                .await
+            {
+                Ok(_) => {
+                    info!(secret = %ca_name, "created the cluster's CAs");
+                    cas
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => read_ca_secret(&secrets.get(&ca_name).await?)?,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    };
+    let selector = format!("{},{CERTIFICATE_LABEL}", names.selector_string());
+    let found: Vec<IssuedSecret> = secrets
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .iter()
+        .filter_map(IssuedSecret::read)
+        .collect();
+    let plan = plan_generation(&found, rotation, now);
+    let current = issued_secret_names(names, plan.current);
+    // With pod-IP addressing a new pod's IP is known only once it runs; the current generation
+    // is then re-issued in place to name it, and the nodes reload the updated files. This is the
+    // one change ever made to a written generation, and only in the simulated environments
+    // pod-IP addressing is meant for.
+    let uncovered = !plan.issue
+        && found
+            .iter()
+            .filter(|s| s.generation == Some(plan.current))
+            .any(|s| !s.ips.is_superset(pod_ips));
+    if plan.issue || uncovered {
+        let ips: Vec<std::net::IpAddr> = pod_ips.iter().copied().collect();
+        let server = issue_client_server(names, &cas, now, lifetime_hours, &ips)?;
+        let peer = issue_peer(names, &cas, now, lifetime_hours, &ips)?;
+        let record = SecretRecord {
+            generation: Some(plan.current),
+            rotation,
+            ips: &ips,
+        };
+        let built = [
+            build_issued_secret(valid, &current.client, "client", &server, record),
+            build_issued_secret(valid, &current.peer, "peer", &peer, record),
+        ];
+        for secret in built {
+            if plan.issue {
+                // Each generation is written once: pods still on the previous one keep exactly
+                // the files they started with while the rollout reaches them.
+                secrets.create(&PostParams::default(), &secret).await?;
+            } else {
+                let name = secret.metadata.name.clone().unwrap_or_default();
+                secrets.patch(&name, &apply_params(), &Patch::Apply(&secret)).await?;
+            }
+        }
+        info!(generation = plan.current, not_after = %server.not_after, ips = ?ips, "issued certificates");
+    }
+    for name in &plan.delete {
+        delete_if_present(secrets, name).await?;
+        info!(secret = %name, "deleted a superseded certificate");
+    }
+    let clients = [
+        (
+            current.operator.clone(),
+            "operator",
+            "raftkv-operator".to_string(),
+            OPERATOR_ROLE,
+        ),
+        (
+            application_secret_name(names),
+            "application",
+            format!("{}-client", names.cluster),
+            APPLICATION_ROLE,
+        ),
+    ];
+    for (name, certificate, user, role) in clients {
+        let existing = found.iter().find(|s| s.name == name);
+        if existing.is_none_or(|s| s.needs_replacing(rotation, now)) {
+            let issued = issue_client(names, &cas, &user, role, now, lifetime_hours)?;
+            let record = SecretRecord {
+                rotation,
+                ..SecretRecord::default()
+            };
+            let secret = build_issued_secret(valid, &name, certificate, &issued, record);
+            secrets.patch(&name, &apply_params(), &Patch::Apply(&secret)).await?;
+            info!(secret = %name, role, "issued a client certificate");
+        }
+    }
+    Ok(current)
 }
 
 /// Carries out `step` and counts it by its outcome.
@@ -503,6 +702,24 @@ async fn apply(client: &Client, cluster: &ValidCluster, objects: &ClusterObjects
         }
         None if pdb_exists => delete_if_present(&pdbs, cluster.names.pdb()).await?,
         None => {}
+    }
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    match (&objects.network_policy, &cluster.spec.network_policy) {
+        (Some(policy), _) => {
+            policies
+                .patch(cluster.names.network_policy(), &params, &Patch::Apply(policy))
+                .await?;
+        }
+        // `enabled: false` removes the policy the operator wrote; with no field at all nothing
+        // is asked, so clusters without policies cost no extra call.
+        (None, Some(_)) => {
+            if let Some(existing) = policies.get_opt(cluster.names.network_policy()).await? {
+                if name_conflict(cluster, &[("NetworkPolicy", &existing.metadata)]).is_none() {
+                    delete_if_present(&policies, cluster.names.network_policy()).await?;
+                }
+            }
+        }
+        (None, None) => {}
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::environment::expand;
-use super::mounts::{prepare_volumes, rewrite_mounts, unmountable_claim};
+use super::mounts::{prepare_volumes, rewrite_mounts, sync_projected_volumes, unmountable_claim};
 use super::probes::{check, Probe};
 use super::status::{container_state, publish_waiting_for_volumes};
 use super::{log_path, ns_name, uid, PodRuntime, Shared};
@@ -95,6 +95,7 @@ pub(super) async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Re
     });
     tracing::info!(pod = %name, namespace = %ns, %ip, "starting pod");
     runtime.publish();
+    let sync = tokio::spawn(sync_volumes(runtime.clone(), stop.clone()));
     let mut initialized = true;
     for (index, spec) in init_specs.iter().enumerate() {
         let outcome = run_container(runtime.clone(), spec.clone(), index, true, stop.clone()).await;
@@ -114,12 +115,41 @@ pub(super) async fn run_pod(shared: Arc<Shared>, pod: Value, mut stop: watch::Re
         }
     }
     runtime.publish();
+    sync.abort();
     if stop.borrow().is_none() {
         // Every container finished under restartPolicy Never/OnFailure: the pod stays, completed.
         stopped(&mut stop).await;
     }
     remove_if_deleting(&shared.config.store, &runtime.pod);
     tracing::info!(pod = %name, namespace = %ns, "pod stopped");
+}
+
+/// How often a running pod's `configMap` and `secret` volumes are compared with the store. A
+/// real kubelet syncs them within about a minute; a shorter period keeps rotation tests short.
+const VOLUME_SYNC_PERIOD: Duration = Duration::from_secs(2);
+
+/// Keeps the pod's `configMap` and `secret` volumes up to date until the pod stops, as a
+/// kubelet's periodic sync does (files swapped atomically through `..data`).
+async fn sync_volumes(runtime: Arc<PodRuntime>, mut stop: watch::Receiver<Option<Duration>>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(VOLUME_SYNC_PERIOD) => {}
+            changed = stop.changed() => if changed.is_err() { return },
+        }
+        if stop.borrow().is_some() {
+            return;
+        }
+        let worker = runtime.clone();
+        // File writes stay off the async worker threads.
+        let changed = tokio::task::spawn_blocking(move || {
+            sync_projected_volumes(&worker.shared.config.store, &worker.pod, &worker.ns, &worker.volumes)
+        })
+        .await
+        .unwrap_or_default();
+        if !changed.is_empty() {
+            tracing::info!(pod = %runtime.name, volumes = ?changed, "projected volumes updated");
+        }
+    }
 }
 
 /// Removes the pod from the store once its processes are gone, if it is being deleted.
