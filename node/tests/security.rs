@@ -705,3 +705,70 @@ fn a_member_with_an_unreadable_or_mismatched_certificate_refuses_to_start() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_without_tls_guard_probes_when_asked_and_the_peer_ports_admin_routes_too() {
+    let root = tempfile::tempdir().unwrap();
+    let tokens = root.path().join("tokens");
+    write_atomically(
+        &tokens,
+        &format!("{ADMIN_TOKEN} admin ops\n{WRITE_TOKEN} write app\n{READ_TOKEN} read dashboard\n"),
+    );
+    let mut admin_headers = reqwest::header::HeaderMap::new();
+    admin_headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+    );
+    let admin = reqwest::Client::builder()
+        .default_headers(admin_headers)
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let tokens_flag = tokens.display().to_string();
+    let mut c = Cluster::start_with(3, &["--token-file", &tokens_flag, "--auth-probes"], root, admin, None)
+        .await
+        .unwrap();
+    let leader = c.leader().await.unwrap();
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let anyone = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let get = reqwest::Method::GET;
+
+    // --auth-probes: the probes need credentials, any role.
+    let healthz = format!("{}/healthz", c.members[follower].url());
+    let (status, _, code) = call(&anyone, get.clone(), &healthz, None, None).await;
+    assert_eq!((status, code.as_str()), (401, "unauthenticated"));
+    let (status, _, _) = call(&anyone, get.clone(), &healthz, Some(READ_TOKEN), None).await;
+    assert_eq!(status, 200);
+
+    // An admin call through a follower is forwarded with its token, which the leader checks.
+    let members = format!("{}/v1/members", c.members[follower].url());
+    let r = anyone.get(&members).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["match_index"].is_u64()),
+        "not answered by the leader: {body}"
+    );
+
+    // The peer port's admin routes are not a way around the client port's checks.
+    let peer = c.members[leader].peer_url();
+    let victim = c.members[follower].id;
+    let (status, _, code) = call(&anyone, get.clone(), &format!("{peer}/v1/members"), None, None).await;
+    assert_eq!((status, code.as_str()), (401, "unauthenticated"));
+    let remove = format!("{peer}/v1/members/{victim}");
+    let (status, _, code) = call(&anyone, reqwest::Method::DELETE, &remove, Some(WRITE_TOKEN), None).await;
+    assert_eq!((status, code.as_str()), (403, "forbidden"));
+    let (status, _, code) = call(&anyone, reqwest::Method::DELETE, &remove, None, None).await;
+    assert_eq!((status, code.as_str()), (401, "unauthenticated"));
+    let membership = c.membership(leader).await.unwrap();
+    assert_eq!(membership.len(), 3, "{membership:?}");
+    assert!(membership.contains_key(&victim));
+    c.wait_healthy().await.unwrap();
+}
