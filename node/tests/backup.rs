@@ -749,3 +749,42 @@ async fn a_member_cut_off_from_its_quorum_refuses_a_backup_rather_than_serve_sta
     let state = decode(&b);
     assert_eq!(keys_of(&state).get("before").map(|(v, _)| v.as_str()), Some("the cut"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fails_mid_way_ends_short_of_its_length_and_the_member_serves_on() {
+    let mut c = Cluster::start(1, &[]).await.unwrap();
+    load(&c, 2000, 4000, 8).await.unwrap();
+    // The fifth chunk's hand-over fails: a failure inside the member, not a lost connection.
+    c.members[0].env = vec![("FAILPOINTS".into(), "backup::send_chunk=4*off->1*return->off".into())];
+    c.members[0].stop().await.unwrap();
+    c.members[0].restart().await.unwrap();
+    c.wait_healthy().await.unwrap();
+    let url = format!("{}/v1/snapshot", c.members[0].url());
+    let mut resp = c.http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let meta = snapshot_meta(&resp).unwrap();
+    let mut received = Vec::new();
+    let broke = loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => received.extend_from_slice(&chunk),
+            Ok(None) => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(broke, "a failed stream ended like a complete one");
+    assert!(
+        (received.len() as u64) < meta.size,
+        "{} of {} bytes",
+        received.len(),
+        meta.size
+    );
+    assert!(KvState::read_snapshot(&received[..]).unwrap_err().contains("truncated"));
+    let text = c.get(0, "/metrics").await.unwrap().text();
+    assert!(
+        text.contains("raftkv_backup_streams_total{outcome=\"failed\"} 1"),
+        "{text}"
+    );
+    // The fail point fired once; the next backup is whole, and writes go on.
+    assert_eq!(decode(&backup(&c, 0).await.unwrap()).data.len(), 2000);
+    assert_eq!(c.put(0, "after", "failure").await.unwrap().status, 200);
+}

@@ -104,8 +104,9 @@ pub(super) async fn snapshot(
 }
 
 /// Encodes `state` into `tx` on a blocking thread. A client that goes away closes the channel,
-/// which ends the encoding at its next chunk. A failure mid-way is sent as an error, which aborts
-/// the response: the client gets fewer bytes than `Content-Length`, never a body that looks whole.
+/// which ends the encoding at its next chunk. A failure mid-way aborts the response (an error
+/// queued when there is room; the sender dropped in any case, which ends the body early): the
+/// client gets fewer bytes than `Content-Length`, never a body that looks whole.
 fn stream_snapshot(
     state: KvState,
     size: u64,
@@ -156,7 +157,7 @@ fn stream_snapshot(
                 size,
                 "snapshot encoding differs from its announced size"
             );
-            let _ = tx.blocking_send(Err(std::io::Error::other("snapshot size differs from Content-Length")));
+            let _ = tx.try_send(Err(std::io::Error::other("snapshot size differs from Content-Length")));
         }
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
             tracing::warn!(revision, "snapshot client went away before the end");
@@ -168,7 +169,7 @@ fn stream_snapshot(
         }
         Err(error) => {
             tracing::error!(revision, %error, "snapshot stream failed");
-            let _ = tx.blocking_send(Err(error));
+            let _ = tx.try_send(Err(error));
         }
     }
     drop(permit);
@@ -198,6 +199,10 @@ impl ChannelWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
+        // Fault tests: an encoding that fails mid-stream, with the member still running.
+        fail::fail_point!("backup::send_chunk", |_| Err(std::io::Error::other(
+            "injected failure (fail point backup::send_chunk)"
+        )));
         let chunk = self.buf.split().freeze();
         let len = chunk.len() as u64;
         self.sent += len;
