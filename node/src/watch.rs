@@ -26,12 +26,12 @@ use crate::state_machine::Shared;
 
 /// Batches the feed holds before a watcher that has not read them must catch up from the
 /// history instead.
-pub const FEED_CAPACITY: usize = 1024;
+pub const FEED_CAPACITY: usize = 512;
 /// A batch whose changes cost more than this (see [`Change::cost`]) is published without them
 /// (`complete: false`): watchers read it from the history. The ring keeps its last
 /// [`FEED_CAPACITY`] batches alive whoever reads them, so this bounds the memory it holds beyond
-/// the history's own bounds to 16 MiB.
-pub const MAX_FEED_BATCH_BYTES: usize = 16 << 10;
+/// the history's own bounds to 32 MiB. A batch of 64 writes of 256-byte values fits.
+pub const MAX_FEED_BATCH_BYTES: usize = 64 << 10;
 /// Most changes one catch-up read takes out of the history (and so holds per watcher).
 pub const PAGE_CHANGES: usize = 512;
 
