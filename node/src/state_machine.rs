@@ -25,7 +25,7 @@ use crate::inbox::RaftInput;
 use crate::kv::{ApplyOutcome, KvState};
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotStore;
-use crate::watch::{AppliedBatch, Feed, FEED_CAPACITY};
+use crate::watch::{AppliedBatch, Feed, FEED_CAPACITY, MAX_FEED_BATCH_BYTES};
 
 /// One committed entry, as the consensus side hands it over.
 #[derive(Debug)]
@@ -268,11 +268,25 @@ impl StateMachine {
             self.metrics.history_changes.set(state.history.len() as i64);
             // Without a watcher nobody needs the batch: one subscribing later reads the history
             // after subscribing, which already holds this batch.
-            let batch = (self.shared.feed.receiver_count() > 0).then(|| AppliedBatch {
-                from,
-                applied: state.applied_index,
-                changes: state.history.after(from).cloned().collect(),
-                complete: state.history.compact_revision() <= from,
+            let batch = (self.shared.feed.receiver_count() > 0).then(|| {
+                let changes: Vec<_> = state.history.after(from).cloned().collect();
+                let bytes: usize = changes.iter().map(|c| c.cost()).sum();
+                if bytes > MAX_FEED_BATCH_BYTES {
+                    // Too large to keep in the ring: watchers read it from the history.
+                    AppliedBatch {
+                        from,
+                        applied: state.applied_index,
+                        changes: Vec::new(),
+                        complete: false,
+                    }
+                } else {
+                    AppliedBatch {
+                        from,
+                        applied: state.applied_index,
+                        changes,
+                        complete: state.history.compact_revision() <= from,
+                    }
+                }
             });
             (from, state.applied_index, state.data.len(), batch)
         };

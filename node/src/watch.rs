@@ -9,7 +9,7 @@
 //! that falls behind the ring (it was not polled: its client reads slowly) notices it
 //! (`Lagged`) and catches up from the history again; one that falls behind the history too is
 //! ended with [`Next::Compacted`]. So a watcher holds at most one page of changes, and is ended
-//! only when what it still needs is gone.
+//! only when what it still needs is gone: the history's bounds are the bound of every watcher.
 //!
 //! No gap and no duplicate between replay and live: before each read of the history the watcher
 //! subscribes to the feed, so every batch applied after that read reaches it through the feed,
@@ -26,7 +26,12 @@ use crate::state_machine::Shared;
 
 /// Batches the feed holds before a watcher that has not read them must catch up from the
 /// history instead.
-pub const FEED_CAPACITY: usize = 4096;
+pub const FEED_CAPACITY: usize = 512;
+/// A batch whose changes cost more than this (see [`Change::cost`]) is published without them
+/// (`complete: false`): watchers read it from the history. The ring keeps its last
+/// [`FEED_CAPACITY`] batches alive whoever reads them, so this bounds the memory it holds beyond
+/// the history's own bounds to 32 MiB. A batch of 64 writes of 256-byte values fits.
+pub const MAX_FEED_BATCH_BYTES: usize = 64 << 10;
 /// Most changes one catch-up read takes out of the history (and so holds per watcher).
 pub const PAGE_CHANGES: usize = 512;
 
@@ -361,5 +366,20 @@ mod tests {
         }
         let got = collect(&mut w, 12).await.unwrap();
         assert_eq!(got.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![8, 9, 10, 11, 12]);
+    }
+
+    #[tokio::test]
+    async fn batches_too_large_for_the_feed_reach_live_watchers_through_the_history() {
+        let (shared, tx, _dir) = start(HistoryLimits::default());
+        let mut w = Watcher::open(shared.clone(), Filter::Prefix(Bytes::new()), None).unwrap();
+        assert!(matches!(w.next().await, Next::CaughtUp));
+        let big = "x".repeat(MAX_FEED_BATCH_BYTES);
+        for i in 1..=6u64 {
+            let value = if i % 2 == 0 { big.as_str() } else { "small" };
+            tx.send(ApplyMsg::Entries(vec![entry(i, &format!("k{i}"), value)]))
+                .unwrap();
+        }
+        let got = collect(&mut w, 6).await.unwrap();
+        assert_eq!(got.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
     }
 }

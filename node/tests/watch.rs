@@ -413,3 +413,55 @@ async fn a_watch_streams_over_h2c_too() {
     let status = c.status(leader).await.unwrap();
     assert_eq!(status["watchers"], 20, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_stops_reading_is_ended_compacted_and_never_holds_up_writes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = Cluster::start(1, &["--watch-history-changes", "20"]).await.unwrap();
+    let leader = c.leader().await.unwrap();
+    let addr = c.members[leader].url().trim_start_matches("http://").to_string();
+    // A client that reads the answer's head, then nothing more.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(format!("GET /v1/watch?prefix=big/ HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        slow.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    // Far more than the socket buffers hold, and 10 times the history: every write is still
+    // acknowledged at once.
+    let value = "v".repeat(256 << 10);
+    let started = std::time::Instant::now();
+    for i in 0..200 {
+        let r = c.put(leader, &format!("big/{i}"), &value).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let writes = started.elapsed();
+    // Reading again: whatever was buffered, then the final event saying the position is gone.
+    let mut rest = Vec::new();
+    let read_all = tokio::time::timeout(DEADLINE, slow.read_to_end(&mut rest)).await;
+    let text = String::from_utf8_lossy(&rest);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"type\""))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        read_all.is_ok(),
+        "the stream did not end: {}",
+        &text[text.len().saturating_sub(300)..]
+    );
+    assert!(
+        last.contains("\"error\":\"compacted\"") && last.contains("\"compact_revision\""),
+        "last event: {}",
+        &last[..last.len().min(300)]
+    );
+    let status = c.status(leader).await.unwrap();
+    assert_eq!(status["watchers"], 0, "the ended stream is gone: {status}");
+    eprintln!("200 writes of 256 KiB with a stalled watcher took {writes:?}");
+}

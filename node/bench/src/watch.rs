@@ -79,6 +79,10 @@ pub struct WatchReport {
     pub watch_errors: u64,
     /// Write failures.
     pub write_errors: u64,
+    /// CPU seconds the servers used over the write phase without watchers (warm-up included).
+    pub server_cpu_alone: f64,
+    /// CPU seconds the servers used over the write phase with watchers.
+    pub server_cpu_watched: f64,
 }
 
 impl WatchReport {
@@ -91,6 +95,7 @@ impl WatchReport {
              events delivered/s         {:>10.0}   ({} of {} expected)\n\
              ack -> event delay         p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms ({} events before their ack)\n\
              server memory              {:.1} MiB before, {:.1} MiB with idle watchers: {:.1} KiB per watcher\n\
+             server CPU                 {:.1} s without watchers, {:.1} s with them (same phase length)\n\
              errors                     {} watch, {} write\n",
             self.target,
             self.watchers,
@@ -110,6 +115,8 @@ impl WatchReport {
             self.rss_kib_before as f64 / 1024.0,
             self.rss_kib_idle_watchers as f64 / 1024.0,
             self.rss_kib_per_watcher,
+            self.server_cpu_alone,
+            self.server_cpu_watched,
             self.watch_errors,
             self.write_errors,
         )
@@ -125,6 +132,21 @@ pub fn prefix_of(p: u64, prefixes: u64, key_space: u64) -> String {
     key[..6 + digits].to_string()
 }
 
+/// CPU seconds (user + system) the processes used so far, from `/proc/PID/stat`.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // Clock ticks per second: 100 on every Linux configuration this runs on (USER_HZ).
+    const TICKS: f64 = 100.0;
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|s| {
+            // Fields after the command name (which may hold spaces) in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / TICKS)
+        })
+        .sum()
+}
+
 fn rss_kib(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
@@ -136,8 +158,8 @@ fn rss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
-/// When each revision was acknowledged to its writer.
-type Acks = Arc<std::sync::Mutex<HashMap<u64, Instant>>>;
+/// When each revision was acknowledged to its writer, and the key it wrote.
+type Acks = Arc<std::sync::Mutex<HashMap<u64, (Instant, u64)>>>;
 /// When each watcher received each revision.
 type Arrivals = Arc<std::sync::Mutex<Vec<(u64, Instant)>>>;
 
@@ -192,7 +214,7 @@ async fn write_load(cfg: &LoadConfig, acks: Option<Acks>) -> (u64, u64, hdrhisto
                             Target::Etcd => v["header"]["revision"].as_str().and_then(|r| r.parse().ok()),
                         };
                         if let (Some(acks), Some(r)) = (&acks, revision) {
-                            acks.lock().expect("not poisoned").insert(r, done);
+                            acks.lock().expect("not poisoned").insert(r, (done, key));
                         }
                         if issued >= record_from && done <= end {
                             let _ = hist.record((done - issued).as_micros().max(1) as u64);
@@ -305,14 +327,21 @@ pub async fn run(cfg: &WatchConfig) -> Result<WatchReport> {
             "--prefixes must divide --key-space into slices of a power of ten".into(),
         ));
     }
+    let cpu_start = cpu_seconds(&cfg.server_pids);
     let (alone, _, _) = write_load(load, None).await;
+    let cpu_alone = cpu_seconds(&cfg.server_pids) - cpu_start;
     let rss_before = rss_kib(&cfg.server_pids);
 
     // Streams end when the writers are done (`stop_tx`); this is only a backstop.
     let stop = Instant::now() + Duration::from_secs(3600);
     let opened = Arc::new(tokio::sync::Semaphore::new(0));
     let watch_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let per_prefix = (cfg.watchers as u64).div_ceil(cfg.prefixes);
+    // Watcher `w` follows prefix `w % prefixes`: how many follow each.
+    let mut per_prefix = vec![0u64; cfg.prefixes as usize];
+    for w in 0..cfg.watchers {
+        per_prefix[w % cfg.prefixes as usize] += 1;
+    }
+    let slice = load.key_space / cfg.prefixes;
     let mut logs: Vec<Arrivals> = Vec::new();
     let mut tasks = Vec::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -388,7 +417,9 @@ pub async fn run(cfg: &WatchConfig) -> Result<WatchReport> {
     let rss_idle = rss_kib(&cfg.server_pids);
     let acks: Acks = Default::default();
     let window_start = Instant::now() + load.warmup;
+    let cpu_start = cpu_seconds(&cfg.server_pids);
     let (watched, write_errors, hist) = write_load(load, Some(acks.clone())).await;
+    let cpu_watched = cpu_seconds(&cfg.server_pids) - cpu_start;
     let window_end = window_start + load.duration;
     // Events still in flight when the writers stop are given a moment to arrive.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -405,7 +436,7 @@ pub async fn run(cfg: &WatchConfig) -> Result<WatchReport> {
             if at >= window_start && at <= window_end {
                 in_window += 1;
             }
-            if let Some(&acked) = acks.get(&revision) {
+            if let Some(&(acked, _)) = acks.get(&revision) {
                 if at < acked {
                     before_ack += 1;
                 }
@@ -424,7 +455,7 @@ pub async fn run(cfg: &WatchConfig) -> Result<WatchReport> {
         write_latency_watched: Latency::of(&hist),
         events_per_sec: (in_window as f64 / seconds).round(),
         events,
-        events_expected: acks.len() as u64 * per_prefix,
+        events_expected: acks.values().map(|&(_, key)| per_prefix[(key / slice) as usize]).sum(),
         delay: Latency::of(&delay),
         events_before_ack: before_ack,
         rss_kib_before: rss_before,
@@ -432,6 +463,8 @@ pub async fn run(cfg: &WatchConfig) -> Result<WatchReport> {
         rss_kib_per_watcher: ((rss_idle as f64 - rss_before as f64) / cfg.watchers.max(1) as f64 * 10.0).round() / 10.0,
         watch_errors: watch_errors.load(std::sync::atomic::Ordering::Relaxed),
         write_errors,
+        server_cpu_alone: (cpu_alone * 100.0).round() / 100.0,
+        server_cpu_watched: (cpu_watched * 100.0).round() / 100.0,
     })
 }
 

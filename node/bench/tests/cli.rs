@@ -115,3 +115,52 @@ async fn bench_tool_reports_operations_and_no_errors_against_one_member() {
     assert_eq!(report["not_found"], 0, "{report}");
     assert!(report["latency"]["p99_us"].as_u64().unwrap() >= report["latency"]["p50_us"].as_u64().unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_load_delivers_every_event_of_every_acknowledged_write() {
+    let root = tempfile::tempdir().unwrap();
+    let node = start_one_member(&root.path().join("m0")).await;
+    let endpoint = format!("http://{}", node.client_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_raftkv-bench"))
+            .args([
+                "--endpoints",
+                &endpoint,
+                "--conns",
+                "4",
+                "--duration",
+                "1",
+                "--warmup",
+                "0.2",
+            ])
+            .args([
+                "--key-space",
+                "1000",
+                "--watchers",
+                "30",
+                "--prefixes",
+                "10",
+                "--streams-per-conn",
+                "8",
+            ])
+            .args(["--server-pids", &std::process::id().to_string(), "--json"])
+            .output()
+            .expect("run raftkv-bench")
+    })
+    .await
+    .unwrap();
+    node.shutdown().await.expect("shut the member down");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "raftkv-bench failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    assert!(report["writes_per_sec_watched"].as_f64().unwrap() > 0.0, "{report}");
+    let expected = report["events_expected"].as_u64().unwrap();
+    assert!(expected > 0, "{report}");
+    assert_eq!(report["events"].as_u64().unwrap(), expected, "{report}");
+    assert_eq!(
+        (report["watch_errors"].as_u64(), report["write_errors"].as_u64()),
+        (Some(0), Some(0)),
+        "{report}"
+    );
+    assert!(report["rss_kib_before"].as_u64().unwrap() > 0, "{report}");
+}
