@@ -390,6 +390,72 @@ async fn an_h2_connection_is_told_the_stream_limit_and_its_extra_requests_wait_t
     assert_eq!(ok, 32);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_idle_past_their_bounds_are_closed() {
+    let mut c = Cluster::start(1, &["--idle-timeout-ms", "1000", "--header-timeout-ms", "2000"])
+        .await
+        .unwrap();
+    c.wait_healthy().await.unwrap();
+    let addr = c.members[0].client_addr.clone();
+
+    // An h2 connection that served a request and then stays silent: closed after the idle
+    // timeout (hyper's own bound covers only HTTP/1.1 heads).
+    let (client, mut conn) = h2::client::handshake(TcpStream::connect(&addr).await.unwrap())
+        .await
+        .unwrap();
+    let request = async {
+        let mut client = client.clone().ready().await.unwrap();
+        let req = http::Request::get(format!("http://{addr}/healthz")).body(()).unwrap();
+        client.send_request(req, true).unwrap().0.await.unwrap().status()
+    };
+    let status = tokio::select! {
+        s = request => s,
+        r = &mut conn => panic!("the connection ended first: {r:?}"),
+    };
+    assert_eq!(status, 200);
+    let served = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), &mut conn)
+        .await
+        .expect("the idle h2 connection was closed")
+        .expect("closed cleanly, with GOAWAY");
+    let idle_for = served.elapsed();
+    println!("an idle h2 connection was closed after {idle_for:?}");
+    assert!(idle_for >= Duration::from_millis(900), "closed too early: {idle_for:?}");
+
+    // A connection that never sends a byte: closed after the header timeout, HTTP/1.1 or h2
+    // alike (which one it speaks is not known yet).
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    let opened = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf))
+        .await
+        .expect("the silent connection was closed");
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "nothing is answered to a connection that asked nothing"
+    );
+    println!("a silent connection was closed after {:?}", opened.elapsed());
+    assert!(opened.elapsed() >= Duration::from_millis(1900));
+    assert!(
+        metric(
+            &c,
+            0,
+            "raftkv_http_connections_closed_total{server=\"client\",reason=\"idle_timeout\"}"
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        metric(
+            &c,
+            0,
+            "raftkv_http_connections_closed_total{server=\"client\",reason=\"header_timeout\"}"
+        )
+        .await
+            >= 1.0
+    );
+}
+
 /// Opens a connection that starts a PUT and then trickles its body: a request in flight.
 async fn busy_connection(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
