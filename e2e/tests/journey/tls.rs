@@ -26,6 +26,8 @@ spec:
   replicas: 3
   tls:
     enabled: true
+  networkPolicy:
+    enabled: true
 ";
 
 /// The text of key `key` of a Secret.
@@ -71,6 +73,7 @@ impl Journey {
         self.converged_as(TLS_CLUSTER, 3, &node_image).await?;
 
         self.refuses_what_it_must(&application, &writer_kv).await?;
+        self.network_policy_is_written().await?;
 
         let writer = Writer::start(
             self.backend.clone(),
@@ -109,6 +112,24 @@ impl Journey {
             Ok(left.items.is_empty().then_some(()))
         })
         .await?;
+        Ok(())
+    }
+
+    /// The cluster's NetworkPolicy admits the peer port from its own pods and the client port
+    /// from the operator's pods (the simulation stores it without enforcing it).
+    async fn network_policy_is_written(&self) -> anyhow::Result<()> {
+        let json = self
+            .kubectl_ns(&["get", "networkpolicy", TLS_CLUSTER, "-o", "json"])
+            .await?;
+        let policy: serde_json::Value = serde_json::from_str(&json)?;
+        let rules = policy["spec"]["ingress"].as_array().context("no ingress rules")?;
+        ensure!(rules.len() == 2, "expected a peer rule and a client rule: {rules:?}");
+        let operator = &rules[1]["from"][0];
+        ensure!(
+            operator["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == crate::OPERATOR_NAMESPACE
+                && operator["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "raftkv-operator",
+            "the client rule does not admit the operator: {operator}"
+        );
         Ok(())
     }
 
