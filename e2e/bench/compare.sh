@@ -262,7 +262,7 @@ for r in rows:
 load = os.getloadavg()[0]
 print(f"\nraftkv vs etcd, 3 members each on 127.0.0.1, {os.cpu_count()} CPUs, load average {load:.2f} at the end")
 print(f"disk: {disk['fdatasync_per_sec']} fdatasync/s ({disk['fdatasync_us']} us each, 256-byte appends)\n")
-head = (f"{'point':<22} {'conns':>5} | {'raftkv ops/s':>12} {'p50 ms':>7} {'p99 ms':>7} "
+head = (f"{'point':<26} {'conns':>5} | {'raftkv ops/s':>12} {'p50 ms':>7} {'p99 ms':>7} "
         f"| {'etcd ops/s':>12} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>6}")
 print(head)
 print("-" * len(head))
@@ -280,7 +280,7 @@ for point, conns in points:
     if "rss_mb" in (a or b):
         xa, xb = xb, xa
     ratio = f"{xa / xb:.2f}x" if xa and xb else "-"
-    print(f"{point[:22]:<22} {conns if conns else '':>5} | {ca} | {cb} | {ratio:>6}")
+    print(f"{point[:26]:<26} {conns if conns else '':>5} | {ca} | {cb} | {ratio:>6}")
 errs = [r for r in rows if r.get("errors") or r.get("unknown")]
 for r in errs:
     print(f"! {r['system']} {r['point']} {r['conns']}: {r['errors']} errors, {r['unknown']} unknown: {r.get('error_samples')}")
@@ -296,10 +296,11 @@ for system in ("raftkv", "etcd"):
             continue
         drop = 100 * (1 - tls["ops_per_sec"] / plain["ops_per_sec"])
         p50 = (tls["latency"]["p50_us"] - plain["latency"]["p50_us"]) / 1000
-        costs.append(f"{point[: -len(' (TLS)')]} at {conns}: {drop:.0f}% fewer ops/s, p50 {p50:+.2f} ms")
+        change = f"{drop:.0f}% fewer ops/s" if drop >= 0 else f"{-drop:.0f}% more ops/s (noise)"
+        costs.append(f"{point[: -len(' (TLS)')]} at {conns}: {change}, p50 {p50:+.2f} ms")
     if costs:
         tls_notes.append(f"  {system}: " + "; ".join(costs))
 if tls_notes:
     print("cost of TLS (each TLS point against its plaintext namesake):")
-    print("\n".join(tls_notes))
+    print("\n".join(tls_notes).replace("; ", "\n    "))
 EOF

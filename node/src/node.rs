@@ -153,6 +153,12 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         .clone()
         .or_else(|| (!peer_addr.ip().is_unspecified()).then(|| format!("{scheme}://{peer_addr}")));
     let peer_client = PeerClient::new(peer_tls.clone());
+    if cfg.auth_enabled() && peer_tls.is_none() {
+        tracing::warn!(
+            "authentication is on but the peer port is plaintext: anyone who reaches it can send Raft \
+             messages; give it --peer-cert-file, --peer-key-file and --peer-ca-file"
+        );
+    }
 
     if let (Some(initial), Some(id)) = (&cfg.initial_cluster, cfg.id) {
         let joined = identity::peek(&cfg.data_dir)?.is_some_and(|i| i.cluster_id != 0);

@@ -631,3 +631,57 @@ where
     });
     Ok(sender)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{CertSpec, ThrowawayCa};
+
+    fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_rotation_caught_between_certificate_and_key_keeps_the_previous_pair_until_both_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ThrowawayCa::new("ca").unwrap();
+        let ip = [std::net::IpAddr::from([127, 0, 0, 1])];
+        let first = ca.issue(&CertSpec::member("m", &ip, None)).unwrap();
+        let files = TlsFiles {
+            cert: write(dir.path(), "c.pem", &first.cert_pem),
+            key: write(dir.path(), "c.key", &first.key_pem),
+            ca: None,
+        };
+        let tls = load_client_port(files.clone()).unwrap();
+        let before = tls.get();
+        assert!(!tls.reload_if_changed(), "nothing changed");
+
+        let second = ca.issue(&CertSpec::member("m", &ip, None)).unwrap();
+        write(dir.path(), "c.pem", &second.cert_pem);
+        assert!(!tls.reload_if_changed(), "a certificate without its key was taken");
+        assert!(Arc::ptr_eq(&tls.get(), &before), "the previous pair was dropped");
+        write(dir.path(), "c.key", &second.key_pem);
+        assert!(tls.reload_if_changed(), "the matching pair was not taken");
+        assert!(!Arc::ptr_eq(&tls.get(), &before));
+        std::fs::remove_file(&files.key).unwrap();
+        assert!(!tls.reload_if_changed(), "a missing file must keep the current pair");
+    }
+
+    #[test]
+    fn the_cluster_check_takes_only_a_certificate_naming_this_cluster() {
+        let ca = ThrowawayCa::new("ca").unwrap();
+        let ip = [std::net::IpAddr::from([127, 0, 0, 1])];
+        let der = |cluster: Option<&str>| {
+            let issued = ca.issue(&CertSpec::member("m", &ip, cluster)).unwrap();
+            CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap()
+        };
+        let alpha = Some("alpha".to_string());
+        assert!(check_cluster(&der(Some("alpha")), &alpha).is_ok());
+        assert!(check_cluster(&der(Some("beta")), &alpha).is_err());
+        assert!(check_cluster(&der(Some("alphabet")), &alpha).is_err());
+        assert!(check_cluster(&der(None), &alpha).is_err());
+        assert!(check_cluster(&der(None), &None).is_ok(), "no cluster name: no check");
+    }
+}

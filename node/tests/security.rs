@@ -225,6 +225,11 @@ async fn a_tls_cluster_serves_its_roles_and_refuses_each_hostile_request_without
     let leader = c.leader().await.unwrap();
     let follower = (0..3).find(|&i| i != leader).unwrap();
     let (url, furl) = (c.members[leader].url(), c.members[follower].url());
+    // A client that connects and never starts its handshake: it must not keep its slot.
+    let mut silent = TcpStream::connect(c.members[leader].client_addr.as_str())
+        .await
+        .unwrap();
+    let silent_since = std::time::Instant::now();
     let key_url = format!("{furl}/v1/kv/guarded");
     let check_key_unchanged = |c: &Cluster| {
         let key_url = key_url.clone();
@@ -257,10 +262,12 @@ async fn a_tls_cluster_serves_its_roles_and_refuses_each_hostile_request_without
         );
     }
 
-    // A write token writes through a follower; a read token reads.
+    // A write token writes through a follower; a read token reads; TLS negotiated HTTP/2.
     let tokens = https(pki.client_ca.cert_pem(), None);
     let put = reqwest::Method::PUT;
     let get = reqwest::Method::GET;
+    let r = tokens.get(format!("{furl}/healthz")).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN did not select h2");
     let (status, _, code) = call(&tokens, put.clone(), &key_url, Some(WRITE_TOKEN), Some("original")).await;
     assert_eq!((status, code.as_str()), (200, ""));
     let r = tokens.get(&key_url).bearer_auth(READ_TOKEN).send().await.unwrap();
@@ -486,6 +493,18 @@ async fn a_tls_cluster_serves_its_roles_and_refuses_each_hostile_request_without
     assert_eq!(c.membership(leader).await.unwrap().len(), 3);
     check_key_unchanged(&c).await;
 
+    // The silent connection was closed once the handshake deadline (10 s) passed.
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(40), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection without a handshake stayed open: {closed:?}"
+    );
+    assert!(
+        silent_since.elapsed() >= Duration::from_secs(9),
+        "closed before its deadline"
+    );
+
     // Everything refused above left the cluster healthy.
     c.wait_healthy().await.unwrap();
 }
@@ -685,4 +704,71 @@ fn a_member_with_an_unreadable_or_mismatched_certificate_refuses_to_start() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_without_tls_guard_probes_when_asked_and_the_peer_ports_admin_routes_too() {
+    let root = tempfile::tempdir().unwrap();
+    let tokens = root.path().join("tokens");
+    write_atomically(
+        &tokens,
+        &format!("{ADMIN_TOKEN} admin ops\n{WRITE_TOKEN} write app\n{READ_TOKEN} read dashboard\n"),
+    );
+    let mut admin_headers = reqwest::header::HeaderMap::new();
+    admin_headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+    );
+    let admin = reqwest::Client::builder()
+        .default_headers(admin_headers)
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let tokens_flag = tokens.display().to_string();
+    let mut c = Cluster::start_with(3, &["--token-file", &tokens_flag, "--auth-probes"], root, admin, None)
+        .await
+        .unwrap();
+    let leader = c.leader().await.unwrap();
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let anyone = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let get = reqwest::Method::GET;
+
+    // --auth-probes: the probes need credentials, any role.
+    let healthz = format!("{}/healthz", c.members[follower].url());
+    let (status, _, code) = call(&anyone, get.clone(), &healthz, None, None).await;
+    assert_eq!((status, code.as_str()), (401, "unauthenticated"));
+    let (status, _, _) = call(&anyone, get.clone(), &healthz, Some(READ_TOKEN), None).await;
+    assert_eq!(status, 200);
+
+    // An admin call through a follower is forwarded with its token, which the leader checks.
+    let members = format!("{}/v1/members", c.members[follower].url());
+    let r = anyone.get(&members).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["match_index"].is_u64()),
+        "not answered by the leader: {body}"
+    );
+
+    // The peer port's admin routes are not a way around the client port's checks.
+    let peer = c.members[leader].peer_url();
+    let victim = c.members[follower].id;
+    let (status, _, code) = call(&anyone, get.clone(), &format!("{peer}/v1/members"), None, None).await;
+    assert_eq!((status, code.as_str()), (401, "unauthenticated"));
+    let remove = format!("{peer}/v1/members/{victim}");
+    let (status, _, code) = call(&anyone, reqwest::Method::DELETE, &remove, Some(WRITE_TOKEN), None).await;
+    assert_eq!((status, code.as_str()), (403, "forbidden"));
+    let (status, _, code) = call(&anyone, reqwest::Method::DELETE, &remove, None, None).await;
+    assert_eq!((status, code.as_str()), (401, "unauthenticated"));
+    let membership = c.membership(leader).await.unwrap();
+    assert_eq!(membership.len(), 3, "{membership:?}");
+    assert!(membership.contains_key(&victim));
+    c.wait_healthy().await.unwrap();
 }
