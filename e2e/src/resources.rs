@@ -345,6 +345,14 @@ const BUILTINS: &[Builtin] = &[
         &["pdb"],
     )
     .status(),
+    b(
+        "networking.k8s.io",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+        true,
+        &["netpol"],
+    ),
     b("coordination.k8s.io", "v1", "Lease", "leases", true, &[]),
     b("events.k8s.io", "v1", "Event", "events", true, &["ev"]),
     b("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", true, &[]),

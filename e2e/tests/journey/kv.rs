@@ -15,28 +15,61 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 
-/// An HTTP client for the node API.
+/// An HTTP client for the node API, plaintext or TLS.
 #[derive(Clone)]
 pub struct Kv {
     http: reqwest::Client,
+    /// Whether bases given as `http://` are reached over `https://`.
+    tls: bool,
 }
 
 impl Kv {
     /// A client whose every request has a deadline.
     pub fn new() -> anyhow::Result<Kv> {
         Ok(Kv {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .connect_timeout(Duration::from_secs(3))
-                .build()?,
+            http: Self::builder().build()?,
+            tls: false,
         })
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(3))
+    }
+
+    /// A TLS client trusting only `ca_pem`, presenting `identity_pem` (certificate then key)
+    /// when given. Bases are still given as the backend's `http://` URLs and reached over
+    /// `https://`; a port-forward's `127.0.0.1` is reached as `localhost`, which the cluster's
+    /// certificate names.
+    pub fn tls(ca_pem: &str, identity_pem: Option<&str>) -> anyhow::Result<Kv> {
+        let mut builder = Self::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes())?);
+        if let Some(identity) = identity_pem {
+            builder = builder.identity(reqwest::Identity::from_pem(identity.as_bytes())?);
+        }
+        Ok(Kv {
+            http: builder.build()?,
+            tls: true,
+        })
+    }
+
+    /// `base` as this client reaches it.
+    fn base(&self, base: &str) -> String {
+        if !self.tls {
+            return base.to_string();
+        }
+        base.replacen("http://", "https://", 1)
+            .replacen("https://127.0.0.1:", "https://localhost:", 1)
     }
 
     /// `PUT /v1/kv/{key}`; the status code.
     pub async fn put(&self, base: &str, key: &str, value: &str) -> reqwest::Result<StatusCode> {
         let response = self
             .http
-            .put(format!("{base}/v1/kv/{key}"))
+            .put(format!("{}/v1/kv/{key}", self.base(base)))
             .body(value.to_string())
             .send()
             .await?;
@@ -45,7 +78,7 @@ impl Kv {
 
     /// `GET /v1/kv/{key}` (linearizable): `None` when absent.
     pub async fn get(&self, base: &str, key: &str) -> anyhow::Result<Option<String>> {
-        let response = self.http.get(format!("{base}/v1/kv/{key}")).send().await?;
+        let response = self.http.get(format!("{}/v1/kv/{key}", self.base(base))).send().await?;
         match response.status() {
             StatusCode::OK => Ok(Some(response.text().await?)),
             StatusCode::NOT_FOUND => Ok(None),
@@ -58,7 +91,7 @@ impl Kv {
 
     /// `GET /v1/members`.
     pub async fn members(&self, base: &str) -> anyhow::Result<Vec<MemberView>> {
-        let response = self.http.get(format!("{base}/v1/members")).send().await?;
+        let response = self.http.get(format!("{}/v1/members", self.base(base))).send().await?;
         let response = response.error_for_status()?;
         Ok(response.json::<Members>().await?.members)
     }
@@ -70,26 +103,40 @@ impl Kv {
             peer_url: peer_url.to_string(),
             learner: true,
         };
-        let response = self.http.post(format!("{base}/v1/members")).json(&body).send().await?;
+        let response = self
+            .http
+            .post(format!("{}/v1/members", self.base(base)))
+            .json(&body)
+            .send()
+            .await?;
         ensure_ok(response, "adding a learner").await
     }
 
     /// `DELETE /v1/members/{id}`: removes a member, as the operator does; returns once applied.
     pub async fn remove_member(&self, base: &str, id: u64) -> anyhow::Result<()> {
-        let response = self.http.delete(format!("{base}/v1/members/{id}")).send().await?;
+        let response = self
+            .http
+            .delete(format!("{}/v1/members/{id}", self.base(base)))
+            .send()
+            .await?;
         ensure_ok(response, "removing a member").await
     }
 
     /// `POST /v1/leader`: moves leadership to `id` and waits until it happened.
     pub async fn transfer_leader(&self, base: &str, id: u64) -> anyhow::Result<()> {
         let body = TransferRequest { id };
-        let response = self.http.post(format!("{base}/v1/leader")).json(&body).send().await?;
+        let response = self
+            .http
+            .post(format!("{}/v1/leader", self.base(base)))
+            .json(&body)
+            .send()
+            .await?;
         ensure_ok(response, "transferring leadership").await
     }
 
     /// `GET /v1/status`.
     pub async fn status(&self, base: &str) -> anyhow::Result<Status> {
-        let response = self.http.get(format!("{base}/v1/status")).send().await?;
+        let response = self.http.get(format!("{}/v1/status", self.base(base))).send().await?;
         Ok(response.error_for_status()?.json().await?)
     }
 }

@@ -1,7 +1,8 @@
 //! The user's whole journey, end to end, against a real cluster or the simulated control plane
 //! (see `backend`): `helm install` the operator chart, `kubectl apply` a RaftCluster, write and
 //! read through its Service, `kubectl scale` it out and back in under writes, lose the leader's
-//! pod, roll out a new image under writes, and delete the cluster.
+//! pod, roll out a new image under writes, run a second cluster with `spec.tls.enabled` (see
+//! `tls`), and delete the cluster.
 //!
 //! One ordered test, because every step starts from the state the previous one left, as it does
 //! for a user; each step is named, timed, and printed. A failing step prints the operator's and
@@ -12,6 +13,7 @@ mod binaries;
 mod helm;
 mod kv;
 mod lifecycle;
+mod tls;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -89,6 +91,7 @@ async fn user_journey_from_helm_install_to_cluster_deletion() -> anyhow::Result<
         namespace,
         chart: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/raftkv-operator")),
         timings: Mutex::default(),
+        tls_admin: tokio::sync::OnceCell::new(),
     };
     eprintln!(
         "user journey on the {} backend, images {:?}",
@@ -122,6 +125,8 @@ struct Journey {
     chart: PathBuf,
     /// Each finished step and its wall time.
     timings: Mutex<Vec<(&'static str, Duration)>>,
+    /// The admin client of the TLS cluster (see `tls`), once its certificates exist.
+    tls_admin: tokio::sync::OnceCell<Kv>,
 }
 
 impl Journey {
@@ -180,6 +185,11 @@ impl Journey {
         self.step(
             "a removed member's retained volume handed back is replaced on scale-up",
             self.replace_a_reused_volume(),
+        )
+        .await?;
+        self.step(
+            "a TLS cluster: scale 3 to 5 to 3 over TLS, plaintext refused, certificates renewed pod by pod",
+            self.tls_cluster(),
         )
         .await?;
         self.step(
@@ -504,7 +514,21 @@ impl Journey {
 
     async fn node_status(&self, pod: &str) -> anyhow::Result<raftkv_api::Status> {
         let base = self.backend.pod_url(&self.namespace, pod, CLIENT_PORT).await?;
-        self.kv.status(&base).await
+        self.kv_of_pod(pod).status(&base).await
+    }
+
+    /// The client that can ask `cluster`'s admin API: the TLS cluster's admin client for its
+    /// pods, the plaintext one for every other cluster.
+    fn kv_of(&self, cluster: &str) -> &Kv {
+        match self.tls_admin.get() {
+            Some(admin) if cluster == tls::TLS_CLUSTER => admin,
+            _ => &self.kv,
+        }
+    }
+
+    fn kv_of_pod(&self, pod: &str) -> &Kv {
+        let cluster = pod.rsplit_once('-').map_or(pod, |(cluster, _)| cluster);
+        self.kv_of(cluster)
     }
 
     /// Polls `check` every half second until it yields a value; errors from `check` count as
@@ -627,7 +651,7 @@ impl Journey {
             .service_urls(&self.namespace, cluster_name, "client")
             .await?;
         let base = urls.first().context("the client Service has no endpoints")?;
-        let members = self.kv.members(base).await?;
+        let members = self.kv_of(cluster_name).members(base).await?;
         let voters: BTreeSet<u64> = members
             .iter()
             .filter(|m| m.role == MemberKind::Voter)
