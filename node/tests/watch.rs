@@ -422,9 +422,11 @@ async fn a_watcher_that_stops_reading_is_ended_compacted_and_never_holds_up_writ
     let addr = c.members[leader].url().trim_start_matches("http://").to_string();
     // A client that reads the answer's head, then nothing more.
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    slow.write_all(format!("GET /v1/watch?prefix=big/ HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    slow.write_all(
+        format!("GET /v1/watch?prefix=big/ HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut head = Vec::new();
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         let mut byte = [0u8; 1];
