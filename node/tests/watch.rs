@@ -235,9 +235,9 @@ async fn a_compacted_revision_answers_410_and_reads_at_a_retained_revision_see_t
         );
     }
     let status = c.status(leader).await.unwrap();
-    let compact = status["compact_revision"].as_u64().unwrap();
+    let compact = status["watch"]["compact_revision"].as_u64().unwrap();
     assert_eq!(compact, revs[19], "ten changes retained: {status}");
-    assert_eq!(status["history_changes"], 10);
+    assert_eq!(status["watch"]["history_changes"], 10);
 
     let (code, body) = open(
         &http,
@@ -411,7 +411,7 @@ async fn a_watch_streams_over_h2c_too() {
         assert_eq!(w.changes(1).await.unwrap(), vec![("put".into(), "h/1".into(), rev)]);
     }
     let status = c.status(leader).await.unwrap();
-    assert_eq!(status["watchers"], 20, "{status}");
+    assert_eq!(status["watch"]["watchers"], 20, "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,9 +422,11 @@ async fn a_watcher_that_stops_reading_is_ended_compacted_and_never_holds_up_writ
     let addr = c.members[leader].url().trim_start_matches("http://").to_string();
     // A client that reads the answer's head, then nothing more.
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    slow.write_all(format!("GET /v1/watch?prefix=big/ HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    slow.write_all(
+        format!("GET /v1/watch?prefix=big/ HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut head = Vec::new();
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         let mut byte = [0u8; 1];
@@ -462,6 +464,6 @@ async fn a_watcher_that_stops_reading_is_ended_compacted_and_never_holds_up_writ
         &last[..last.len().min(300)]
     );
     let status = c.status(leader).await.unwrap();
-    assert_eq!(status["watchers"], 0, "the ended stream is gone: {status}");
+    assert_eq!(status["watch"]["watchers"], 0, "the ended stream is gone: {status}");
     eprintln!("200 writes of 256 KiB with a stalled watcher took {writes:?}");
 }

@@ -213,6 +213,7 @@ impl World {
             peer_url: Some(peer_url(ordinal)),
             joint: false,
             ready,
+            watch: Default::default(),
         })
     }
 
