@@ -235,9 +235,9 @@ async fn a_compacted_revision_answers_410_and_reads_at_a_retained_revision_see_t
         );
     }
     let status = c.status(leader).await.unwrap();
-    let compact = status["compact_revision"].as_u64().unwrap();
+    let compact = status["watch"]["compact_revision"].as_u64().unwrap();
     assert_eq!(compact, revs[19], "ten changes retained: {status}");
-    assert_eq!(status["history_changes"], 10);
+    assert_eq!(status["watch"]["history_changes"], 10);
 
     let (code, body) = open(
         &http,
@@ -411,7 +411,7 @@ async fn a_watch_streams_over_h2c_too() {
         assert_eq!(w.changes(1).await.unwrap(), vec![("put".into(), "h/1".into(), rev)]);
     }
     let status = c.status(leader).await.unwrap();
-    assert_eq!(status["watchers"], 20, "{status}");
+    assert_eq!(status["watch"]["watchers"], 20, "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,6 +464,6 @@ async fn a_watcher_that_stops_reading_is_ended_compacted_and_never_holds_up_writ
         &last[..last.len().min(300)]
     );
     let status = c.status(leader).await.unwrap();
-    assert_eq!(status["watchers"], 0, "the ended stream is gone: {status}");
+    assert_eq!(status["watch"]["watchers"], 0, "the ended stream is gone: {status}");
     eprintln!("200 writes of 256 KiB with a stalled watcher took {writes:?}");
 }

@@ -213,9 +213,7 @@ impl World {
             peer_url: Some(peer_url(ordinal)),
             joint: false,
             ready,
-            compact_revision: 0,
-            history_changes: 0,
-            watchers: 0,
+            watch: Default::default(),
         })
     }
 

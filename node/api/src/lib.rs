@@ -9,7 +9,7 @@
 //! # Layout
 //! - [`codes`]: the stable `error` codes of error bodies.
 //! - Key-value calls: [`WriteResponse`], [`DeleteResponse`], [`ListResponse`] and [`ListItem`].
-//! - Status and health: [`Status`], [`Role`], [`Membership`], [`Health`].
+//! - Status and health: [`Status`], [`WatchStatus`], [`Role`], [`Membership`], [`Health`].
 //! - Membership and leadership: [`Members`], [`MemberView`], [`MemberKind`],
 //!   [`AddMemberRequest`], [`TransferRequest`], [`TransferResponse`], [`Bootstrapped`].
 //! - Watches: [`WatchEvent`] (one line of a `GET /v1/watch` stream), [`WatchChange`],
@@ -206,14 +206,19 @@ pub struct Status {
     pub peer_url: Option<String>,
     /// The node's own readiness (member, knows the leader, caught up), as `/readyz` reports it.
     pub ready: bool,
-    /// The watch history's compact revision: watches and reads at a revision start above it.
+    /// The watch history and open watches.
     #[serde(default)]
+    pub watch: WatchStatus,
+}
+
+/// The `watch` part of [`Status`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchStatus {
+    /// The watch history's compact revision: watches and reads at a revision start above it.
     pub compact_revision: u64,
     /// Changes retained in the watch history.
-    #[serde(default)]
     pub history_changes: u64,
     /// Open watch streams on this member.
-    #[serde(default)]
     pub watchers: u64,
 }
 

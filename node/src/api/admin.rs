@@ -51,9 +51,11 @@ pub(super) async fn status(State(s): State<ApiState>) -> Json<Status> {
         joint: st.members.is_joint(),
         peer_url: own_peer_url(&s, &st),
         ready,
-        compact_revision,
-        history_changes,
-        watchers: s.metrics.watchers.get().max(0) as u64,
+        watch: raftkv_api::WatchStatus {
+            compact_revision,
+            history_changes,
+            watchers: s.metrics.watchers.get().max(0) as u64,
+        },
     })
 }
 
