@@ -185,7 +185,26 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
 
     // Certificates first: the pod template names the Secrets it mounts, and the operator needs
     // its own certificate to talk to the nodes.
-    let node_tls = ensure_tls(&ctx, &cluster, &mut valid, &found).await?;
+    let node_tls = match ensure_tls(&ctx, &cluster, &mut valid, &found).await {
+        Ok(node_tls) => node_tls,
+        // Nothing is applied without the certificates the pods would mount; the status says
+        // which Secret is missing until it appears.
+        Err(Error::Certificate(message)) => {
+            warn!(%message, "certificates unavailable");
+            refuse(
+                &clusters,
+                &recorder,
+                &cluster,
+                &valid.names,
+                Refusal::CertificatesUnavailable,
+                &message,
+            )
+            .await?;
+            ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
+            return Ok(Action::requeue(REQUEUE_BLOCKED));
+        }
+        Err(error) => return Err(error),
+    };
 
     // Plan and apply the objects, then plan and execute one membership step.
     let planned_objects = plan_objects(&cluster, &valid, &ctx.config, &found);

@@ -239,6 +239,9 @@ pub enum Refusal {
     InvalidSpec,
     /// An object with one of the cluster's names belongs to another owner.
     NameConflict,
+    /// A TLS cluster's certificate Secrets are missing or incomplete (a user-provided Secret
+    /// not written yet, a `kubernetes.io/tls` Secret without `ca.crt`).
+    CertificatesUnavailable,
 }
 
 impl Refusal {
@@ -247,13 +250,14 @@ impl Refusal {
         match self {
             Refusal::InvalidSpec => "InvalidSpec",
             Refusal::NameConflict => "NameConflict",
+            Refusal::CertificatesUnavailable => "CertificatesUnavailable",
         }
     }
 
     fn phase(self) -> Phase {
         match self {
             Refusal::InvalidSpec => Phase::Invalid,
-            Refusal::NameConflict => Phase::Degraded,
+            Refusal::NameConflict | Refusal::CertificatesUnavailable => Phase::Degraded,
         }
     }
 }
@@ -476,6 +480,30 @@ mod tests {
     use crate::crd::{BootstrapRecord, BootstrapState};
     use crate::fixtures::raft_cluster;
     use crate::plan::{MemberObs, MembershipObs, PodObs, WaitReason};
+
+    #[test]
+    fn missing_certificates_are_a_degraded_refusal_with_their_reason() {
+        let now = Time(Timestamp::now());
+        let message = "Secret demo-peer-cert does not exist";
+        let status = refused_status(
+            &valid().names,
+            Some(3),
+            Refusal::CertificatesUnavailable,
+            message,
+            None,
+            &now,
+        );
+        assert_eq!(status.phase, Some(Phase::Degraded));
+        let degraded = status.conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
+        assert_eq!(
+            (
+                degraded.status.as_str(),
+                degraded.reason.as_str(),
+                degraded.message.as_str()
+            ),
+            ("True", "CertificatesUnavailable", message)
+        );
+    }
 
     fn valid() -> ValidCluster {
         validate(&raft_cluster(4, Some("raftkv/node:test")), &OperatorConfig::default()).unwrap()
