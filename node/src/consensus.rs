@@ -69,6 +69,18 @@ const READ_RETRY: Duration = Duration::from_millis(300);
 const CATCHUP_BYTES: u64 = 64 << 20;
 /// Inbox messages handled before the loop makes progress on Raft again.
 const MAX_INPUTS_PER_READY: usize = 4096;
+/// Bytes of proposals and appended entries taken from the inbox before the loop makes progress
+/// on Raft again (one input may exceed it).
+const MAX_BYTES_PER_READY: usize = 8 << 20;
+
+/// The entry bytes an input brings to the next write-ahead-log batch.
+fn input_bytes(input: &RaftInput) -> usize {
+    match input {
+        RaftInput::Propose { data, .. } => data.len(),
+        RaftInput::Peer(msg) => msg.get_entries().iter().map(|e| e.get_data().len()).sum(),
+        _ => 0,
+    }
+}
 
 /// The consensus thread's state.
 pub struct Consensus {
@@ -276,12 +288,19 @@ impl Consensus {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match self.inbox.recv_timeout(wait) {
                 Ok(input) => {
+                    let mut bytes = input_bytes(&input);
                     if !self.handle(input)? {
                         break;
                     }
                     for _ in 0..MAX_INPUTS_PER_READY {
+                        // A batch of large entries is written and fsynced in one go, during which
+                        // this thread neither ticks nor sends heartbeats: bound it in bytes too.
+                        if bytes >= MAX_BYTES_PER_READY {
+                            break;
+                        }
                         match self.inbox.try_recv() {
                             Ok(input) => {
+                                bytes += input_bytes(&input);
                                 if !self.handle(input)? {
                                     return self.stop();
                                 }
