@@ -958,13 +958,22 @@ pub fn write_initial_snapshot(
         state.membership.voters.insert(*id);
         state.membership.peer_urls.insert(*id, url.clone());
     }
-    let meta = snapshots.write(&state)?;
+    let meta = seed_log(snapshots, wal, &state)?;
+    Ok((meta, state.membership))
+}
+
+/// Makes `state` the starting point of an empty log: its snapshot file, then the WAL's marker
+/// naming it current and a hard state that commits it. Shared by a new cluster's initial state
+/// and by `raftkv-node restore`, whose state is a backup at a later index: the log continues
+/// after that index, so new writes get higher revisions.
+pub fn seed_log(snapshots: &SnapshotStore, wal: &mut Wal, state: &KvState) -> Result<SnapshotMetadata> {
+    let meta = snapshots.write(state)?;
     let mut hs = HardState::default();
-    hs.term = 1;
-    hs.commit = 1;
-    wal.append_snapshot_marker(1, 1)?;
+    hs.term = state.applied_term;
+    hs.commit = state.applied_index;
+    wal.append_snapshot_marker(state.applied_index, state.applied_term)?;
     wal.append_hard_state(&hs)?;
     // DURABILITY: the cluster exists for this member only once this fsync returns.
     wal.sync()?;
-    Ok((meta, state.membership))
+    Ok(meta)
 }

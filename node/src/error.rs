@@ -49,6 +49,29 @@ pub enum Error {
         /// The data directory that holds the removed member's state.
         dir: PathBuf,
     },
+    /// A backup given to `raftkv-node restore` is unreadable, truncated, damaged or of an
+    /// unknown format version; nothing was written.
+    #[error("backup {from}: {reason}; nothing was written")]
+    BadBackup {
+        /// The file (or standard input) the backup was read from.
+        from: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `raftkv-node restore` refuses a data directory that already holds something.
+    #[error("data directory {dir} is not empty (it holds {holds}); a restore writes only into an empty one")]
+    NotEmpty {
+        /// The data directory.
+        dir: PathBuf,
+        /// What it holds.
+        holds: String,
+    },
+    /// A restore into this data directory did not finish; a member must not start on it.
+    #[error("data directory {dir} holds an interrupted restore; run `raftkv-node restore` again, which clears it")]
+    RestoreInterrupted {
+        /// The data directory.
+        dir: PathBuf,
+    },
     /// The command-line configuration is inconsistent with itself or with the data directory.
     #[error("configuration: {0}")]
     Config(String),
@@ -73,6 +96,9 @@ impl Error {
             Error::Raft(_) => "raft".into(),
             Error::Snapshot { .. } => "snapshot_damaged".into(),
             Error::Removed { id, cluster_id, .. } => format!("removed_member member={id} cluster={cluster_id}"),
+            Error::BadBackup { .. } => "bad_backup".into(),
+            Error::NotEmpty { .. } => "data_dir_not_empty".into(),
+            Error::RestoreInterrupted { .. } => "restore_interrupted".into(),
             Error::Config(_) => "config".into(),
             Error::Codec(_) => "codec".into(),
             Error::Task(_) => "task".into(),

@@ -24,8 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{self, ConfChangeContext, Op, Proposal};
 
-/// Identifies snapshot files of this format.
+/// Identifies snapshot files of this format; the last byte is the format version.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"RKVSNAP\x01";
+/// The snapshot format version this node writes and reads (`X-Raftkv-Snapshot-Format`).
+pub const SNAPSHOT_FORMAT_VERSION: u8 = SNAPSHOT_MAGIC[7];
 /// Largest frame a snapshot reader accepts; larger lengths mean corruption, not data.
 const MAX_FRAME: u32 = 64 << 20;
 
@@ -288,6 +290,13 @@ impl KvState {
         Ok(w.inner)
     }
 
+    /// The exact size in bytes of [`KvState::write_snapshot`]'s output, found by encoding into a
+    /// counter: a backup stream announces it as `Content-Length` before its first byte.
+    pub fn snapshot_size(&self) -> u64 {
+        let counted = self.write_snapshot(ByteCounter(0)).expect("counting bytes cannot fail");
+        counted.0
+    }
+
     /// Reads a snapshot, verifying its checksum; errors describe what is wrong.
     pub fn read_snapshot<R: Read>(r: R) -> Result<KvState, String> {
         let mut r = CrcReader { inner: r, crc: 0 };
@@ -338,8 +347,8 @@ impl KvState {
             if n == 0 {
                 break;
             }
-            if first && (n < 8 || &buf[..8] != SNAPSHOT_MAGIC) {
-                return Err("not a raftkv snapshot (bad magic)".into());
+            if first {
+                check_magic(&buf[..n.min(8)])?;
             }
             first = false;
             // Keep the last four bytes (the trailer) out of the running checksum.
@@ -358,9 +367,7 @@ impl KvState {
     pub fn read_snapshot_header<R: Read>(mut r: R) -> Result<SnapshotHeader, String> {
         let mut magic = [0u8; 8];
         r.read_exact(&mut magic).map_err(|e| format!("reading magic: {e}"))?;
-        if &magic != SNAPSHOT_MAGIC {
-            return Err("not a raftkv snapshot (bad magic)".into());
-        }
+        check_magic(&magic)?;
         let mut buf = Vec::new();
         read_frame(&mut r, &mut buf).map_err(|e| format!("reading header: {e}"))?;
         command::decode(&buf).map_err(|e| format!("decoding header: {e}"))
@@ -402,6 +409,35 @@ mod serde_bytes_slice {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<&'de [u8], D::Error> {
         <&'de [u8] as serde::Deserialize>::deserialize(d)
+    }
+}
+
+/// Checks the 8-byte magic, telling a snapshot of another format version from something that
+/// is not a snapshot at all.
+fn check_magic(magic: &[u8]) -> Result<(), String> {
+    let prefix = &SNAPSHOT_MAGIC[..7];
+    if magic.len() < 8 || &magic[..7] != prefix {
+        return Err("not a raftkv snapshot (bad magic)".into());
+    }
+    if magic[7] != SNAPSHOT_FORMAT_VERSION {
+        return Err(format!(
+            "unsupported snapshot format version {} (this node reads version {SNAPSHOT_FORMAT_VERSION})",
+            magic[7]
+        ));
+    }
+    Ok(())
+}
+
+/// A writer that only counts.
+struct ByteCounter(u64);
+
+impl Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -631,5 +667,36 @@ mod tests {
         let mut bad = bytes.clone();
         bad[12] ^= 1;
         assert!(KvState::verify_snapshot(&bad[..]).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_of_another_format_version_is_refused_as_such() {
+        let mut bytes = KvState::default().write_snapshot(Vec::new()).unwrap();
+        bytes[7] = SNAPSHOT_FORMAT_VERSION + 1;
+        for err in [
+            KvState::read_snapshot(&bytes[..]).unwrap_err(),
+            KvState::verify_snapshot(&bytes[..]).unwrap_err(),
+            KvState::read_snapshot_header(&bytes[..]).unwrap_err(),
+        ] {
+            assert!(err.contains("unsupported snapshot format version"), "{err}");
+        }
+        bytes[0] = b'X';
+        assert!(KvState::read_snapshot(&bytes[..]).unwrap_err().contains("bad magic"));
+    }
+
+    #[test]
+    fn the_announced_snapshot_size_is_the_written_size() {
+        let mut s = KvState::default();
+        for i in 0..300u32 {
+            s.data.insert(
+                Bytes::from(format!("key{i}")),
+                KvValue {
+                    value: Bytes::from(vec![7; (i * 13 % 700) as usize]),
+                    create_revision: i as u64,
+                    mod_revision: i as u64 * 1000,
+                },
+            );
+        }
+        assert_eq!(s.snapshot_size(), s.write_snapshot(Vec::new()).unwrap().len() as u64);
     }
 }

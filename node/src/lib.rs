@@ -21,6 +21,7 @@
 //! - [`api`]: the client and admin HTTP API (key-value and admin handlers, forwarding to the
 //!   leader, request decoding, error answers); its bodies are the `raftkv-api` crate's types.
 //! - [`identity`]: the member id and tombstone on the data directory.
+//! - [`restore`]: `raftkv-node restore`, a new single-member cluster seeded from a backup.
 //! - [`node`]: recovery, start-up and shutdown of one member.
 //! - [`local`]: a local cluster of member processes in one command.
 //! - [`config`], [`metrics`], [`error`]: flags, Prometheus metrics, the error type.
@@ -44,6 +45,7 @@ pub mod local;
 pub mod metrics;
 pub mod node;
 pub mod read_index;
+pub mod restore;
 pub mod snapshot;
 pub mod state_machine;
 pub mod storage;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use raftkv_node::config::NodeConfig;
 use raftkv_node::local::{self, LocalArgs};
+use raftkv_node::restore::{self, RestoreArgs};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -29,6 +30,9 @@ struct Cli {
 enum Command {
     /// Run a local cluster of real member processes on 127.0.0.1.
     Local(LocalArgs),
+    /// Seed an empty data directory from a backup (`GET /v1/snapshot`) as the single member of
+    /// a new cluster.
+    Restore(RestoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -109,6 +113,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Some(Command::Local(args)) => local::run(args).await,
+        Some(Command::Restore(args)) => {
+            let outcome = tokio::task::spawn_blocking(move || restore::restore(&args)).await??;
+            // One line on stdout for scripts and init containers; the details went to the log.
+            let (done, what) = match outcome {
+                restore::Outcome::Written(done) => (done, "restored"),
+                restore::Outcome::AlreadyRestored(done) => (done, "already restored, nothing written"),
+            };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "result": what,
+                    "id": done.id,
+                    "cluster_id": done.cluster_id,
+                    "source_cluster_id": done.source_cluster_id,
+                    "revision": done.revision,
+                    "keys": done.keys,
+                })
+            );
+            Ok(())
+        }
         None => {
             let parent = cli.node.stop_with_parent;
             let node = raftkv_node::node::start(cli.node).await?;

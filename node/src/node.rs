@@ -399,6 +399,7 @@ fn recover(cfg: &NodeConfig, advertise_peer_url: Option<String>) -> Result<(Reco
     if requested_id == Some(0) {
         return Err(Error::Config("--initial-cluster needs --id".into()));
     }
+    crate::restore::refuse_interrupted(&data_dir)?;
     let mut identity = identity::load_or_create(&data_dir, cfg.id)?;
     let snapshots = SnapshotStore::open(&data_dir.join("snap"))?;
     let (mut wal, mut log) = Wal::open(&data_dir.join("wal"), WalOptions::default())?;

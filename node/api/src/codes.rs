@@ -48,6 +48,8 @@ pub const READ_TIMEOUT: &str = "read_timeout";
 pub const NOT_READY: &str = "not_ready";
 /// 503 from `/healthz`: the consensus loop has stopped.
 pub const UNHEALTHY: &str = "unhealthy";
+/// 503 from `GET /v1/snapshot`: as many snapshot streams as the member serves at once are open.
+pub const SNAPSHOT_BUSY: &str = "snapshot_busy";
 
 // Unknown outcome: 504 with Retry-After. The write may or may not have been applied.
 

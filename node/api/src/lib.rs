@@ -12,11 +12,13 @@
 //! - Status and health: [`Status`], [`Role`], [`Membership`], [`Health`].
 //! - Membership and leadership: [`Members`], [`MemberView`], [`MemberKind`],
 //!   [`AddMemberRequest`], [`TransferRequest`], [`TransferResponse`], [`Bootstrapped`].
+//! - Backups: [`snapshot`], the headers of `GET /v1/snapshot` and [`snapshot::SnapshotMeta`].
 //! - Errors: [`ErrorBody`].
 
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub mod codes;
+pub mod snapshot;
 
 /// `200` answer to `PUT /v1/kv/{key}`: the write is committed on a quorum and applied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,7 @@
 //!   request's deadline and by shutdown;
 //! - [`kv`]: the key-value handlers;
 //! - [`admin`]: status, health, metrics, membership and leadership handlers;
+//! - [`backup`]: the consistent snapshot stream of `GET /v1/snapshot`;
 //! - [`forward`]: forwarding admin calls to the leader;
 //! - [`request`]: reading bodies and query strings;
 //! - [`error`]: error answers.
@@ -40,6 +41,7 @@ use crate::metrics::{Metrics, RequestLabels};
 use crate::state_machine::Shared;
 
 mod admin;
+mod backup;
 pub mod error;
 mod forward;
 mod kv;
@@ -92,6 +94,8 @@ pub struct ApiContext {
     /// Set once this process has applied up to a commit index confirmed by a leader: until then
     /// the local copy may be older than what this member served before a restart.
     caught_up: std::sync::atomic::AtomicBool,
+    /// Bounds the `GET /v1/snapshot` streams served at once.
+    snapshot_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// Shared handler state.
@@ -118,6 +122,7 @@ impl ApiContext {
             forwarder: Client::builder(TokioExecutor::new()).build_http(),
             shutdown,
             caught_up: Default::default(),
+            snapshot_streams: backup::stream_limit(),
         })
     }
 }
@@ -150,6 +155,7 @@ pub fn admin_routes() -> Router<ApiState> {
         .route("/v1/members/{id}/promote", post(admin::promote_member))
         .route("/v1/leader", post(admin::transfer_leader))
         .route("/v1/bootstrap", post(admin::bootstrap))
+        .route("/v1/snapshot", get(backup::snapshot))
 }
 
 async fn track_requests(State(s): State<ApiState>, req: Request, next: Next) -> Response {
