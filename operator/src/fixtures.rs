@@ -44,6 +44,8 @@ pub fn raft_cluster(replicas: i32, image: Option<&str>) -> RaftCluster {
             tolerations: None,
             node_selector: None,
             raft: Default::default(),
+            backup: None,
+            restore: None,
         },
     );
     cluster.metadata.namespace = Some(NS.into());

@@ -35,8 +35,14 @@ pub struct Uploaded {
 }
 
 /// Streams a snapshot from `source` into `dest` as the object `name`, completing the upload
-/// only for a whole, checked snapshot. On any error the upload is aborted.
-pub async fn upload_snapshot<S, E>(dest: &Destination, name: &str, source: S) -> Result<Uploaded>
+/// only for a whole, checked snapshot of `expected_size` bytes (when the source announced
+/// one). On any error the upload is aborted.
+pub async fn upload_snapshot<S, E>(
+    dest: &Destination,
+    name: &str,
+    source: S,
+    expected_size: Option<u64>,
+) -> Result<Uploaded>
 where
     S: Stream<Item = Result<Bytes, E>>,
     E: std::error::Error + Send + Sync + 'static,
@@ -44,7 +50,15 @@ where
     let path = dest.path_of(name);
     let upload = dest.store().put_multipart(&path).await?;
     let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-    match stream_parts(&mut writer, source).await {
+    let streamed = stream_parts(&mut writer, source)
+        .await
+        .and_then(|size| match expected_size {
+            Some(expected) if expected != size => Err(Error::Damaged(format!(
+                "the source announced {expected} bytes and sent {size}"
+            ))),
+            _ => Ok(size),
+        });
+    match streamed {
         Ok(size) => {
             writer.finish().await?;
             // The store's own view of the completed object must match what was checked.

@@ -144,12 +144,12 @@ async fn s3_backups_upload_list_download_and_prune() {
             object_name("demo", t("2026-12-03T00:00:00Z"), 30),
         ];
         for (name, bytes) in names.iter().zip([&small, &small, &big]) {
-            let up = upload_snapshot(&dest, name, chunks(bytes)).await.unwrap();
+            let up = upload_snapshot(&dest, name, chunks(bytes), None).await.unwrap();
             assert_eq!(up.size, bytes.len() as u64);
         }
         // Another cluster's backup in the same folder is listed for it only.
         let other = object_name("demo-2", t("2026-12-03T00:00:00Z"), 5);
-        upload_snapshot(&dest, &other, chunks(&small)).await.unwrap();
+        upload_snapshot(&dest, &other, chunks(&small), None).await.unwrap();
 
         let listed = list_backups(&dest, "demo").await.unwrap();
         assert_eq!(listed.iter().map(|b| b.revision).collect::<Vec<_>>(), vec![30, 20, 10]);
@@ -186,7 +186,7 @@ async fn a_wrong_secret_key_is_refused_by_the_server() {
         let server = S3Server::start().await.unwrap();
         let dest = server.destination("not-the-secret");
         let name = object_name("demo", t("2026-12-01T00:00:00Z"), 1);
-        let err = upload_snapshot(&dest, &name, chunks(&snapshot(100, 0)))
+        let err = upload_snapshot(&dest, &name, chunks(&snapshot(100, 0)), None)
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Store(_)), "{err}");
@@ -206,7 +206,7 @@ async fn an_upload_whose_source_breaks_mid_way_leaves_no_object() {
         let bytes = snapshot(3 * PART_SIZE, 3);
         let name = object_name("demo", t("2026-12-01T00:00:00Z"), 1);
         // Two whole parts have been sent when the member goes away.
-        let err = upload_snapshot(&dest, &name, broken_after(&bytes, 2 * PART_SIZE + 100))
+        let err = upload_snapshot(&dest, &name, broken_after(&bytes, 2 * PART_SIZE + 100), None)
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Source(_)), "{err}");
@@ -227,14 +227,19 @@ async fn a_source_that_closes_early_or_is_damaged_is_aborted_not_completed() {
         let bytes = snapshot(PART_SIZE + 5000, 4);
         let name = object_name("demo", t("2026-12-01T00:00:00Z"), 1);
         // The stream ends cleanly but short: only the trailer check can tell.
-        let err = upload_snapshot(&dest, &name, chunks(&bytes[..bytes.len() - 10]))
+        let err = upload_snapshot(&dest, &name, chunks(&bytes[..bytes.len() - 10]), None)
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Damaged(_)), "{err}");
         let mut flipped = bytes.clone();
         flipped[PART_SIZE / 2] ^= 1;
-        let err = upload_snapshot(&dest, &name, chunks(&flipped)).await.unwrap_err();
+        let err = upload_snapshot(&dest, &name, chunks(&flipped), None).await.unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
+        // A whole snapshot, but not the size its source announced: not kept either.
+        let err = upload_snapshot(&dest, &name, chunks(&bytes), Some(bytes.len() as u64 + 1))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("announced"), "{err}");
         assert!(list_backups(&dest, "demo").await.unwrap().is_empty());
     })
     .await
@@ -252,11 +257,11 @@ async fn local_path_backups_round_trip_and_an_interrupted_one_leaves_no_backup()
         );
         let bytes = snapshot(PART_SIZE + 7, 5);
         let good = object_name("demo", t("2026-12-02T00:00:00Z"), 7);
-        upload_snapshot(&dest, &good, chunks(&bytes)).await.unwrap();
+        upload_snapshot(&dest, &good, chunks(&bytes), None).await.unwrap();
         assert!(std::fs::read(dir.path().join("raftkv").join(&good)).unwrap() == bytes);
 
         let broken = object_name("demo", t("2026-12-03T00:00:00Z"), 8);
-        upload_snapshot(&dest, &broken, broken_after(&bytes, PART_SIZE + 1))
+        upload_snapshot(&dest, &broken, broken_after(&bytes, PART_SIZE + 1), None)
             .await
             .unwrap_err();
         let listed = list_backups(&dest, "demo").await.unwrap();
