@@ -45,6 +45,11 @@ struct RestoreCommand {
     /// the data directory's parent). The download is checked, restored from, then deleted.
     #[arg(long, env = "RAFTKV_RESTORE_SCRATCH_DIR")]
     scratch_dir: Option<std::path::PathBuf>,
+    /// Restore only in the pod of this name (compared with `POD_NAME`) and do nothing in any
+    /// other: a StatefulSet gives every pod the same init container, and only the first pod of
+    /// a restoring cluster is seeded; the others join it.
+    #[arg(long, env = "RAFTKV_RESTORE_ONLY_POD")]
+    only_pod: Option<String>,
 }
 
 /// Downloads the backup an object URL names into `scratch_dir` (checking its trailer as it
@@ -143,7 +148,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Some(Command::Local(args)) => local::run(args).await,
-        Some(Command::Restore(RestoreCommand { mut args, scratch_dir })) => {
+        Some(Command::Restore(RestoreCommand {
+            mut args,
+            scratch_dir,
+            only_pod,
+        })) => {
+            let pod = std::env::var("POD_NAME").unwrap_or_default();
+            if only_pod.as_ref().is_some_and(|only| *only != pod) {
+                println!(
+                    "{}",
+                    serde_json::json!({"result": "skipped: not the pod to restore", "pod": pod})
+                );
+                return Ok(());
+            }
             // An object URL is downloaded first; the file is deleted when `_download` drops.
             let _download = if args.from.contains("://") {
                 let scratch = scratch_dir

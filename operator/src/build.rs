@@ -448,6 +448,9 @@ pub fn add_restore_init_container(
             advertise_peer_url(cluster, config),
             "--scratch-dir".into(),
             RESTORE_SCRATCH_DIR.into(),
+            // Every pod gets the template's init container; only the first is seeded.
+            "--only-pod".into(),
+            cluster.names.pod(0),
         ]),
         env: Some(env),
         env_from,
