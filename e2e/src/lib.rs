@@ -38,6 +38,7 @@
 //!   `probes`, `status` and `lifecycle` (pod worker, container run loop, restarts, termination).
 //! - [`object`]: reading stored objects' metadata, for the controllers.
 //! - [`rbac`]: the RBAC authorizer for pods' service-account tokens.
+//! - [`s3`]: an S3-protocol object store on loopback, with SigV4, for backups.
 //! - [`kubeconfig`]: kubeconfig files, the administrator's and each service account's.
 //! - [`logs`]: where containers' logs live on the host.
 //! - [`wellknown`]: names several parts share: the node, the provisioner, the claim finalizer.
@@ -61,6 +62,7 @@ pub mod patch;
 pub mod protobuf;
 pub mod rbac;
 pub mod resources;
+pub mod s3;
 pub mod selector;
 pub mod store;
 pub mod table;

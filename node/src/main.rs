@@ -31,8 +31,43 @@ enum Command {
     /// Run a local cluster of real member processes on 127.0.0.1.
     Local(LocalArgs),
     /// Seed an empty data directory from a backup (`GET /v1/snapshot`) as the single member of
-    /// a new cluster.
-    Restore(RestoreArgs),
+    /// a new cluster. `--from` also takes an object URL (`s3://`, `gs://`, `az://`, `file://`),
+    /// reached with the `AWS_*`, `GOOGLE_*` or `AZURE_*` settings of the environment.
+    Restore(RestoreCommand),
+}
+
+/// `restore`, plus where an object URL's download goes.
+#[derive(clap::Args, Debug)]
+struct RestoreCommand {
+    #[command(flatten)]
+    args: RestoreArgs,
+    /// Where a backup named by an object URL is downloaded to before it is restored (default:
+    /// the data directory's parent). The download is checked, restored from, then deleted.
+    #[arg(long, env = "RAFTKV_RESTORE_SCRATCH_DIR")]
+    scratch_dir: Option<std::path::PathBuf>,
+    /// Restore only in the pod of this name (compared with `POD_NAME`) and do nothing in any
+    /// other: a StatefulSet gives every pod the same init container, and only the first pod of
+    /// a restoring cluster is seeded; the others join it.
+    #[arg(long, env = "RAFTKV_RESTORE_ONLY_POD")]
+    only_pod: Option<String>,
+}
+
+/// Downloads the backup an object URL names into `scratch_dir` (checking its trailer as it
+/// streams), so that the restore reads a local file as for any other backup.
+async fn download_backup(url: &str, scratch_dir: &std::path::Path) -> anyhow::Result<tempfile::TempPath> {
+    use anyhow::Context;
+    let (dir, name) = raftkv_backup::destination::split_object_url(url)?;
+    let dest = raftkv_backup::Destination::open_from_env(dir)?;
+    let file = tempfile::Builder::new()
+        .prefix(".raftkv-restore-")
+        .tempfile_in(scratch_dir)
+        .with_context(|| format!("creating a download file in {}", scratch_dir.display()))?
+        .into_temp_path();
+    // The download creates the file itself (and removes it on failure).
+    std::fs::remove_file(&file).with_context(|| format!("preparing {}", file.display()))?;
+    let size = raftkv_backup::transfer::download_snapshot(&dest, name, &file).await?;
+    tracing::info!(from = url, size, file = %file.display(), "backup downloaded");
+    Ok(file)
 }
 
 fn main() -> ExitCode {
@@ -113,7 +148,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Some(Command::Local(args)) => local::run(args).await,
-        Some(Command::Restore(args)) => {
+        Some(Command::Restore(RestoreCommand {
+            mut args,
+            scratch_dir,
+            only_pod,
+        })) => {
+            let pod = std::env::var("POD_NAME").unwrap_or_default();
+            if only_pod.as_ref().is_some_and(|only| *only != pod) {
+                println!(
+                    "{}",
+                    serde_json::json!({"result": "skipped: not the pod to restore", "pod": pod})
+                );
+                return Ok(());
+            }
+            // An object URL is downloaded first; the file is deleted when `_download` drops.
+            let _download = if args.from.contains("://") {
+                let scratch = scratch_dir
+                    .or_else(|| args.data_dir.parent().map(|p| p.to_path_buf()))
+                    .unwrap_or_else(|| ".".into());
+                let file = download_backup(&args.from, &scratch).await?;
+                args.from = file.display().to_string();
+                Some(file)
+            } else {
+                None
+            };
             let outcome = tokio::task::spawn_blocking(move || restore::restore(&args)).await??;
             // One line on stdout for scripts and init containers; the details went to the log.
             let (done, what) = match outcome {

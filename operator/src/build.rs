@@ -10,10 +10,11 @@ use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretEnvSource,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -61,6 +62,8 @@ pub struct ValidCluster {
     pub generation: Option<i64>,
     /// TLS, when `spec.tls.enabled`.
     pub tls: Option<ValidTls>,
+    /// The backup `spec.restore` names, resolved to an object URL.
+    pub restore: Option<crate::backup::RestoreSource>,
 }
 
 /// A cluster's TLS settings once validated.
@@ -123,6 +126,11 @@ pub fn validate(cluster: &RaftCluster, config: &OperatorConfig) -> Result<ValidC
             spec.storage.size.0
         )));
     }
+    crate::backup::validate(spec).map_err(Error::InvalidSpec)?;
+    let restore = match spec.restore {
+        Some(_) => Some(crate::backup::resolve_restore(spec).map_err(Error::InvalidSpec)?),
+        None => None,
+    };
     if let (Some(heartbeat), Some(election)) = (spec.raft.heartbeat_ticks, spec.raft.election_ticks) {
         if heartbeat >= election {
             return Err(Error::InvalidSpec(format!(
@@ -162,6 +170,7 @@ pub fn validate(cluster: &RaftCluster, config: &OperatorConfig) -> Result<ValidC
         spec: spec.clone(),
         generation: cluster.metadata.generation,
         tls,
+        restore,
     })
 }
 
@@ -405,8 +414,19 @@ pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 
 /// The node's command line. Flags rather than environment, so the pod spec shows the whole
 /// configuration; `$(VAR)` is expanded by the kubelet from the downward-API variables.
+/// The peer URL a member advertises (with `$(VAR)` references the kubelet expands).
+fn advertise_peer_url(cluster: &ValidCluster, config: &OperatorConfig) -> String {
+    let host = match config.peer_addressing {
+        PeerAddressing::Dns => format!("$(POD_NAME).{}.$(POD_NAMESPACE).svc", cluster.names.peer_service()),
+        PeerAddressing::PodIp => "$(POD_IP)".to_string(),
+    };
+    // Peers dial each other over mutual TLS when the cluster has TLS, so they advertise https.
+    let scheme = if cluster.tls.is_some() { "https" } else { "http" };
+    format!("{scheme}://{host}:{}", config.peer_port)
+}
+
 fn node_args(cluster: &ValidCluster, config: &OperatorConfig) -> Vec<String> {
-    let (bind_host, advertise_host) = match config.peer_addressing {
+    let (bind_host, _) = match config.peer_addressing {
         PeerAddressing::Dns => (
             "0.0.0.0".to_string(),
             format!("$(POD_NAME).{}.$(POD_NAMESPACE).svc", cluster.names.peer_service()),
@@ -423,7 +443,7 @@ fn node_args(cluster: &ValidCluster, config: &OperatorConfig) -> Vec<String> {
         "--peer-addr".into(),
         format!("{bind_host}:{}", config.peer_port),
         "--advertise-peer-url".into(),
-        format!("{scheme}://{advertise_host}:{}", config.peer_port),
+        advertise_peer_url(cluster, config),
     ];
     if cluster.tls.is_some() {
         let file = |dir: &str, key: &str| format!("{dir}/{key}");
@@ -482,6 +502,94 @@ fn tls_volumes(cluster: &ValidCluster) -> (Vec<Volume>, Vec<VolumeMount>) {
         })
         .collect();
     (volumes, mounts)
+}
+
+/// The name of the init container that seeds the first member from a backup.
+pub const RESTORE_CONTAINER: &str = "restore";
+/// The scratch volume the backup is downloaded to before it is restored: the root filesystem
+/// is read-only, and the data directory must stay empty until the restore writes it.
+const RESTORE_SCRATCH_VOLUME: &str = "restore-scratch";
+const RESTORE_SCRATCH_DIR: &str = "/var/lib/raftkv-restore";
+
+/// Adds to `statefulset` the init container that seeds a member's empty volume from the backup
+/// at `source` (`raftkv-node restore --from <url>`), with the store's credentials from their
+/// Secret as environment. Used only while the cluster is seeding, when the StatefulSet has
+/// its first pod only (see `crate::backup::seeding`).
+pub fn add_restore_init_container(
+    statefulset: &mut StatefulSet,
+    cluster: &ValidCluster,
+    config: &OperatorConfig,
+    source: &crate::backup::RestoreSource,
+) {
+    let Some(pod) = statefulset.spec.template.spec.as_mut() else {
+        return;
+    };
+    let node = pod
+        .containers
+        .iter()
+        .find(|c| c.name == NODE_CONTAINER)
+        .cloned()
+        .unwrap_or_default();
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+        value_env("RAFTKV_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH),
+    ];
+    env.extend(
+        crate::backup::store_options(&source.access)
+            .to_env()
+            .into_iter()
+            .map(|(k, v)| value_env(&k, v)),
+    );
+    let env_from = source.access.credentials_secret.as_ref().map(|name| {
+        vec![EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name: name.clone(),
+                optional: Some(false),
+            }),
+            ..EnvFromSource::default()
+        }]
+    });
+    let mut mounts = node.volume_mounts.clone().unwrap_or_default();
+    mounts.push(VolumeMount {
+        name: RESTORE_SCRATCH_VOLUME.into(),
+        mount_path: RESTORE_SCRATCH_DIR.into(),
+        ..VolumeMount::default()
+    });
+    let init = Container {
+        name: RESTORE_CONTAINER.into(),
+        image: node.image.clone(),
+        image_pull_policy: node.image_pull_policy.clone(),
+        args: Some(vec![
+            "restore".into(),
+            "--from".into(),
+            source.url.clone(),
+            "--data-dir".into(),
+            DATA_DIR.into(),
+            "--peer-url".into(),
+            advertise_peer_url(cluster, config),
+            "--scratch-dir".into(),
+            RESTORE_SCRATCH_DIR.into(),
+            // Every pod gets the template's init container; only the first is seeded.
+            "--only-pod".into(),
+            cluster.names.pod(0),
+        ]),
+        env: Some(env),
+        env_from,
+        volume_mounts: Some(mounts),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        resources: node.resources.clone(),
+        security_context: node.security_context.clone(),
+        ..Container::default()
+    };
+    pod.init_containers = Some(vec![init]);
+    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: RESTORE_SCRATCH_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    });
 }
 
 fn node_env(cluster: &ValidCluster) -> Vec<EnvVar> {

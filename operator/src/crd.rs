@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,11 @@ pub const MAX_REPLICAS: i32 = 9;
     // `-peer`, so a cluster named `x-peer` would take over the headless Service of cluster `x`.
     validation = Rule::new("!self.metadata.name.endsWith('-peer')").message(
         "metadata.name must not end with '-peer': the operator names each cluster's headless peer Service <name>-peer, so this name would collide with another cluster's"
+    ),
+    // A restore seeds the volumes of a new cluster; added to a cluster that exists, it would
+    // mean overwriting data. It can be removed (to clear a refusal) but not added or changed.
+    validation = Rule::new("!has(self.spec.restore) || (has(oldSelf.spec.restore) && oldSelf.spec.restore == self.spec.restore)").message(
+        "spec.restore can only be set when the RaftCluster is created: a restore seeds a new cluster's empty volumes and never overwrites a cluster's data"
     ),
     scale(
         spec_replicas_path = ".spec.replicas",
@@ -136,6 +141,93 @@ pub struct RaftClusterSpec {
     /// only from where this says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySpec>,
+
+    /// Scheduled backups of the cluster's data to object storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+
+    /// Seed a new cluster from a backup: its first member starts from the snapshot, then the
+    /// cluster grows to `replicas`. Only at creation: a cluster that holds data is never
+    /// restored into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSpec>,
+}
+
+/// Where backups go and how often.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// When to take a backup, in cron syntax (`minute hour day-of-month month day-of-week`,
+    /// UTC; an optional leading seconds field is accepted), such as `0 */6 * * *`.
+    #[schemars(length(min = 1))]
+    pub schedule: String,
+
+    /// The folder backups are written to: `s3://bucket/prefix`, `gs://bucket/prefix`,
+    /// `az://container/prefix`, or `file:///path` (a volume mounted into the operator).
+    #[schemars(length(min = 1))]
+    pub destination: String,
+
+    /// How to reach the store: credentials and S3-compatible endpoint options.
+    #[serde(flatten)]
+    pub access: StoreAccess,
+
+    /// Which backups to keep; without it every backup is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionSpec>,
+}
+
+/// How to reach an object store.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreAccess {
+    /// A Secret in the cluster's namespace whose keys are object-store settings by their
+    /// environment names: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`,
+    /// `GOOGLE_SERVICE_ACCOUNT_KEY`, `AZURE_STORAGE_ACCOUNT_NAME` and
+    /// `AZURE_STORAGE_ACCOUNT_KEY`, ... Not needed for `file://` destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+
+    /// Endpoint of an S3-compatible server, such as `http://minio.storage:9000`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+
+    /// Region of the bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+
+    /// Allow plain HTTP to `endpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_http: Option<bool>,
+}
+
+/// Which backups to keep. A backup is kept when either rule keeps it, and the newest is
+/// always kept.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionSpec {
+    /// Keep the newest N backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub keep_last: Option<u32>,
+
+    /// Keep backups younger than D days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub keep_days: Option<u32>,
+}
+
+/// The backup a new cluster starts from.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSpec {
+    /// An object URL (`s3://bucket/prefix/demo-20261202T061500Z-r1234.rkvsnap`), or the name
+    /// of a backup object in `spec.backup.destination`.
+    #[schemars(length(min = 1))]
+    pub from: String,
+
+    /// How to reach the store of an object URL; `spec.backup`'s settings when left out.
+    #[serde(flatten)]
+    pub access: StoreAccess,
 }
 
 fn default_replicas() -> i32 {
@@ -316,6 +408,14 @@ pub struct RaftClusterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
+    /// Backups: the last success, the last failure, and one in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStatus>,
+
+    /// The restore this cluster was created with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatus>,
+
     /// The record of the one bootstrap this cluster ever gets. Written before the bootstrap call
     /// and again after it, so an operator restarted in between finishes the step instead of
     /// bootstrapping a second cluster.
@@ -387,6 +487,84 @@ pub enum BootstrapState {
     Started,
     /// The cluster exists; it is never bootstrapped again.
     Done,
+}
+
+/// What the operator knows of the cluster's backups.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// The last backup that was uploaded and checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<BackupSuccess>,
+
+    /// The last backup that failed, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<BackupFailure>,
+
+    /// Failures since the last success; `Degraded` says `BackupFailing` from 2 on.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+
+    /// When the last backup started, successful or not: the schedule's next run follows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt: Option<Time>,
+
+    /// Since when a backup has been running. An operator that finds this set without a backup
+    /// of its own running (it restarted) records the backup as failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_progress_since: Option<Time>,
+
+    /// The value of the `raftkv.dev/backup-now` annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<String>,
+}
+
+/// A backup that was uploaded and checked.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSuccess {
+    /// When it was taken.
+    pub time: Time,
+    /// The revision of the snapshot: every write acknowledged at or below it is in the backup.
+    pub revision: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its object URL, as `spec.restore.from` takes it.
+    pub object: String,
+}
+
+/// A backup that failed.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupFailure {
+    /// When it started.
+    pub time: Time,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// The restore a cluster was created with.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    /// The object URL restored from.
+    pub from: String,
+    /// Where the restore stands.
+    pub state: RestoreState,
+    /// Why it was refused, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where a restore stands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RestoreState {
+    /// The first member is being seeded from the backup.
+    Seeding,
+    /// The first member started from the backup and leads the new cluster.
+    Done,
+    /// The cluster already held data; nothing was restored.
+    Refused,
 }
 
 /// The CustomResourceDefinition as YAML, exactly as committed in

@@ -46,6 +46,8 @@ pub fn raft_cluster(replicas: i32, image: Option<&str>) -> RaftCluster {
             raft: Default::default(),
             tls: None,
             network_policy: None,
+            backup: None,
+            restore: None,
         },
     );
     cluster.metadata.namespace = Some(NS.into());

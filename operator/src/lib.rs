@@ -5,6 +5,8 @@
 //! # Layout
 //!
 //! - [`crd`]: the `RaftCluster` resource, its schema, and its status.
+//! - [`backup`]: scheduled and on-demand backups streamed from a member into object storage,
+//!   and where a restore stands.
 //! - [`config`]: operator-wide settings from the command line, and how a pod's node is dialled.
 //! - [`names`]: names and labels of a cluster's objects.
 //! - [`quantity`]: the one parser of Kubernetes quantities such as `1Gi`.
@@ -27,6 +29,7 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics` and `/healthz` server.
 //! - [`error`]: the crate's error type.
 
+pub mod backup;
 pub mod build;
 pub mod certs;
 pub mod config;

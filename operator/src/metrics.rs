@@ -35,6 +35,13 @@ pub struct StepLabels {
     pub outcome: String,
 }
 
+/// Labels of the backup counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupLabels {
+    /// `success` or `failure`.
+    pub outcome: String,
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     /// Reconciles started.
@@ -45,6 +52,12 @@ pub struct Metrics {
     pub steps: Family<StepLabels, Counter>,
     /// Time spent in one reconcile.
     pub duration: Histogram,
+    /// Backups finished, by outcome.
+    pub backups: Family<BackupLabels, Counter>,
+    /// Bytes of the backups taken.
+    pub backup_bytes: Counter,
+    /// Revision of the last backup taken.
+    pub backup_revision: prometheus_client::metrics::gauge::Gauge,
     /// Every metric above, for the `/metrics` endpoint to encode.
     registry: Registry,
 }
@@ -68,11 +81,24 @@ impl Default for Metrics {
             "Time spent in one reconcile",
             duration.clone(),
         );
+        let backups = Family::<BackupLabels, Counter>::default();
+        let backup_bytes = Counter::default();
+        let backup_revision = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register("backups", "Backups finished, by outcome", backups.clone());
+        registry.register("backup_bytes", "Bytes of the backups taken", backup_bytes.clone());
+        registry.register(
+            "last_backup_revision",
+            "Revision of the last backup taken",
+            backup_revision.clone(),
+        );
         Self {
             reconciles,
             errors,
             steps,
             duration,
+            backups,
+            backup_bytes,
+            backup_revision,
             registry,
         }
     }
@@ -105,6 +131,20 @@ impl Metrics {
                 outcome: outcome.into(),
             })
             .inc();
+    }
+
+    /// Counts a finished backup.
+    pub fn backup(&self, result: &crate::backup::RunResult) {
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        self.backups
+            .get_or_create(&BackupLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+        if let Ok(b) = result {
+            self.backup_bytes.inc_by(b.size);
+            self.backup_revision.set(i64::try_from(b.revision).unwrap_or(i64::MAX));
+        }
     }
 
     /// The metrics in Prometheus text format.

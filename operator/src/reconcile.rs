@@ -29,13 +29,20 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn, Span};
 
-use crate::build::{build, keep_claim_templates, name_conflict, validate, ClusterObjects, NameConflict, ValidCluster};
+use crate::backup::{backup_failing, parse_schedule, restore_status, seeding, BackupInputs, BackupRuns, RunResult};
+use crate::build::{
+    add_restore_init_container, build, keep_claim_templates, name_conflict, validate, ClusterObjects, NameConflict,
+    ValidCluster,
+};
 use crate::certs::{
     issue_client, issue_client_server, issue_peer, new_cluster_cas, peer_domain, pod_dns_name, APPLICATION_ROLE,
     OPERATOR_ROLE,
 };
 use crate::config::{OperatorConfig, PeerAddressing, FIELD_MANAGER};
-use crate::crd::{BootstrapRecord, BootstrapState, MemberStatus, RaftCluster, RaftClusterStatus};
+use crate::crd::{
+    BackupStatus, BootstrapRecord, BootstrapState, MemberStatus, RaftCluster, RaftClusterStatus, RestoreState,
+    RestoreStatus,
+};
 use crate::execute::{execute, ClusterEffects, Execution, Outcome};
 use crate::metrics::Metrics;
 use crate::names::{
@@ -43,7 +50,7 @@ use crate::names::{
 };
 use crate::node_client::{HttpNodeClient, NodeApi};
 use crate::observe::{claim_ordinals, endpoints, observe_and_plan, pod_facts, removed_member_claims, Inputs, Planned};
-use crate::plan::{recreated_statefulset_replicas, Desired, Step};
+use crate::plan::{recreated_statefulset_replicas, Desired, Step, WaitReason};
 use crate::status::{cluster_status, degraded_warning, refused_status, Refusal, SpecIssue};
 use crate::tls::{
     application_secret_name, build_ca_secret, build_issued_secret, ca_secret_name, issued_secret_names, node_tls,
@@ -100,6 +107,8 @@ pub struct Context<N: NodeApi = HttpNodeClient> {
     pub reporter: Reporter,
     /// Error backoff per object.
     pub backoff: Backoff,
+    /// Backups running in the background.
+    pub backups: BackupRuns,
 }
 
 impl<N: NodeApi> Context<N> {
@@ -115,6 +124,7 @@ impl<N: NodeApi> Context<N> {
                 instance: std::env::var("POD_NAME").ok(),
             },
             backoff: Backoff::default(),
+            backups: BackupRuns::default(),
         }
     }
 }
@@ -140,6 +150,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
     // on its way out); the object's final removal ends the watch.
     if cluster.metadata.deletion_timestamp.is_some() {
         debug!("being deleted; nothing to do");
+        ctx.backups.forget(&ObjectRef::from_obj(&*cluster));
         return Ok(Action::await_change());
     }
     let _timer = ctx.metrics.reconcile_started();
@@ -208,9 +219,23 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
 
     // Plan and apply the objects, then plan and execute one membership step.
     let planned_objects = plan_objects(&cluster, &valid, &ctx.config, &found);
+    // The restore's decision is recorded before the StatefulSet it shapes exists: a reconcile
+    // that stopped after creating it must find the cluster seeding, not holding data.
+    let previous_restore = cluster.status.as_ref().and_then(|s| s.restore.as_ref());
+    if planned_objects.restore.is_some() && planned_objects.restore.as_ref() != previous_restore {
+        let patch = json!({ "status": { "restore": planned_objects.restore } });
+        clusters
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
     apply(&ctx.client, &valid, &planned_objects.objects, found.pdb_exists).await?;
-    let (node_urls, Planned { observed, step }) =
+    let (node_urls, Planned { observed, mut step }) =
         plan_step(&ctx, &cluster, &valid, &found, &planned_objects, node_tls.as_ref()).await?;
+    // While seeding, the first member is made by the restore, never by a bootstrap of an
+    // empty volume (which would start a second, empty cluster under this name).
+    if seeding(planned_objects.restore.as_ref()) && matches!(step, Step::Bootstrap { .. }) {
+        step = Step::Wait(WaitReason::PodNotReady(0));
+    }
     Span::current().record("step", step.kind());
     let effects = KubeEffects {
         client: ctx.client.clone(),
@@ -221,19 +246,94 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
     };
     let execution = execute_step(&ctx, &step, &node_urls, &effects).await?;
 
+    // Backups: collect a finished run, or start a due one.
+    let at = now();
+    let backups = ctx.backups.advance(BackupInputs {
+        cluster: &cluster,
+        client: &ctx.client,
+        observed: &observed,
+        endpoints: &node_urls,
+        now: at.0,
+    });
+    if let Some(result) = &backups.finished {
+        report_backup(&ctx, &effects, result).await;
+    }
+
     // Status.
-    let status = cluster_status(
+    let bootstrap = execution.bootstrap.as_ref().or(observed.bootstrap.as_ref());
+    let restore = restore_status(
+        valid.restore.as_ref(),
+        planned_objects.restore.as_ref(),
+        found.statefulset.is_some(),
+        &planned_objects.claims,
+        bootstrap,
+    );
+    let restore_issue = restore
+        .as_ref()
+        .filter(|r| r.state == RestoreState::Refused)
+        .map(|r| SpecIssue {
+            reason: "RestoreRefused",
+            message: r.message.clone().unwrap_or_default(),
+        });
+    let backup_issue = backup_failing(backups.status.as_ref()).map(|(reason, message)| SpecIssue { reason, message });
+    let issue = planned_objects
+        .storage_issue
+        .as_ref()
+        .or(restore_issue.as_ref())
+        .or(backup_issue.as_ref());
+    let mut status = cluster_status(
         &valid,
         &observed,
         &step,
         &execution,
-        planned_objects.storage_issue.as_ref(),
+        issue,
         cluster.status.as_ref(),
-        &now(),
+        &at,
     );
+    status.backup = backups.status;
+    status.restore = restore;
     update_status(&clusters, &recorder, &cluster, &status).await?;
     ctx.backoff.succeeded(&ObjectRef::from_obj(&*cluster));
-    Ok(Action::requeue(requeue_after(&step, &execution.outcome)))
+    let mut requeue = requeue_after(&step, &execution.outcome);
+    if backups.running {
+        requeue = requeue.min(REQUEUE_WAITING);
+    }
+    if let Some(next) = next_backup_in(&cluster, status.backup.as_ref(), at.0) {
+        requeue = requeue.min(next);
+    }
+    Ok(Action::requeue(requeue))
+}
+
+/// How long until the next scheduled backup (at least a second), when backups are scheduled.
+fn next_backup_in(cluster: &RaftCluster, status: Option<&BackupStatus>, now: Timestamp) -> Option<Duration> {
+    let schedule = parse_schedule(&cluster.spec.backup.as_ref()?.schedule).ok()?;
+    let since = status
+        .and_then(|s| s.last_attempt.as_ref())
+        .or(cluster.metadata.creation_timestamp.as_ref())
+        .map_or(now, |t| t.0)
+        .to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC);
+    let next = schedule.find_next_occurrence(&since, false).ok()?.timestamp();
+    let wait = next
+        .duration_since(now)
+        .max(k8s_openapi::jiff::SignedDuration::from_secs(1));
+    Duration::try_from(wait).ok()
+}
+
+/// Counts a finished backup and publishes its Event.
+async fn report_backup<N: NodeApi>(ctx: &Context<N>, effects: &KubeEffects<'_>, result: &RunResult) {
+    ctx.metrics.backup(result);
+    let (reason, note, warning) = match result {
+        Ok(b) => (
+            "BackupTaken",
+            format!("backup {} at revision {} ({} bytes)", b.object, b.revision, b.size),
+            false,
+        ),
+        Err(reason) => ("BackupFailed", format!("backup failed: {reason}"), true),
+    };
+    // The status carries the outcome; an Event that cannot be written must not fail the reconcile.
+    if let Err(error) = effects.publish_event(reason, &note, warning).await {
+        warn!(%reason, %error, "could not publish the backup event");
+    }
 }
 
 /// A cluster's objects as one reconcile found them, before it writes anything.
@@ -293,6 +393,8 @@ async fn read(client: &Client, valid: &ValidCluster) -> Result<std::result::Resu
 
 /// The objects a reconcile applies, and what it decided on the way.
 struct PlannedObjects {
+    /// Where the restore stands, decided before anything is applied.
+    restore: Option<RestoreStatus>,
     /// The StatefulSet's replica count: the existing one's, or the size a missing one is
     /// recreated with.
     statefulset_replicas: u32,
@@ -312,8 +414,25 @@ struct PlannedObjects {
 /// templates whatever the spec says.
 fn plan_objects(cluster: &RaftCluster, valid: &ValidCluster, config: &OperatorConfig, found: &Found) -> PlannedObjects {
     let claims = claim_ordinals(&valid.names, &found.claims);
+    let previous_restore = cluster.status.as_ref().and_then(|s| s.restore.as_ref());
+    let restore = restore_status(
+        valid.restore.as_ref(),
+        previous_restore,
+        // A StatefulSet this cluster's restore created does not mean the cluster holds data.
+        found.statefulset.is_some() && !seeding(previous_restore),
+        &if seeding(previous_restore) {
+            BTreeSet::new()
+        } else {
+            claims.clone()
+        },
+        cluster.status.as_ref().and_then(|s| s.bootstrap.as_ref()),
+    );
+    let seeding_now = seeding(restore.as_ref());
     let statefulset_replicas = match found.statefulset.as_ref() {
         Some(statefulset) => statefulset.spec.replicas.map_or(valid.replicas(), |r| r.max(0) as u32),
+        // A restoring cluster starts with its first pod only: it is seeded from the backup and
+        // becomes the first member; the others join it once its bootstrap is recorded.
+        None if seeding_now => 1,
         None => {
             let bootstrapped = cluster
                 .status
@@ -331,6 +450,9 @@ fn plan_objects(cluster: &RaftCluster, valid: &ValidCluster, config: &OperatorCo
         }
     };
     let mut objects = build(valid, config, statefulset_replicas);
+    if let (true, Some(source)) = (seeding_now, valid.restore.as_ref()) {
+        add_restore_init_container(&mut objects.statefulset, valid, config, source);
+    }
     let storage_issue = found
         .statefulset
         .as_ref()
@@ -343,6 +465,7 @@ fn plan_objects(cluster: &RaftCluster, valid: &ValidCluster, config: &OperatorCo
         warn!(message = %issue.message, "storage change refused");
     }
     PlannedObjects {
+        restore,
         statefulset_replicas,
         claims,
         objects,

@@ -228,6 +228,10 @@ pub fn cluster_status(
         ],
         warnings: spec_warnings(cluster.spec.replicas),
         observed_generation: generation,
+        // Backups and the restore are advanced by the reconciler after this computation
+        // (`crate::backup`); until then they stay as they were.
+        backup: previous.and_then(|p| p.backup.clone()),
+        restore: previous.and_then(|p| p.restore.clone()),
         bootstrap,
     }
 }

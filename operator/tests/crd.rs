@@ -73,6 +73,30 @@ fn the_crd_refuses_storage_changes_that_the_statefulset_could_not_follow() -> an
 }
 
 #[test]
+fn the_crd_refuses_a_restore_added_to_or_changed_on_an_existing_cluster() -> anyhow::Result<()> {
+    let crd = serde_json::to_value(RaftCluster::crd())?;
+    let root = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let rule = root["x-kubernetes-validations"]
+        .as_array()
+        .expect("root validation rules")
+        .iter()
+        .find(|r| r["rule"].as_str().unwrap_or_default().contains("oldSelf.spec.restore"))
+        .expect("a transition rule on spec.restore");
+    assert!(rule["message"].as_str().unwrap().contains("only be set when the RaftCluster is created"));
+    let spec = &root["properties"]["spec"]["properties"];
+    for field in ["schedule", "destination", "credentialsSecret", "endpoint", "region", "allowHttp", "retention"] {
+        assert!(spec["backup"]["properties"][field].is_object(), "spec.backup.{field}");
+    }
+    assert_eq!(spec["backup"]["required"], serde_json::json!(["destination", "schedule"]));
+    assert!(spec["restore"]["properties"]["from"].is_object());
+    let status = &root["properties"]["status"]["properties"]["backup"]["properties"];
+    for field in ["lastSuccess", "lastFailure", "consecutiveFailures"] {
+        assert!(status[field].is_object(), "status.backup.{field}");
+    }
+    Ok(())
+}
+
+#[test]
 fn a_minimal_cluster_takes_the_documented_defaults() -> anyhow::Result<()> {
     let cluster: RaftCluster = serde_saphyr::from_str(
         "apiVersion: raftkv.dev/v1alpha1\nkind: RaftCluster\nmetadata: {name: demo}\nspec: {}\n",

@@ -381,3 +381,235 @@ async fn planner_and_executor_scale_real_nodes_1_3_5_3_1_without_losing_acknowle
         assert_eq!(stored.get(key), Some(value), "acknowledged write {key} was lost");
     }
 }
+
+/// A started 3-member cluster of real nodes, and writes acknowledged on it with their revisions.
+async fn three_members_with_writes(
+    root: &Path,
+    writes: u64,
+) -> (Arc<ProcessCluster>, HttpNodeClient, BTreeMap<String, u64>) {
+    let cluster = Arc::new(ProcessCluster {
+        root: root.to_path_buf(),
+        replicas: Mutex::new(1),
+        pods: Mutex::new(BTreeMap::new()),
+        bootstrap: Mutex::new(None),
+        claim_marks: Mutex::new(BTreeMap::new()),
+    });
+    let nodes = HttpNodeClient::new(NodeClientTimeouts::default()).unwrap();
+    if let Err(e) = reconcile_until_converged(&cluster, &nodes, 3).await {
+        panic!("{e:#}\n{}", cluster.logs());
+    }
+    let http = reqwest::Client::new();
+    let url = cluster.endpoints()[&0].clone();
+    let mut acked = BTreeMap::new();
+    for n in 0..writes {
+        let key = format!("k{n:06}");
+        let r = http
+            .put(format!("{url}/v1/kv/{key}"))
+            .body(format!("value-{n}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "PUT {key}: {}", r.status());
+        let body: raftkv_api::WriteResponse = r.json().await.unwrap();
+        acked.insert(key, body.revision);
+    }
+    (cluster, nodes, acked)
+}
+
+/// The ordinal of the pod whose node leads, and of one that follows.
+async fn leader_and_follower(cluster: &ProcessCluster, nodes: &HttpNodeClient) -> (u32, u32) {
+    use raftkv_operator::node_client::NodeApi;
+    let mut leader = None;
+    let mut follower = None;
+    for (ordinal, url) in cluster.endpoints() {
+        let s = nodes.status(&url).await.unwrap();
+        if s.id == s.leader_id {
+            leader = Some(ordinal);
+        } else {
+            follower = Some(ordinal);
+        }
+    }
+    (leader.expect("a leader"), follower.expect("a follower"))
+}
+
+fn local_destination(dir: &Path) -> raftkv_backup::Destination {
+    let url = format!("file://{}/backups", dir.display());
+    raftkv_backup::Destination::open(&url, &BTreeMap::new(), &raftkv_backup::StoreOptions::default()).unwrap()
+}
+
+fn signal(cluster: &ProcessCluster, ordinal: u32, signal: nix::sys::signal::Signal) {
+    let pods = cluster.pods.lock();
+    let pid = nix::unistd::Pid::from_raw(pods[&ordinal].child.id() as i32);
+    nix::sys::signal::kill(pid, signal).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_while_the_leader_is_killed_is_whole_and_consistent_or_fails_with_a_reason() {
+    let root = tempfile::tempdir().unwrap();
+    let (cluster, nodes, acked) = three_members_with_writes(root.path(), 3000).await;
+    let highest = *acked.values().max().unwrap();
+    let (leader, follower) = leader_and_follower(&cluster, &nodes).await;
+    let dest = local_destination(root.path());
+    let http = reqwest::Client::builder()
+        .read_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let source = cluster.endpoints()[&follower].clone();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let backup = {
+        let (http, dest) = (http.clone(), dest.clone());
+        tokio::spawn(async move { raftkv_operator::backup::stream_backup(&http, &source, &dest, "demo", now).await })
+    };
+    signal(&cluster, leader, nix::sys::signal::Signal::SIGKILL);
+    let result = tokio::time::timeout(Duration::from_secs(120), backup)
+        .await
+        .unwrap()
+        .unwrap();
+    let listed = raftkv_backup::catalog::list_backups(&dest, "demo").await.unwrap();
+    match result {
+        Ok(b) => {
+            eprintln!("the backup completed: revision {}, {} bytes", b.revision, b.size);
+            // Linearizable: every write acknowledged before the backup began is in it.
+            assert!(
+                b.revision >= highest,
+                "backup revision {} below acknowledged {highest}",
+                b.revision
+            );
+            assert_eq!(listed.len(), 1, "{listed:?}");
+            let file = root.path().join("check.snap");
+            let size = raftkv_backup::transfer::download_snapshot(&dest, &listed[0].name, &file)
+                .await
+                .unwrap();
+            assert_eq!(size, b.size);
+        }
+        Err(reason) => {
+            eprintln!("the backup failed: {reason}");
+            assert!(!reason.is_empty());
+            assert!(listed.is_empty(), "a failed backup left {listed:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_from_a_member_cut_off_from_its_peers_fails_with_a_reason_and_stores_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let (cluster, _nodes, _acked) = three_members_with_writes(root.path(), 200).await;
+    // Freeze the other two members: the source can no longer confirm a linearizable revision.
+    for ordinal in [1, 2] {
+        signal(&cluster, ordinal, nix::sys::signal::Signal::SIGSTOP);
+    }
+    let dest = local_destination(root.path());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let source = cluster.endpoints()[&0].clone();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let result = raftkv_operator::backup::stream_backup(&http, &source, &dest, "demo", now).await;
+    for ordinal in [1, 2] {
+        signal(&cluster, ordinal, nix::sys::signal::Signal::SIGCONT);
+    }
+    let reason = result.expect_err("a member without a quorum cannot take a linearizable backup");
+    eprintln!("refused as expected: {reason}");
+    assert!(reason.contains("/v1/snapshot"), "the reason names the call: {reason}");
+    assert!(raftkv_backup::catalog::list_backups(&dest, "demo")
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_restored_from_its_object_url_serves_every_write_up_to_its_revision() {
+    let root = tempfile::tempdir().unwrap();
+    let (cluster, nodes, acked) = three_members_with_writes(root.path(), 500).await;
+    let (_, follower) = leader_and_follower(&cluster, &nodes).await;
+    let dest = local_destination(root.path());
+    let http = reqwest::Client::new();
+    let source = cluster.endpoints()[&follower].clone();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let backup = raftkv_operator::backup::stream_backup(&http, &source, &dest, "demo", now)
+        .await
+        .unwrap();
+    // A write after the backup: not in the restored cluster.
+    let url = cluster.endpoints()[&0].clone();
+    let r = http.put(format!("{url}/v1/kv/after")).body("x").send().await.unwrap();
+    assert!(r.status().is_success());
+    drop(cluster);
+
+    let data = root.path().join("restored");
+    let scratch = root.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let out = Command::new(node_binary())
+        .args(["restore", "--from", &backup.object, "--data-dir"])
+        .arg(&data)
+        .args(["--peer-url", "http://127.0.0.1:1"])
+        .arg("--scratch-dir")
+        .arg(&scratch)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["revision"].as_u64(), Some(backup.revision), "{line}");
+    assert!(
+        std::fs::read_dir(&scratch).unwrap().next().is_none(),
+        "the download was not deleted"
+    );
+
+    let addr_file = root.path().join("restored.addr.json");
+    let mut node = Command::new(node_binary())
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--client-addr",
+            "127.0.0.1:0",
+            "--peer-addr",
+            "127.0.0.1:0",
+            "--tick-ms",
+            "50",
+        ])
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let result = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let base = loop {
+            if let Ok(raw) = std::fs::read(&addr_file) {
+                let v: serde_json::Value = serde_json::from_slice(&raw)?;
+                break format!("http://{}", v["client"].as_str().context("client")?);
+            }
+            if Instant::now() > deadline {
+                bail!("the restored node did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        while !nodes_ready(&base).await {
+            if Instant::now() > deadline {
+                bail!("the restored node did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (key, revision) in &acked {
+            assert!(*revision <= backup.revision);
+            let r = http.get(format!("{base}/v1/kv/{key}")).send().await?;
+            assert_eq!(r.status(), reqwest::StatusCode::OK, "{key} lost");
+        }
+        let r = http.get(format!("{base}/v1/kv/after")).send().await?;
+        assert_eq!(
+            r.status(),
+            reqwest::StatusCode::NOT_FOUND,
+            "a write after the backup was restored"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = node.kill();
+    let _ = node.wait();
+    result.unwrap();
+}

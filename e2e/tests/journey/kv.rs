@@ -76,6 +76,21 @@ impl Kv {
         Ok(response.status())
     }
 
+    /// `PUT /v1/kv/{key}`: the revision of an acknowledged write, or the status code of a
+    /// refused or unconfirmed one.
+    pub async fn put_revision(&self, base: &str, key: &str, value: &str) -> reqwest::Result<Result<u64, StatusCode>> {
+        let response = self
+            .http
+            .put(format!("{base}/v1/kv/{key}"))
+            .body(value.to_string())
+            .send()
+            .await?;
+        if response.status() != StatusCode::OK {
+            return Ok(Err(response.status()));
+        }
+        Ok(Ok(response.json::<raftkv_api::WriteResponse>().await?.revision))
+    }
+
     /// `GET /v1/kv/{key}` (linearizable): `None` when absent.
     pub async fn get(&self, base: &str, key: &str) -> anyhow::Result<Option<String>> {
         let response = self.http.get(format!("{}/v1/kv/{key}", self.base(base))).send().await?;

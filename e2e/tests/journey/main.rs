@@ -9,6 +9,7 @@
 //! the nodes' logs and the objects' YAML.
 
 mod backend;
+mod backup;
 mod binaries;
 mod helm;
 mod kv;
@@ -187,6 +188,24 @@ impl Journey {
             self.replace_a_reused_volume(),
         )
         .await?;
+        if self.backend.is_simulated() {
+            // The S3 server runs in the test, on loopback: only the simulation's pods (host
+            // processes) reach it.
+            let s3 = raftkv_e2e::s3::S3Server::start(&["backups"]).await?;
+            let (acked, object, revision) = self
+                .step(
+                    "take a scheduled backup to an S3 server while a client writes",
+                    self.back_up_on_a_schedule(&s3),
+                )
+                .await?;
+            self.step(
+                "delete the cluster and its claims; a new one restored from the backup has every write up to its revision and none after",
+                self.restore_from_backup(&s3, &acked, &object, revision),
+            )
+            .await?;
+        } else {
+            eprintln!("SKIPPED backup and restore: the test's S3 server is not reachable from a real cluster's pods");
+        }
         self.step(
             "a TLS cluster: scale 3 to 5 to 3 over TLS, plaintext refused, certificates renewed pod by pod",
             self.tls_cluster(),
