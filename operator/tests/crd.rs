@@ -82,12 +82,26 @@ fn the_crd_refuses_a_restore_added_to_or_changed_on_an_existing_cluster() -> any
         .iter()
         .find(|r| r["rule"].as_str().unwrap_or_default().contains("oldSelf.spec.restore"))
         .expect("a transition rule on spec.restore");
-    assert!(rule["message"].as_str().unwrap().contains("only be set when the RaftCluster is created"));
+    assert!(rule["message"]
+        .as_str()
+        .unwrap()
+        .contains("only be set when the RaftCluster is created"));
     let spec = &root["properties"]["spec"]["properties"];
-    for field in ["schedule", "destination", "credentialsSecret", "endpoint", "region", "allowHttp", "retention"] {
+    for field in [
+        "schedule",
+        "destination",
+        "credentialsSecret",
+        "endpoint",
+        "region",
+        "allowHttp",
+        "retention",
+    ] {
         assert!(spec["backup"]["properties"][field].is_object(), "spec.backup.{field}");
     }
-    assert_eq!(spec["backup"]["required"], serde_json::json!(["destination", "schedule"]));
+    assert_eq!(
+        spec["backup"]["required"],
+        serde_json::json!(["destination", "schedule"])
+    );
     assert!(spec["restore"]["properties"]["from"].is_object());
     let status = &root["properties"]["status"]["properties"]["backup"]["properties"];
     for field in ["lastSuccess", "lastFailure", "consecutiveFailures"] {

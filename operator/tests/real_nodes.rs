@@ -613,3 +613,100 @@ async fn a_backup_restored_from_its_object_url_serves_every_write_up_to_its_revi
     let _ = node.wait();
     result.unwrap();
 }
+
+/// Figures for the README: a backup of many keys from a follower of 3 members into a local
+/// directory, and single-client write latency before and while it runs.
+/// `RAFTKV_FIGURE_KEYS=1000000 cargo test --release -p raftkv-operator --test real_nodes -- --ignored backup_figures --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement, not a check"]
+async fn backup_figures() {
+    let keys: u64 = std::env::var("RAFTKV_FIGURE_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let root = tempfile::tempdir().unwrap();
+    let (cluster, nodes, _) = three_members_with_writes(root.path(), 1).await;
+    let (leader, follower) = leader_and_follower(&cluster, &nodes).await;
+    let leader_url = cluster.endpoints()[&leader].clone();
+    let http = reqwest::Client::new();
+    let value = "v".repeat(256);
+    let loaded = Instant::now();
+    let per_task = keys / 32;
+    let mut tasks = Vec::new();
+    for t in 0..32u64 {
+        let (http, url, value) = (http.clone(), leader_url.clone(), value.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                let key = format!("load-{t:02}-{i:08}");
+                let r = http
+                    .put(format!("{url}/v1/kv/{key}"))
+                    .body(value.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eprintln!("loaded {} keys in {:?}", per_task * 32, loaded.elapsed());
+
+    async fn latencies(http: &reqwest::Client, url: &str, until: impl Fn() -> bool) -> Vec<Duration> {
+        let mut out = Vec::new();
+        let mut n = 0u64;
+        while !until() {
+            n += 1;
+            let t = Instant::now();
+            let r = http.put(format!("{url}/v1/kv/lat-{n}")).body("x").send().await.unwrap();
+            assert!(r.status().is_success());
+            out.push(t.elapsed());
+        }
+        out.sort();
+        out
+    }
+    fn pct(v: &[Duration], p: f64) -> Duration {
+        v[((v.len() as f64 - 1.0) * p) as usize]
+    }
+    let base_until = Instant::now() + Duration::from_secs(5);
+    let base = latencies(&http, &leader_url, || Instant::now() > base_until).await;
+
+    let dest = local_destination(root.path());
+    let source = cluster.endpoints()[&follower].clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let backup = {
+        let (http, dest, done) = (http.clone(), dest.clone(), done.clone());
+        tokio::spawn(async move {
+            let r = raftkv_operator::backup::stream_backup(
+                &http,
+                &source,
+                &dest,
+                "demo",
+                k8s_openapi::jiff::Timestamp::now(),
+            )
+            .await;
+            done.store(true, Ordering::Relaxed);
+            (r, started.elapsed())
+        })
+    };
+    let during = latencies(&http, &leader_url, || done.load(Ordering::Relaxed)).await;
+    let (result, took) = backup.await.unwrap();
+    let b = result.unwrap();
+    eprintln!(
+        "backup of {} MB at revision {} in {took:.2?}: {:.0} MB/s",
+        b.size / 1_000_000,
+        b.revision,
+        b.size as f64 / 1e6 / took.as_secs_f64()
+    );
+    eprintln!(
+        "single-client writes to the leader: before p50 {:?} p99 {:?} ({} writes); during the backup p50 {:?} p99 {:?} ({} writes)",
+        pct(&base, 0.5),
+        pct(&base, 0.99),
+        base.len(),
+        pct(&during, 0.5),
+        pct(&during, 0.99),
+        during.len()
+    );
+}
