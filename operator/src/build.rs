@@ -412,8 +412,6 @@ fn http_probe(path: &str, period: i32, failures: i32, tls: bool) -> Probe {
 /// Where the node container writes why it stopped (Kubernetes' default path).
 pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 
-/// The node's command line. Flags rather than environment, so the pod spec shows the whole
-/// configuration; `$(VAR)` is expanded by the kubelet from the downward-API variables.
 /// The peer URL a member advertises (with `$(VAR)` references the kubelet expands).
 fn advertise_peer_url(cluster: &ValidCluster, config: &OperatorConfig) -> String {
     let host = match config.peer_addressing {
@@ -425,16 +423,13 @@ fn advertise_peer_url(cluster: &ValidCluster, config: &OperatorConfig) -> String
     format!("{scheme}://{host}:{}", config.peer_port)
 }
 
+/// The node's command line. Flags rather than environment, so the pod spec shows the whole
+/// configuration; `$(VAR)` is expanded by the kubelet from the downward-API variables.
 fn node_args(cluster: &ValidCluster, config: &OperatorConfig) -> Vec<String> {
-    let (bind_host, _) = match config.peer_addressing {
-        PeerAddressing::Dns => (
-            "0.0.0.0".to_string(),
-            format!("$(POD_NAME).{}.$(POD_NAMESPACE).svc", cluster.names.peer_service()),
-        ),
-        PeerAddressing::PodIp => ("$(POD_IP)".to_string(), "$(POD_IP)".to_string()),
+    let bind_host = match config.peer_addressing {
+        PeerAddressing::Dns => "0.0.0.0",
+        PeerAddressing::PodIp => "$(POD_IP)",
     };
-    // Peers dial each other over mutual TLS when the cluster has TLS, so they advertise https.
-    let scheme = if cluster.tls.is_some() { "https" } else { "http" };
     let mut args: Vec<String> = vec![
         "--data-dir".into(),
         DATA_DIR.into(),
