@@ -1157,6 +1157,16 @@ mod tests {
     }
 
     #[test]
+    fn backups_check_the_magic_this_node_writes_and_every_one_it_reads() {
+        assert_eq!(raftkv_backup::check::SNAPSHOT_MAGIC, SNAPSHOT_MAGIC);
+        assert!(raftkv_backup::check::SNAPSHOT_MAGICS.contains(&SNAPSHOT_MAGIC_V1));
+        let bytes = KvState::default().write_snapshot(Vec::new()).unwrap();
+        let mut check = raftkv_backup::check::SnapshotCheck::new();
+        check.update(&bytes).unwrap();
+        assert_eq!(check.finish().unwrap(), bytes.len() as u64);
+    }
+
+    #[test]
     fn a_snapshot_of_another_format_version_is_refused_as_such() {
         let mut bytes = KvState::default().write_snapshot(Vec::new()).unwrap();
         bytes[7] = SNAPSHOT_FORMAT_VERSION + 1;

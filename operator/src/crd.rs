@@ -510,8 +510,9 @@ pub struct BackupStatus {
     pub last_attempt: Option<Time>,
 
     /// Since when a backup has been running. An operator that finds this set without a backup
-    /// of its own running (it restarted) records the backup as failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// of its own running (it restarted) records the backup as failed. Written as `null` once
+    /// the backup ended, so that every kind of status write clears it.
+    #[serde(default)]
     pub in_progress_since: Option<Time>,
 
     /// The value of the `raftkv.dev/backup-now` annotation last acted on.

@@ -7,9 +7,11 @@
 
 use crate::{Error, Result};
 
-/// The magic of the snapshot format this crate accepts (`SNAPSHOT_MAGIC` in `node/src/kv.rs`;
+/// The magic of the snapshot format the node writes now (`SNAPSHOT_MAGIC` in `node/src/kv.rs`;
 /// a test in the node checks that the two agree).
-pub const SNAPSHOT_MAGIC: &[u8; 8] = b"RKVSNAP\x01";
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"RKVSNAP\x02";
+/// Every magic this crate accepts: the node still reads version 1 snapshots (no watch history).
+pub const SNAPSHOT_MAGICS: [&[u8; 8]; 2] = [b"RKVSNAP\x01", SNAPSHOT_MAGIC];
 
 /// The smallest possible snapshot: the magic and the trailer.
 const MIN_SIZE: u64 = SNAPSHOT_MAGIC.len() as u64 + 4;
@@ -39,7 +41,7 @@ impl SnapshotCheck {
         if self.head.len() < SNAPSHOT_MAGIC.len() {
             let need = SNAPSHOT_MAGIC.len() - self.head.len();
             self.head.extend_from_slice(&chunk[..need.min(chunk.len())]);
-            if self.head.len() == SNAPSHOT_MAGIC.len() && self.head[..] != SNAPSHOT_MAGIC[..] {
+            if self.head.len() == SNAPSHOT_MAGIC.len() && !SNAPSHOT_MAGICS.iter().any(|m| self.head[..] == m[..]) {
                 return Err(Error::Damaged(
                     "not a raftkv snapshot of a known format (bad magic)".into(),
                 ));
@@ -148,7 +150,7 @@ mod tests {
     #[test]
     fn an_unknown_format_is_refused_after_its_magic() {
         let mut bytes = snapshot_bytes(b"records");
-        bytes[7] = 2;
+        bytes[7] = 3;
         let mut c = SnapshotCheck::new();
         c.update(&bytes[..7]).unwrap();
         let err = c.update(&bytes[7..]).unwrap_err();
