@@ -21,70 +21,19 @@
 #   NO_BUILD=1 to use the release binaries already built, JSON_OUT=file for every raw report,
 #   TLS=0 to skip the TLS points.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
 KEYS=${KEYS:-100000}
 VALUE_SIZE=${VALUE_SIZE:-256}
 BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench-compare}
-BIN=$ROOT/target/release
 TLS=${TLS:-1}
 
-PIDS=()
-stop_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-}
-trap stop_all EXIT
-trap 'exit 130' INT TERM
-
-log() { echo "== $*" >&2; }
-
-if ! command -v etcd >/dev/null; then
-  log "installing etcd-server from Debian"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
-fi
-if [[ -z "${NO_BUILD:-}" ]]; then
-  log "building raftkv-node and raftkv-bench (release)"
-  (cd "$ROOT" && cargo build -q --release -p raftkv-node --bins -p raftkv-bench)
-fi
-
-rm -rf "$BENCH_DIR"
-mkdir -p "$BENCH_DIR"
+ensure_etcd
+build_and_clean
 RESULTS=$BENCH_DIR/results.jsonl
 : >"$RESULTS"
-
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# A base port B with B+1..B+3 and B+101..B+103 free.
-free_base() {
-  local base i ok
-  for _ in $(seq 50); do
-    base=$((20000 + RANDOM % 20000))
-    ok=1
-    for i in 1 2 3 101 102 103; do port_free $((base + i)) || { ok=0; break; }; done
-    if ((ok)); then echo "$base"; return; fi
-  done
-  echo "no free ports found" >&2
-  exit 1
-}
-
-CURL_TLS=()
-wait_http() { # url, expected body fragment
-  for _ in $(seq 300); do
-    if curl -fsS --max-time 1 "${CURL_TLS[@]}" "$1" 2>/dev/null | grep -q "$2"; then return 0; fi
-    sleep 0.1
-  done
-  echo "timed out waiting for $1" >&2
-  exit 1
-}
 
 rss_mb() { # pids... -> total resident set in MB
   local total=0 kb pid
@@ -168,62 +117,6 @@ make_pki() {
   issue member "/CN=member" "subjectAltName=IP:127.0.0.1,DNS:localhost,URI:urn:raftkv:cluster:bench
 extendedKeyUsage=serverAuth,clientAuth"
   issue client "/CN=bench/O=admin" "extendedKeyUsage=clientAuth"
-}
-
-# etcd: three members, default tuning, data under $BENCH_DIR/etcd[-tls]; $1 = tls or plain.
-start_etcd() {
-  local mode=$1 scheme=http tls_flags=() i c p
-  if [[ $mode == tls ]]; then
-    scheme=https
-    tls_flags=(--cert-file "$PKI/member.pem" --key-file "$PKI/member.key" --client-cert-auth
-      --trusted-ca-file "$PKI/ca.pem" --peer-cert-file "$PKI/member.pem" --peer-key-file "$PKI/member.key"
-      --peer-client-cert-auth --peer-trusted-ca-file "$PKI/ca.pem")
-  fi
-  base=$(free_base)
-  local cluster=""
-  for i in 1 2 3; do cluster+="${cluster:+,}e$i=$scheme://127.0.0.1:$((base + 100 + i))"; done
-  endpoints=""
-  SYSTEM_PIDS=()
-  for i in 1 2 3; do
-    c=$((base + i)) p=$((base + 100 + i))
-    etcd --name "e$i" --data-dir "$BENCH_DIR/etcd-$mode/e$i" "${tls_flags[@]}" \
-      --listen-client-urls "$scheme://127.0.0.1:$c" --advertise-client-urls "$scheme://127.0.0.1:$c" \
-      --listen-peer-urls "$scheme://127.0.0.1:$p" --initial-advertise-peer-urls "$scheme://127.0.0.1:$p" \
-      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token raftkv-bench \
-      --logger zap --log-level warn >"$BENCH_DIR/etcd-$mode-$i.log" 2>&1 &
-    PIDS+=($!)
-    SYSTEM_PIDS+=($!)
-    endpoints+="${endpoints:+,}$scheme://127.0.0.1:$c"
-  done
-  log "etcd $(etcd --version | head -1 | awk '{print $3}') on $endpoints"
-  for i in 1 2 3; do wait_http "$scheme://127.0.0.1:$((base + i))/health" '"health":"true"'; done
-}
-
-# raftkv: three members with static bootstrap, default tuning, data under $BENCH_DIR/raftkv[-tls].
-start_raftkv() {
-  local mode=$1 scheme=http tls_flags=() i c p
-  if [[ $mode == tls ]]; then
-    scheme=https
-    tls_flags=(--client-cert-file "$PKI/member.pem" --client-key-file "$PKI/member.key"
-      --client-ca-file "$PKI/ca.pem" --peer-cert-file "$PKI/member.pem" --peer-key-file "$PKI/member.key"
-      --peer-ca-file "$PKI/ca.pem" --peer-cluster-name bench)
-  fi
-  base=$(free_base)
-  local cluster=""
-  for i in 1 2 3; do cluster+="${cluster:+,}$i=$scheme://127.0.0.1:$((base + 100 + i))"; done
-  endpoints=""
-  SYSTEM_PIDS=()
-  for i in 1 2 3; do
-    c=$((base + i)) p=$((base + 100 + i))
-    RUST_LOG=warn "$BIN/raftkv-node" --id "$i" --data-dir "$BENCH_DIR/raftkv-$mode/node-$i" "${tls_flags[@]}" \
-      --client-addr "127.0.0.1:$c" --peer-addr "127.0.0.1:$p" --initial-cluster "$cluster" \
-      >"$BENCH_DIR/raftkv-$mode-$i.log" 2>&1 &
-    PIDS+=($!)
-    SYSTEM_PIDS+=($!)
-    endpoints+="${endpoints:+,}$scheme://127.0.0.1:$c"
-  done
-  log "raftkv on $endpoints"
-  for i in 1 2 3; do wait_http "$scheme://127.0.0.1:$((base + i))/readyz" ready; done
 }
 
 start_etcd plain

@@ -10,85 +10,22 @@
 #   100 MB of keys and values), BENCH_DIR (default target/bench-node under the repository),
 #   NO_BUILD=1 to use the release binaries already built.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DURATION=${DURATION:-5}
 BIG_KEYS=${BIG_KEYS:-1000000}
 LEARNER_KEYS=${LEARNER_KEYS:-400000}
 VALUE_SIZE=256
 KEY_SIZE=14 # bench/NNNNNNNN
 BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench-node}
-BIN=$ROOT/target/release
 
-PIDS=()
-stop_pid() {
-  kill -TERM "$1" 2>/dev/null || true
-  for _ in $(seq 200); do kill -0 "$1" 2>/dev/null || break; sleep 0.05; done
-  kill -KILL "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-}
-stop_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-  PIDS=()
-}
-trap stop_all EXIT
-trap 'exit 130' INT TERM
-log() { echo "== $*" >&2; }
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
-
-if [[ -z "${NO_BUILD:-}" ]]; then
-  log "building raftkv-node and raftkv-bench (release)"
-  (cd "$ROOT" && cargo build -q --release -p raftkv-node --bins -p raftkv-bench)
-fi
-rm -rf "$BENCH_DIR"
-mkdir -p "$BENCH_DIR"
-
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_base() {
-  local base i ok
-  for _ in $(seq 50); do
-    base=$((20000 + RANDOM % 20000))
-    ok=1
-    for i in 1 2 3 4 101 102 103 104; do port_free $((base + i)) || { ok=0; break; }; done
-    if ((ok)); then echo "$base"; return; fi
-  done
-  echo "no free ports found" >&2
-  exit 1
-}
-BASE=$(free_base)
-client() { echo "127.0.0.1:$((BASE + $1))"; }
-peer() { echo "127.0.0.1:$((BASE + 100 + $1))"; }
-
-# start_member i [flags...]: starts member i on its ports and data directory; sets LAST_PID.
-start_member() {
-  local i=$1
-  shift
-  RUST_LOG=warn "$BIN/raftkv-node" --data-dir "$BENCH_DIR/node-$i" --client-addr "$(client "$i")" \
-    --peer-addr "$(peer "$i")" "$@" >>"$BENCH_DIR/node-$i.log" 2>&1 &
-  LAST_PID=$!
-  PIDS+=("$LAST_PID")
-}
-wait_ready() { # member -> milliseconds until /readyz answered 200
-  local started=$1 i=$2
-  for _ in $(seq 1200); do
-    if curl -fs --max-time 1 "http://$(client "$i")/readyz" >/dev/null 2>&1; then
-      echo $(($(now_ms) - started))
-      return
-    fi
-    sleep 0.02
-  done
-  echo "member $i not ready; log:" >&2
-  tail -20 "$BENCH_DIR/node-$i.log" >&2
-  exit 1
-}
-bench() { "$BIN/raftkv-bench" --value-size "$VALUE_SIZE" "$@"; }
+build_and_clean
+BASE=$(free_base 4)
 write_point() { # label endpoints
   bench --endpoints "$2" --conns 64 --mix put --duration "$DURATION" --key-space 100000 --json |
     jq -r --arg l "$1" '"\($l): \(.ops_per_sec) writes/s, p50 \(.latency.p50_us / 1000) ms, p99 \(.latency.p99_us / 1000) ms, errors \(.errors), unknown \(.unknown)"'
 }
 rss_mb() { awk '/VmRSS/ {printf "%d", $2 / 1024}' "/proc/$1/status"; }
-status_field() { curl -fs "http://$(client "$1")/v1/status" | jq -r ".$2"; }
 
 RESULTS=()
 
