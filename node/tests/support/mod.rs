@@ -101,22 +101,7 @@ impl Member {
 
     /// Starts a member on fresh ports of `ip` (for certificates issued to that address).
     pub async fn spawn_at(root: &Path, name: &str, ip: std::net::Ipv4Addr, args: &[&str]) -> Result<Member> {
-        let dir = root.join(name);
-        let has = |flag: &str| args.contains(&flag);
-        let mut m = Member {
-            scheme: if has("--client-cert-file") { "https" } else { "http" },
-            peer_scheme: if has("--peer-cert-file") { "https" } else { "http" },
-            id: 0,
-            log: root.join(format!("{name}.log")),
-            dir,
-            client_addr: format!("{ip}:0"),
-            peer_addr: format!("{ip}:0"),
-            env: Vec::new(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            child: None,
-        };
-        m.launch().await?;
-        Ok(m)
+        Member::start(root.join(name), format!("{ip}:0"), format!("{ip}:0"), args).await
     }
 
     /// Starts a member on `dir` (already seeded, say by `raftkv-node restore`) whose peer
@@ -124,16 +109,26 @@ impl Member {
     /// records its peer URL before it first starts.
     pub async fn spawn_in(dir: &Path, peer_addr: &str, args: &[&str]) -> Result<Member> {
         let ip = peer_addr.split(':').next().context("peer address has no host")?;
-        let name = dir.file_name().context("data directory has no name")?.to_string_lossy();
+        Member::start(dir.to_path_buf(), format!("{ip}:0"), peer_addr.to_string(), args).await
+    }
+
+    /// Starts a member on `dir`, its log beside it, with https URLs for the ports `args` put
+    /// under TLS.
+    async fn start(dir: PathBuf, client_addr: String, peer_addr: String, args: &[&str]) -> Result<Member> {
+        let name = dir
+            .file_name()
+            .context("data directory has no name")?
+            .to_string_lossy()
+            .into_owned();
         let has = |flag: &str| args.contains(&flag);
         let mut m = Member {
             id: 0,
             scheme: if has("--client-cert-file") { "https" } else { "http" },
             peer_scheme: if has("--peer-cert-file") { "https" } else { "http" },
             log: dir.with_file_name(format!("{name}.log")),
-            dir: dir.to_path_buf(),
-            client_addr: format!("{ip}:0"),
-            peer_addr: peer_addr.to_string(),
+            dir,
+            client_addr,
+            peer_addr,
             env: Vec::new(),
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
