@@ -413,7 +413,7 @@ impl KvState {
         let mut changes = Vec::new();
         let mut last = header.compact_revision;
         for n in 0..header.history_count {
-            read_frame(&mut r, &mut buf).map_err(|e| format!("reading history record {n}: {e}"))?;
+            read_frame(&mut r, &mut buf).map_err(|e| format!("reading history record {n}: {}", io_reason(e)))?;
             let rec: HistoryRecord =
                 postcard::from_bytes(&buf).map_err(|e| format!("decoding history record {n}: {e}"))?;
             if rec.revision <= last || rec.revision > header.applied_index {
@@ -1154,6 +1154,17 @@ mod tests {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         }
+    }
+
+    #[test]
+    fn a_snapshot_cut_short_in_its_history_is_reported_truncated() {
+        let mut s = KvState::default();
+        put(&mut s, 2, "a", "1", Precondition::None);
+        put(&mut s, 3, "a", "2", Precondition::None);
+        let bytes = s.write_snapshot(Vec::new()).unwrap();
+        // Drop the trailer and part of the last history record.
+        let err = KvState::read_snapshot(&bytes[..bytes.len() - 6]).unwrap_err();
+        assert!(err.contains("history record") && err.contains("truncated"), "{err}");
     }
 
     #[test]
