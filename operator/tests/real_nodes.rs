@@ -34,7 +34,9 @@ fn node_binary() -> &'static Path {
             .join("raftkv-node");
         if !bin.exists() {
             let status = Command::new(env!("CARGO"))
+                // With the fail points, as the node's own tests build it: one binary at this path.
                 .args(["build", "-q", "-p", "raftkv-node", "--bin", "raftkv-node"])
+                .args(["--features", "failpoints"])
                 .status()
                 .expect("run cargo build");
             assert!(status.success(), "building raftkv-node failed");

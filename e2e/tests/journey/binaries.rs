@@ -35,27 +35,37 @@ fn build() -> anyhow::Result<Binaries> {
         .and_then(Path::parent)
         .context("the test binary is not under <target>/<profile>/deps")?;
     let target_dir = profile_dir.parent().context("no target directory")?;
-    let mut command = std::process::Command::new(env!("CARGO"));
-    command
-        .args(["build", "--bin", "raftkv-node", "--bin", "raftkv-operator"])
-        .args(["-p", "raftkv-node", "-p", "raftkv-operator"])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => {}
-        Some("release") => {
-            command.arg("--release");
+    // The node is built as its own tests build it (fail points compiled in, inactive without
+    // FAILPOINTS): both land on <profile>/raftkv-node, so a build without them here would replace
+    // the binary those tests run next in `cargo test --workspace`. Two invocations, because a
+    // feature flag names the features of every package one build selects.
+    let builds: [&[&str]; 2] = [
+        &["-p", "raftkv-node", "--bin", "raftkv-node", "--features", "failpoints"],
+        &["-p", "raftkv-operator", "--bin", "raftkv-operator"],
+    ];
+    for args in builds {
+        let mut command = std::process::Command::new(env!("CARGO"));
+        command
+            .arg("build")
+            .args(args)
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => {}
+            Some("release") => {
+                command.arg("--release");
+            }
+            Some(other) => {
+                command.args(["--profile", other]);
+            }
+            None => bail!("unexpected profile directory {}", profile_dir.display()),
         }
-        Some(other) => {
-            command.args(["--profile", other]);
+        tracing::info!(?command, "building a binary for the journey");
+        let status = command.status().context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build {} failed: {status}", args.join(" "));
         }
-        None => bail!("unexpected profile directory {}", profile_dir.display()),
-    }
-    tracing::info!(?command, "building the node and operator binaries");
-    let status = command.status().context("running cargo build")?;
-    if !status.success() {
-        bail!("cargo build of raftkv-node and raftkv-operator failed: {status}");
     }
     let binaries = Binaries {
         node: profile_dir.join("raftkv-node"),
