@@ -127,20 +127,45 @@ impl FaultCluster {
         method: reqwest::Method,
         body: Option<Value>,
     ) -> Result<Value> {
+        self.admin_settled(what, via, path, method, body, &[]).await
+    }
+
+    /// [`FaultCluster::admin`], retrying until the change is made. A retry after an answer that
+    /// left the outcome open (a timeout, a connection lost, a leader lost) may find the change
+    /// already made: one of the `settled` error codes then counts as done, as it would for a
+    /// client that retries. Never on the first answer, which must be 200.
+    pub async fn admin_settled(
+        &self,
+        what: &str,
+        via: &[usize],
+        path: &str,
+        method: reqwest::Method,
+        body: Option<Value>,
+        settled: &[&str],
+    ) -> Result<Value> {
         let mut attempt = 0usize;
         let last = parking_lot::Mutex::new(String::new());
+        let open = std::sync::atomic::AtomicBool::new(false);
         let answered = wait_until(what, RECOVERY_DEADLINE, || {
             attempt += 1;
             let i = via[attempt % via.len()];
-            let (method, body, last) = (method.clone(), body.clone(), &last);
+            let (method, body, last, open) = (method.clone(), body.clone(), &last, &open);
             async move {
                 let answer = self.request(method, i, path, body).await;
                 *last.lock() = format!("{answer:?}");
-                let (code, v) = answer.ok()?;
+                let Ok((code, v)) = answer else {
+                    open.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return None;
+                };
                 let error = v["error"].as_str().unwrap_or("");
-                let transient = code == 503
-                    || code == 504
-                    || (code == 409 && matches!(error, "learner_lagging" | "change_pending"));
+                let unknown = code == 503 || code == 504;
+                let transient = unknown || (code == 409 && matches!(error, "learner_lagging" | "change_pending"));
+                if unknown {
+                    open.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                if open.load(std::sync::atomic::Ordering::Relaxed) && settled.contains(&error) {
+                    return Some((200, v));
+                }
                 (!transient).then_some((code, v))
             }
         })
@@ -154,19 +179,41 @@ impl FaultCluster {
 
     /// Adds member `i` as a learner, then promotes it once it caught up.
     pub async fn add_and_promote(&self, i: usize) -> Result<()> {
-        let via: Vec<usize> = (0..self.members.len())
+        self.add_learner(i).await?;
+        self.promote(i).await
+    }
+
+    /// The members other than `i` that membership requests may go to.
+    fn admin_targets(&self, i: usize) -> Vec<usize> {
+        (0..self.members.len())
             .filter(|&j| j != i && self.is_member(j))
-            .collect();
-        let id = self.members[i].id;
-        let body = json!({"id": id, "peer_url": self.proxies[i].url()});
-        self.admin("add learner", &via, "/v1/members", reqwest::Method::POST, Some(body))
-            .await?;
-        self.admin(
+            .collect()
+    }
+
+    /// Adds member `i` as a learner.
+    pub async fn add_learner(&self, i: usize) -> Result<()> {
+        let body = json!({"id": self.members[i].id, "peer_url": self.proxies[i].url()});
+        self.admin_settled(
+            "add learner",
+            &self.admin_targets(i),
+            "/v1/members",
+            reqwest::Method::POST,
+            Some(body),
+            &["already_member"],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Promotes learner `i` once it caught up.
+    pub async fn promote(&self, i: usize) -> Result<()> {
+        self.admin_settled(
             "promote",
-            &via,
-            &format!("/v1/members/{id}/promote"),
+            &self.admin_targets(i),
+            &format!("/v1/members/{}/promote", self.members[i].id),
             reqwest::Method::POST,
             None,
+            &["already_member"],
         )
         .await?;
         Ok(())

@@ -46,6 +46,12 @@ pub enum Fault {
     DiskError(&'static str),
     /// Add a learner, promote it and remove an old follower, all while every link is slow.
     MembershipWhileSlow,
+    /// Add a learner, then promote it while the leader is cut off from every other member: the
+    /// change is in flight across an election.
+    PartitionDuringMembership,
+    /// Remove a follower and SIGKILL it while the removal is in flight; restarted on its data, it
+    /// must learn that it was removed and never serve again.
+    KillDuringRemoval,
 }
 
 /// Every fault, as the smoke matrix and the campaign run them.
@@ -69,6 +75,8 @@ pub const ALL: &[Fault] = &[
     Fault::DiskError("wal::before_write"),
     Fault::DiskError("wal::before_sync"),
     Fault::MembershipWhileSlow,
+    Fault::PartitionDuringMembership,
+    Fault::KillDuringRemoval,
 ];
 
 impl fmt::Display for Fault {
@@ -85,7 +93,11 @@ impl Fault {
     /// Whether the fault means anything on a cluster of `n` (a partition needs two sides).
     pub fn applies_to(&self, n: usize) -> bool {
         match self {
-            Fault::PartitionMinority | Fault::PartitionLeaderInMinority | Fault::SnapshotCatchUp => n >= 3,
+            Fault::PartitionMinority
+            | Fault::PartitionLeaderInMinority
+            | Fault::SnapshotCatchUp
+            | Fault::PartitionDuringMembership
+            | Fault::KillDuringRemoval => n >= 3,
             Fault::IsolateLeader | Fault::SlowLinks | Fault::LossyLinks => n >= 2,
             Fault::Crash(fp) if fp.contains("_apply") && fp.starts_with("snapshot") => n >= 2,
             _ => true,
@@ -483,7 +495,88 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
                 removed.map_or(String::new(), |v| format!(", member {} removed", c.members[v].id))
             ))
         }
+        Fault::PartitionDuringMembership => {
+            let new = c.spawn_member().await?;
+            let id = c.members[new].id;
+            let view = &*c;
+            view.add_learner(new).await?;
+            let mut rest = others.clone();
+            rest.push(new);
+            recorder.event(format!(
+                "member {id} added as a learner; partition [{leader}] | {rest:?}"
+            ));
+            // The promotion is asked for as the leader is cut off: it lands on the old leader (and
+            // times out there) or on the majority once it elected a leader and the learner caught
+            // up from it.
+            view.partition(&[vec![leader], rest.clone()]);
+            let (promoted, moved) = tokio::join!(view.promote(new), hold_and_watch_leader(view, &rest, leader_id));
+            view.heal();
+            promoted?;
+            recorder.event(format!("member {id} promoted"));
+            if !moved.starts_with("leader moved") {
+                bail!("the majority side never elected a new leader: {moved}");
+            }
+            Ok(format!("member {id} joined as a voter across the cut; {moved}"))
+        }
+        Fault::KillDuringRemoval => {
+            let victim = others[0];
+            let id = c.members[victim].id;
+            let via: Vec<usize> = c.live().into_iter().filter(|&i| i != victim).collect();
+            let view = &*c;
+            recorder.event(format!("remove member {id} and kill it as the removal is proposed"));
+            let path = format!("/v1/members/{id}");
+            let (removed, ()) = tokio::join!(
+                view.admin_settled(
+                    "remove",
+                    &via,
+                    &path,
+                    reqwest::Method::DELETE,
+                    None,
+                    &["not_member", "id_removed"],
+                ),
+                async { view.members[victim].sigkill() }
+            );
+            removed?;
+            wait_until("the killed member to exit", RECOVERY_DEADLINE, || {
+                let s = c.members[victim].reap_exited();
+                async move { s }
+            })
+            .await?;
+            recorder.event(format!("member {id} removed while killed"));
+            removed_member_knows(c, victim).await
+        }
     }
+}
+
+/// The member's own verdict after it was removed while down: it either refuses to start (its
+/// log already held the removal) or starts, hears from a peer that it was removed, and says so.
+async fn removed_member_knows(c: &mut FaultCluster, victim: usize) -> Result<String> {
+    let started = c.members[victim].restart().await.is_ok();
+    let id = c.members[victim].id;
+    let (http, url) = (c.http.clone(), format!("{}/v1/status", c.members[victim].url()));
+    let verdict = wait_until("the removed member to know", RECOVERY_DEADLINE, || {
+        let exited = c.members[victim].reap_exited();
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            if let Some(status) = exited {
+                return Some(format!("refused to start ({status})"));
+            }
+            let s: serde_json::Value = http.get(url).send().await.ok()?.json().await.ok()?;
+            (s["membership"] == "removed").then(|| "reports removed".to_string())
+        }
+    })
+    .await?;
+    let log = std::fs::read_to_string(&c.members[victim].log).unwrap_or_default();
+    if verdict.starts_with("refused") && !log.contains("removed") {
+        bail!("member {id} exited on restart without saying it was removed");
+    }
+    if c.members[victim].is_running() {
+        c.stop_member(victim).await?;
+    }
+    Ok(format!(
+        "member {id} {verdict}{}",
+        if started { "" } else { " at once" }
+    ))
 }
 
 async fn status_u64(c: &FaultCluster, i: usize, field: &str) -> Option<u64> {
