@@ -126,7 +126,15 @@ pub fn write_atomically(path: &Path, body: &[u8]) -> Result<()> {
         f.sync_all().io_context(|| format!("fsync {}", tmp.display()))?;
     }
     fs::rename(&tmp, path).io_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    sync_dir(parent_dir(path))
+}
+
+/// The directory holding `path`. A bare file name's parent is "", which cannot be opened: it is
+/// the current directory.
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Fsyncs a directory so that a rename or file creation inside it survives a crash.
@@ -145,6 +153,14 @@ fn tmp_path(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_file_name_is_synced_through_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("addr.json")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("run/addr.json")), Path::new("run"));
+        assert_eq!(parent_dir(Path::new("/addr.json")), Path::new("/"));
+        assert!(sync_dir(parent_dir(Path::new("addr.json"))).is_ok());
+    }
 
     #[test]
     fn identity_is_created_once_and_then_reloaded() {
