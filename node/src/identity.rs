@@ -131,7 +131,7 @@ pub fn write_atomically(path: &Path, body: &[u8]) -> Result<()> {
 
 /// The directory holding `path`. A bare file name's parent is "", which cannot be opened: it is
 /// the current directory.
-fn parent_dir(path: &Path) -> &Path {
+pub fn parent_dir(path: &Path) -> &Path {
     path.parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."))

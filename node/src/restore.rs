@@ -176,10 +176,9 @@ pub fn restore(args: &RestoreArgs) -> Result<Outcome> {
     }
 
     fs::create_dir_all(dir).io_context(|| format!("create data directory {}", dir.display()))?;
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        // A directory created just now exists after a crash only once its parent is synced.
-        sync_dir(parent)?;
-    }
+    // A directory created just now exists after a crash only once its parent is synced (the
+    // current directory for a bare `--data-dir d`).
+    sync_dir(identity::parent_dir(dir))?;
     clear_interrupted(dir)?;
     // DURABILITY: the marker is on disk before anything else, so a crash mid-way leaves a
     // directory the node refuses and the next restore recognises as its own to clear.
