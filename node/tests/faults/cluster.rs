@@ -314,6 +314,15 @@ impl FaultCluster {
         sum
     }
 
+    /// Waits for member `i`'s process to end on its own (a kill, a crash) and reaps it.
+    pub async fn wait_exit(&mut self, i: usize, what: &str) -> Result<std::process::ExitStatus> {
+        wait_until(what, RECOVERY_DEADLINE, || {
+            let s = self.members[i].reap_exited();
+            async move { s }
+        })
+        .await
+    }
+
     /// Stops member `i` gracefully (SIGTERM), keeping its data.
     pub async fn stop_member(&mut self, i: usize) -> Result<()> {
         self.members[i].stop().await

@@ -297,11 +297,7 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
     match fault {
         Fault::KillLeader => {
             c.members[leader].sigkill();
-            let status = wait_until("the killed member to exit", RECOVERY_DEADLINE, || {
-                let s = c.members[leader].reap_exited();
-                async move { s }
-            })
-            .await?;
+            let status = c.wait_exit(leader, "the killed member to exit").await?;
             let moved = hold_and_watch_leader(c, &others, leader_id).await;
             c.members[leader].restart().await?;
             use std::os::unix::process::ExitStatusExt;
@@ -438,11 +434,7 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
                 c.members[target].id
             ));
             let _ = c.members[target].restart().await;
-            let status = wait_until("the fail point to fire", RECOVERY_DEADLINE, || {
-                let s = c.members[target].reap_exited();
-                async move { s }
-            })
-            .await?;
+            let status = c.wait_exit(target, "the fail point to fire").await?;
             c.members[target].env.clear();
             let log = std::fs::read_to_string(&c.members[target].log).unwrap_or_default();
             let fired = if action == "panic" {
@@ -537,11 +529,7 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
                 async { view.members[victim].sigkill() }
             );
             removed?;
-            wait_until("the killed member to exit", RECOVERY_DEADLINE, || {
-                let s = c.members[victim].reap_exited();
-                async move { s }
-            })
-            .await?;
+            c.wait_exit(victim, "the killed member to exit").await?;
             recorder.event(format!("member {id} removed while killed"));
             removed_member_knows(c, victim).await
         }
