@@ -148,6 +148,16 @@ async fn metric(c: &Cluster, i: usize, prefix: &str) -> f64 {
         .sum()
 }
 
+/// Waits until the sum of the metric lines starting with `prefix` reaches `at_least`: a member
+/// counts a closed connection after its socket is shut, so a client may see the close first.
+async fn wait_metric(c: &Cluster, i: usize, prefix: &str, at_least: f64) {
+    support::wait_until(&format!("{prefix} to reach {at_least}"), support::DEADLINE, || async {
+        (metric(c, i, prefix).await >= at_least).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
 /// Python's `http.client` sends the whole body before it reads anything; prints the status
 /// line, then the body.
 const PYTHON_PUT: &str = r#"
@@ -264,15 +274,13 @@ async fn a_request_head_over_the_limit_is_answered_431() {
             text.chars().take(200).collect::<String>()
         );
     }
-    assert!(
-        metric(
-            &c,
-            0,
-            "raftkv_http_connections_closed_total{server=\"client\",reason=\"header_too_large\"}"
-        )
-        .await
-            >= 2.0
-    );
+    wait_metric(
+        &c,
+        0,
+        "raftkv_http_connections_closed_total{server=\"client\",reason=\"header_too_large\"}",
+        2.0,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,24 +444,20 @@ async fn connections_idle_past_their_bounds_are_closed() {
     );
     println!("a silent connection was closed after {:?}", opened.elapsed());
     assert!(opened.elapsed() >= Duration::from_millis(1900));
-    assert!(
-        metric(
-            &c,
-            0,
-            "raftkv_http_connections_closed_total{server=\"client\",reason=\"idle_timeout\"}"
-        )
-        .await
-            >= 1.0
-    );
-    assert!(
-        metric(
-            &c,
-            0,
-            "raftkv_http_connections_closed_total{server=\"client\",reason=\"header_timeout\"}"
-        )
-        .await
-            >= 1.0
-    );
+    wait_metric(
+        &c,
+        0,
+        "raftkv_http_connections_closed_total{server=\"client\",reason=\"idle_timeout\"}",
+        1.0,
+    )
+    .await;
+    wait_metric(
+        &c,
+        0,
+        "raftkv_http_connections_closed_total{server=\"client\",reason=\"header_timeout\"}",
+        1.0,
+    )
+    .await;
 }
 
 /// Opens a connection that starts a PUT and then trickles its body: a request in flight.
@@ -540,24 +544,20 @@ async fn at_the_connection_cap_idle_connections_make_room_and_busy_ones_get_503_
     })
     .await
     .unwrap();
-    assert!(
-        metric(
-            &c,
-            0,
-            "raftkv_http_connections_closed_total{server=\"client\",reason=\"refused_full\"}"
-        )
-        .await
-            >= 1.0
-    );
-    assert!(
-        metric(
-            &c,
-            0,
-            "raftkv_http_connections_closed_total{server=\"client\",reason=\"evicted_idle\"}"
-        )
-        .await
-            >= 1.0
-    );
+    wait_metric(
+        &c,
+        0,
+        "raftkv_http_connections_closed_total{server=\"client\",reason=\"refused_full\"}",
+        1.0,
+    )
+    .await;
+    wait_metric(
+        &c,
+        0,
+        "raftkv_http_connections_closed_total{server=\"client\",reason=\"evicted_idle\"}",
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
