@@ -37,6 +37,10 @@ pub struct NodeConfig {
     /// Entries kept behind a snapshot so slow followers catch up from the log.
     #[arg(long, env = "RAFTKV_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5_000)]
     pub snapshot_catchup_entries: u64,
+    /// Size at which the write-ahead log starts a new segment, in bytes. Segments wholly behind
+    /// a snapshot are deleted, so this is also the granularity of the log's disk use.
+    #[arg(long, env = "RAFTKV_WAL_SEGMENT_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub wal_segment_bytes: u64,
     /// Largest value accepted, in bytes.
     #[arg(long, env = "RAFTKV_MAX_VALUE_SIZE", default_value_t = 1 << 20)]
     pub max_value_size: usize,

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub proposals_dropped: Counter,
     /// Snapshots created locally.
     pub snapshots_created: Counter,
+    /// Local snapshots that could not be written (a full or failing disk); retried later.
+    pub snapshot_failures: Counter,
     /// Snapshots received from a leader and applied.
     pub snapshots_applied: Counter,
     /// Duration of one write-ahead-log fsync (one per batch of entries).
@@ -125,6 +127,7 @@ impl Metrics {
             proposals: Counter::default(),
             proposals_dropped: Counter::default(),
             snapshots_created: Counter::default(),
+            snapshot_failures: Counter::default(),
             snapshots_applied: Counter::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             wal_bytes: Counter::default(),
@@ -182,6 +185,11 @@ impl Metrics {
             "snapshots_created",
             "Snapshots created locally",
             m.snapshots_created.clone(),
+        );
+        registry.register(
+            "snapshot_failures",
+            "Local snapshots that could not be written, retried later",
+            m.snapshot_failures.clone(),
         );
         registry.register(
             "snapshots_applied",

@@ -444,7 +444,10 @@ fn recover(cfg: &NodeConfig, advertise_peer_url: Option<String>) -> Result<(Reco
     crate::restore::refuse_interrupted(&data_dir)?;
     let mut identity = identity::load_or_create(&data_dir, cfg.id)?;
     let snapshots = SnapshotStore::open(&data_dir.join("snap"))?;
-    let (mut wal, mut log) = Wal::open(&data_dir.join("wal"), WalOptions::default())?;
+    let wal_options = WalOptions {
+        segment_size: cfg.wal_segment_bytes,
+    };
+    let (mut wal, mut log) = Wal::open(&data_dir.join("wal"), wal_options.clone())?;
     if let Some((path, offset)) = &log.truncated_tail {
         tracing::warn!(path = %path.display(), offset, "truncated a torn write at the end of the write-ahead log");
     }
@@ -468,7 +471,7 @@ fn recover(cfg: &NodeConfig, advertise_peer_url: Option<String>) -> Result<(Reco
             );
             let (reopened, again) = {
                 drop(wal);
-                Wal::open(&data_dir.join("wal"), WalOptions::default())?
+                Wal::open(&data_dir.join("wal"), wal_options.clone())?
             };
             wal = reopened;
             log = again;

@@ -158,11 +158,29 @@ impl SnapshotStore {
         let (index, term) = (state.applied_index, state.applied_term);
         let pending = self.create(index, term)?;
         let tmp = pending.tmp_path.clone();
-        let writer = state
-            .write_snapshot(pending.writer)
-            .io_context(|| format!("write snapshot {}", tmp.display()))?;
-        fail::fail_point!("snapshot::before_save");
-        let path = self.commit(PendingSnapshot { writer, ..pending })?;
+        let written = (|| {
+            // Fault tests: the write fails as it does on a full disk.
+            fail::fail_point!("snapshot::write", |_| Err(Error::Io {
+                context: format!("write snapshot {}", tmp.display()),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    "no space left on device (injected by a fail point)"
+                ),
+            }));
+            let writer = state
+                .write_snapshot(pending.writer)
+                .io_context(|| format!("write snapshot {}", tmp.display()))?;
+            fail::fail_point!("snapshot::before_save");
+            self.commit(PendingSnapshot { writer, ..pending })
+        })();
+        let path = match written {
+            Ok(path) => path,
+            Err(e) => {
+                // A partial file on a full disk would keep it full: give its space back now.
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         fail::fail_point!("snapshot::after_save");
         tracing::info!(index, term, keys = state.data.len(), path = %path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "snapshot written");
         Ok(metadata_of(state))

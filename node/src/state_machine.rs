@@ -154,6 +154,9 @@ pub const SNAPSHOT_LOG_RATIO: u64 = 4;
 /// however few entries they are (still subject to [`SNAPSHOT_LOG_RATIO`]).
 pub const SNAPSHOT_LOG_BYTES: u64 = 128 << 20;
 
+/// How long after a failed snapshot the next is tried: a full disk is not rewritten in a loop.
+pub const SNAPSHOT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Whether a snapshot is due after `entries` entries holding `log_bytes` were applied since
 /// the last one of `snapshot_bytes`. Due after `snapshot_count` entries, or sooner once they
 /// hold [`SNAPSHOT_LOG_BYTES`] (the log tail since the last snapshot stays in memory, and ten
@@ -189,6 +192,8 @@ impl StateMachine {
         // applied since it.
         let mut snapshot_bytes = 0u64;
         let mut log_bytes = 0u64;
+        // After a failed snapshot (a full disk, usually), none is tried again before this.
+        let mut retry_at: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 msg = rx.recv() => {
@@ -214,7 +219,9 @@ impl StateMachine {
                             let _ = self.raft_inbox.send_async(RaftInput::SnapshotCreated { meta }).await;
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, "snapshot failed; will retry at the next threshold");
+                            self.metrics.snapshot_failures.inc();
+                            retry_at = Some(std::time::Instant::now() + SNAPSHOT_RETRY);
+                            tracing::error!(error = %e, retry_in_ms = SNAPSHOT_RETRY.as_millis() as u64, "snapshot failed; the log is kept until one is written");
                         }
                     }
                 }
@@ -226,7 +233,9 @@ impl StateMachine {
                 log_bytes,
                 snapshot_bytes,
             );
-            if (due || snapshot_requested) && snapshot_task.is_none() && applied > 0 {
+            let may_retry = retry_at.is_none_or(|at| std::time::Instant::now() >= at);
+            if (due || snapshot_requested) && snapshot_task.is_none() && applied > 0 && may_retry {
+                retry_at = None;
                 snapshot_requested = false;
                 log_bytes = 0;
                 snapshot_task = Some(self.start_snapshot());

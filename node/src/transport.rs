@@ -555,6 +555,13 @@ async fn receive_snapshot_inner(ctx: &TransportContext, body: Body) -> Result<()
     }
     let meta = msg.get_snapshot().get_metadata();
     let (index, term) = (meta.index, meta.term);
+    // Fault tests: `snapshot::receive=return(MS)` holds the reception for MS milliseconds, so a
+    // fault can land while a transfer is in flight.
+    #[cfg(feature = "failpoints")]
+    if let Some(ms) = fail::eval("snapshot::receive", |arg| arg.and_then(|a| a.parse::<u64>().ok())).flatten() {
+        tracing::info!(index, term, pause_ms = ms, "snapshot reception held by a fail point");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let tmp = ctx.snapshots.temp_path(index, term);
     let written = async {
         let mut file = tokio::fs::File::create(&tmp)

@@ -73,6 +73,9 @@ impl FaultCluster {
             SNAPSHOT_CATCHUP.to_string(),
             "--advertise-peer-url".into(),
             proxy.url(),
+            // Small WAL segments, so the log rotates and releases segments in every run.
+            "--wal-segment-bytes".into(),
+            "4096".into(),
             // Idle watch streams say they are alive often enough for a watcher to tell a paused
             // or cut-off member from a quiet one (`watchers::STALL`).
             "--watch-progress-ms".into(),

@@ -52,6 +52,16 @@ pub enum Fault {
     /// Remove a follower and SIGKILL it while the removal is in flight; restarted on its data, it
     /// must learn that it was removed and never serve again.
     KillDuringRemoval,
+    /// Restart a member whose snapshot writes fail three times as on a full disk, then succeed:
+    /// it serves throughout, keeps its log, gives back the partial files and snapshots again.
+    SnapshotDiskFull,
+    /// Add a learner and SIGKILL the leader while the learner is receiving its snapshot: a new
+    /// leader must bring it up to date.
+    KillLeaderDuringSnapshot,
+    /// Flip one bit of a stopped follower's closed WAL segment (`wal`) or snapshot files
+    /// (`snapshot`): it must refuse to start and name the damaged file; it is replaced by a new
+    /// member while the cluster serves.
+    BitFlip(&'static str),
 }
 
 /// Every fault, as the smoke matrix and the campaign run them.
@@ -77,6 +87,10 @@ pub const ALL: &[Fault] = &[
     Fault::MembershipWhileSlow,
     Fault::PartitionDuringMembership,
     Fault::KillDuringRemoval,
+    Fault::SnapshotDiskFull,
+    Fault::KillLeaderDuringSnapshot,
+    Fault::BitFlip("wal"),
+    Fault::BitFlip("snapshot"),
 ];
 
 impl fmt::Display for Fault {
@@ -84,6 +98,7 @@ impl fmt::Display for Fault {
         match self {
             Fault::Crash(fp) => write!(f, "crash@{fp}"),
             Fault::DiskError(fp) => write!(f, "disk-error@{fp}"),
+            Fault::BitFlip(what) => write!(f, "bitflip@{what}"),
             other => write!(f, "{}", format!("{other:?}").to_lowercase()),
         }
     }
@@ -97,7 +112,9 @@ impl Fault {
             | Fault::PartitionLeaderInMinority
             | Fault::SnapshotCatchUp
             | Fault::PartitionDuringMembership
-            | Fault::KillDuringRemoval => n >= 3,
+            | Fault::KillDuringRemoval
+            | Fault::KillLeaderDuringSnapshot
+            | Fault::BitFlip(_) => n >= 3,
             Fault::IsolateLeader | Fault::SlowLinks | Fault::LossyLinks => n >= 2,
             Fault::Crash(fp) if fp.contains("_apply") && fp.starts_with("snapshot") => n >= 2,
             _ => true,
@@ -533,7 +550,214 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
             recorder.event(format!("member {id} removed while killed"));
             removed_member_knows(c, victim).await
         }
+        Fault::SnapshotDiskFull => snapshot_disk_full(c, leader).await,
+        Fault::KillLeaderDuringSnapshot => kill_leader_during_snapshot(c, leader, &others, recorder).await,
+        Fault::BitFlip(what) => bit_flip(c, others[0], what, recorder).await,
     }
+}
+
+/// Restarts the leader with `snapshot::write` failing three times; it must keep serving, count
+/// each failure, remove each partial file, and write a snapshot once the disk "has room".
+async fn snapshot_disk_full(c: &mut FaultCluster, target: usize) -> Result<String> {
+    const FAILURES: u64 = 3;
+    let id = c.members[target].id;
+    c.stop_member(target).await?;
+    let log_from = log_len(&c.members[target]);
+    c.members[target].env = vec![("FAILPOINTS".into(), format!("snapshot::write={FAILURES}*return"))];
+    let started = c.members[target].restart().await;
+    c.members[target].env.clear();
+    started?;
+    let view = &*c;
+    wait_until("failed snapshots, then one written", RECOVERY_DEADLINE, || async {
+        let failed = view.metric(target, "raftkv_snapshot_failures_total").await?;
+        let created = view.metric(target, "raftkv_snapshots_created_total").await?;
+        (failed >= FAILURES as f64 && created >= 1.0).then_some(())
+    })
+    .await?;
+    let injected = log_since(&c.members[target], log_from)
+        .matches("snapshot failed; the log is kept")
+        .count() as u64;
+    if injected != FAILURES {
+        bail!("member {id} logged {injected} failed snapshots, not {FAILURES}");
+    }
+    if !c.members[target].is_running() {
+        bail!("member {id} stopped after a failed snapshot");
+    }
+    // A partial file would keep a full disk full: none may stay (one being written may come and go).
+    let snap_dir = c.members[target].dir.join("snap");
+    wait_until("no partial snapshot file", RECOVERY_DEADLINE, || async {
+        let partial = std::fs::read_dir(&snap_dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"));
+        (!partial).then_some(())
+    })
+    .await?;
+    Ok(format!(
+        "member {id}: {FAILURES} snapshots failed with ENOSPC, then one was written; it served throughout"
+    ))
+}
+
+/// Adds a learner whose snapshot reception is held 3 s by a fail point and SIGKILLs the leader
+/// during it; another leader must bring the learner up to date before it is promoted.
+async fn kill_leader_during_snapshot(
+    c: &mut FaultCluster,
+    leader: usize,
+    others: &[usize],
+    recorder: &Recorder,
+) -> Result<String> {
+    let leader_id = c.members[leader].id;
+    let new = c.spawn_member().await?;
+    let id = c.members[new].id;
+    // The fail point must be armed from the start: restart the (still empty) member with it.
+    c.stop_member(new).await?;
+    c.members[new].env = vec![("FAILPOINTS".into(), "snapshot::receive=1*return(3000)".into())];
+    let started = c.members[new].restart().await;
+    c.members[new].env.clear();
+    started?;
+    let log_from = log_len(&c.members[new]);
+    c.add_learner(new).await?;
+    let view = &*c;
+    wait_until("the learner to be receiving a snapshot", RECOVERY_DEADLINE, || async {
+        log_since(&view.members[new], log_from)
+            .contains("snapshot reception held by a fail point")
+            .then_some(())
+    })
+    .await?;
+    recorder.event(format!("kill leader {leader_id} while member {id} receives a snapshot"));
+    c.members[leader].sigkill();
+    c.wait_exit(leader, "the killed leader to exit").await?;
+    let moved = hold_and_watch_leader(c, others, leader_id).await;
+    c.members[leader].restart().await?;
+    let view = &*c;
+    wait_until("the learner to install a snapshot", RECOVERY_DEADLINE, || async {
+        let n = view.metric(new, "raftkv_snapshots_applied_total").await?;
+        (n >= 1.0).then_some(())
+    })
+    .await?;
+    c.promote(new).await?;
+    recorder.event(format!("member {id} promoted"));
+    if !moved.starts_with("leader moved") {
+        bail!("no other leader was elected while the leader was down: {moved}");
+    }
+    Ok(format!(
+        "leader killed during member {id}'s snapshot reception; it installed one and became a voter; {moved}"
+    ))
+}
+
+/// Flips a bit in a stopped follower's closed WAL segment or snapshot files, expects it to refuse
+/// to start naming the file, leaves the damage as found, and replaces the member.
+async fn bit_flip(c: &mut FaultCluster, victim: usize, what: &str, recorder: &Recorder) -> Result<String> {
+    let id = c.members[victim].id;
+    let dir = c.members[victim].dir.clone();
+    // A closed segment exists once the log rotated and the next snapshot has not released it:
+    // stop the member at such a moment (segments are 4 KiB here).
+    let mut damaged = Vec::new();
+    for _ in 0..10 {
+        if what == "wal" {
+            let view = &*c;
+            let _ = wait_until("a closed WAL segment", RECOVERY_DEADLINE, || async {
+                (files(&view.members[victim].dir.join("wal"), ".wal").len() >= 2).then_some(())
+            })
+            .await;
+        }
+        c.stop_member(victim).await?;
+        damaged = match what {
+            // The newest closed segment: its records are all needed or covered by a snapshot.
+            "wal" => {
+                let segments = files(&dir.join("wal"), ".wal");
+                segments.iter().rev().nth(1).cloned().into_iter().collect()
+            }
+            // Every snapshot file: whichever the log names as current is damaged.
+            _ => files(&dir.join("snap"), ".snap"),
+        };
+        if !damaged.is_empty() {
+            break;
+        }
+        c.members[victim].restart().await?;
+    }
+    if damaged.is_empty() {
+        bail!("member {id} never had a {what} file to damage");
+    }
+    let mut flipped = Vec::new();
+    for path in &damaged {
+        let mut bytes = std::fs::read(path)?;
+        let offset = bytes.len() / 2;
+        bytes[offset] ^= 0x10;
+        std::fs::write(path, &bytes)?;
+        flipped.push((path.clone(), offset, bytes[offset]));
+    }
+    recorder.event(format!(
+        "member {id}: flipped a bit in {} {what} file(s)",
+        flipped.len()
+    ));
+    let log_from = log_len(&c.members[victim]);
+    let _ = c.members[victim].restart().await;
+    let status = c.wait_exit(victim, "the damaged member to refuse to start").await?;
+    let said = log_since(&c.members[victim], log_from);
+    if status.success() {
+        bail!("member {id} exited with success on damaged data");
+    }
+    let named = flipped
+        .iter()
+        .find(|(path, _, _)| said.contains(&path.display().to_string()));
+    let Some((path, offset, _)) = named else {
+        bail!("member {id} exited with {status} without naming a damaged file: {said}");
+    };
+    if what == "wal" && !said.contains("is corrupt at offset") {
+        bail!("member {id} named {} but no offset: {said}", path.display());
+    }
+    for (path, offset, byte) in &flipped {
+        if std::fs::read(path)?.get(*offset) != Some(byte) {
+            bail!("{} was changed by the member that refused it", path.display());
+        }
+    }
+    // Replace it as an operator would: remove it, add a fresh member.
+    let via: Vec<usize> = c.live();
+    c.admin_settled(
+        "remove the damaged member",
+        &via,
+        &format!("/v1/members/{id}"),
+        reqwest::Method::DELETE,
+        None,
+        &["not_member", "id_removed"],
+    )
+    .await?;
+    let new = c.spawn_member().await?;
+    c.add_and_promote(new).await?;
+    recorder.event(format!("member {id} replaced by member {}", c.members[new].id));
+    let name = path
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    Ok(format!(
+        "member {id} refused to start ({status}) naming {name} (bit flipped at byte {offset}); replaced by member {}",
+        c.members[new].id
+    ))
+}
+
+/// The files in `dir` whose names end with `suffix`, sorted by name.
+fn files(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().ends_with(suffix))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+fn log_len(m: &crate::support::Member) -> u64 {
+    std::fs::metadata(&m.log).map_or(0, |md| md.len())
+}
+
+/// What member `m` logged after byte `from` of its log.
+fn log_since(m: &crate::support::Member, from: u64) -> String {
+    let bytes = std::fs::read(&m.log).unwrap_or_default();
+    String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned()
 }
 
 /// The member's own verdict after it was removed while down: it either refuses to start (its
