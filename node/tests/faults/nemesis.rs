@@ -62,6 +62,9 @@ pub enum Fault {
     /// (`snapshot`): it must refuse to start and name the damaged file; it is replaced by a new
     /// member while the cluster serves.
     BitFlip(&'static str),
+    /// Restart a follower with its wall clock under libfaketime, make it the leader, and move
+    /// its clock an hour forward, an hour back, then right again: nothing may depend on it.
+    ClockJump,
 }
 
 /// Every fault, as the smoke matrix and the campaign run them.
@@ -91,6 +94,7 @@ pub const ALL: &[Fault] = &[
     Fault::KillLeaderDuringSnapshot,
     Fault::BitFlip("wal"),
     Fault::BitFlip("snapshot"),
+    Fault::ClockJump,
 ];
 
 impl fmt::Display for Fault {
@@ -115,6 +119,7 @@ impl Fault {
             | Fault::KillDuringRemoval
             | Fault::KillLeaderDuringSnapshot
             | Fault::BitFlip(_) => n >= 3,
+            Fault::ClockJump => n >= 2,
             Fault::IsolateLeader | Fault::SlowLinks | Fault::LossyLinks => n >= 2,
             Fault::Crash(fp) if fp.contains("_apply") && fp.starts_with("snapshot") => n >= 2,
             _ => true,
@@ -553,7 +558,100 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
         Fault::SnapshotDiskFull => snapshot_disk_full(c, leader).await,
         Fault::KillLeaderDuringSnapshot => kill_leader_during_snapshot(c, leader, &others, recorder).await,
         Fault::BitFlip(what) => bit_flip(c, others[0], what, recorder).await,
+        Fault::ClockJump => clock_jump(c, others[0], recorder).await,
     }
+}
+
+/// Seconds between the timestamp opening a member's log line and the host's clock now.
+fn log_skew(line: &str) -> Option<i64> {
+    // The timestamp is the first word once the colour codes are gone.
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(ch);
+        }
+    }
+    let theirs = humantime::parse_rfc3339(plain.split_whitespace().next()?).ok()?;
+    let now = std::time::SystemTime::now();
+    Some(match theirs.duration_since(now) {
+        Ok(ahead) => ahead.as_secs() as i64,
+        Err(behind) => -(behind.duration().as_secs() as i64),
+    })
+}
+
+/// Where libfaketime is: `RAFTKV_LIBFAKETIME`, or Debian's and other common places.
+fn libfaketime() -> Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("RAFTKV_LIBFAKETIME") {
+        return Ok(p.into());
+    }
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+        "/usr/local/lib/faketime/libfaketime.so.1",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists())
+    .context("the clockjump fault needs libfaketime: apt-get install libfaketime, or set RAFTKV_LIBFAKETIME")
+}
+
+/// Moves the wall clock of member `target` (a follower, made leader first) an hour forward,
+/// an hour back and right again, each seen in the `Date` it answers with, while it serves.
+async fn clock_jump(c: &mut FaultCluster, target: usize, recorder: &Recorder) -> Result<String> {
+    let lib = libfaketime()?;
+    let id = c.members[target].id;
+    // libfaketime re-reads this file at most once a second; only the wall clock is moved
+    // (a monotonic clock never jumps on a real machine).
+    let clock = c.root.path().join(format!("clock-{id}"));
+    std::fs::write(&clock, "+0\n")?;
+    c.stop_member(target).await?;
+    c.members[target].env = vec![
+        ("LD_PRELOAD".into(), lib.display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), clock.display().to_string()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+    ];
+    let started = c.members[target].restart().await;
+    c.members[target].env.clear();
+    started?;
+    c.wait_healthy().await?;
+    let via = c.live();
+    c.admin(
+        "transfer leadership to the member whose clock will jump",
+        &via,
+        "/v1/leader",
+        reqwest::Method::POST,
+        Some(json!({ "id": id })),
+    )
+    .await?;
+    let mut seen = Vec::new();
+    for offset in [3600i64, -3600, 0] {
+        let log_from = log_len(&c.members[target]);
+        std::fs::write(&clock, format!("{offset:+}\n"))?;
+        recorder.event(format!("member {id}: wall clock {offset:+} s"));
+        // Its log's timestamps are its wall clock (the `Date` it answers with is not: hyper
+        // keeps it until the clock passes the last one it sent, an hour after a jump back).
+        let view = &*c;
+        let skew = wait_until("the member's clock to move", RECOVERY_DEADLINE, || async {
+            log_since(&view.members[target], log_from)
+                .lines()
+                .filter_map(log_skew)
+                .find(|skew| (skew - offset).abs() < 60)
+        })
+        .await?;
+        let leading = c.status(target).await.is_some_and(|s| s["leader_id"] == id);
+        seen.push(format!("{skew:+} s{}", if leading { " leading" } else { "" }));
+        // The jumped clock holds under load for a while before the next jump.
+        tokio::time::sleep(FAULT_HOLD / 2).await;
+    }
+    if !c.members[target].is_running() {
+        bail!("member {id} exited after its clock jumped");
+    }
+    Ok(format!("member {id} served with its wall clock at {}", seen.join(", ")))
 }
 
 /// Restarts the leader with `snapshot::write` failing three times; it must keep serving, count
