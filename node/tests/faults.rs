@@ -11,9 +11,11 @@ mod support;
 mod faults {
     pub mod checker;
     pub mod cluster;
+    pub mod damage;
     pub mod history;
     pub mod nemesis;
     pub mod proxy;
+    pub mod soak;
     pub mod watchers;
     pub mod workload;
 }
@@ -125,6 +127,43 @@ async fn campaign_every_fault_on_one_three_and_five_members() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     campaign(&selected_faults(), &sizes, runs, seed()).await;
+}
+
+/// The soak (`RAFTKV_SOAK_MINUTES`, 30): a paced load at about 70% of capacity, a leader kill
+/// every 2 minutes and a member replaced every 5; memory, descriptors and p99 every minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the soak takes half an hour; run it with --ignored soak (see tests/faults/README.md)"]
+async fn soak_under_leader_kills_and_member_replacements() {
+    let minutes = std::env::var("RAFTKV_SOAK_MINUTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let report = faults::soak::run(minutes, seed()).await.unwrap();
+    let ops = &report.ops;
+    let count = |f: fn(&faults::history::Outcome) -> bool| ops.iter().filter(|op| f(&op.outcome)).count();
+    let unknown = count(|o| matches!(o, faults::history::Outcome::Unknown { .. }));
+    let failed = count(|o| matches!(o, faults::history::Outcome::Fail { .. }));
+    let all: Vec<&faults::history::Op> = ops.iter().collect();
+    let rss = report.totals(|m| m.1);
+    let fds = report.totals(|m| m.2);
+    eprintln!(
+        "soak: {minutes} minutes at {:.0} ops/s (capacity {:.0}): {} operations, {failed} failed, \
+         {unknown} unknown, p99 {:.1} ms; {} registers checked, {} anomalies; members' resident \
+         memory {} MB at minute 1, {} MB at the end; descriptors {} and {}",
+        report.rate,
+        report.capacity,
+        ops.len(),
+        faults::soak::p99_ms(&all),
+        report.keys_checked,
+        report.anomalies.len(),
+        rss.first().copied().unwrap_or(0) / 1024,
+        rss.last().copied().unwrap_or(0) / 1024,
+        fds.first().copied().unwrap_or(0),
+        fds.last().copied().unwrap_or(0),
+    );
+    assert!(report.anomalies.is_empty(), "anomalies: {:?}", report.anomalies);
+    assert!(faults::soak::flat(&rss, 64 << 10), "resident memory grew: {rss:?} kB");
+    assert!(faults::soak::flat(&fds, 30), "open descriptors grew: {fds:?}");
 }
 
 /// Re-checks a written history: `RAFTKV_FAULT_HISTORY=target/fault-histories/x.jsonl`.

@@ -25,7 +25,8 @@ pub fn register_key(i: usize) -> String {
     format!("reg{i}")
 }
 
-/// Where the clients send requests: one client URL per member index (members may come and go).
+/// Where the clients send requests: one client URL per member index (members may come and go;
+/// the URL of one that left is empty).
 pub type Targets = Arc<parking_lot::RwLock<Vec<String>>>;
 
 /// A write refused before it reached Raft: nothing was proposed.
@@ -137,28 +138,70 @@ pub async fn write(http: &reqwest::Client, base: &str, key: &str, value: u64, if
     }
 }
 
+/// How the clients run: how many, how fast, on which registers.
+#[derive(Clone, Default)]
+pub struct Shape {
+    /// Concurrent clients (`CLIENTS` when 0).
+    pub clients: usize,
+    /// Each client starts a request at most this often (none: back to back).
+    pub interval: Option<Duration>,
+    /// When set, the registers are `reg<i>@<epoch>`: a long run moves to fresh registers, so
+    /// each register's history stays short enough to check (linearizability is per key).
+    pub epoch: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Each client's first sequence number: two loads on one cluster write distinct values.
+    pub first_seq: u64,
+}
+
+impl Shape {
+    /// The register key `i` as the clients use it now.
+    pub fn register_key(&self, i: usize) -> String {
+        match &self.epoch {
+            Some(e) => format!("{}@{}", register_key(i), e.load(std::sync::atomic::Ordering::Relaxed)),
+            None => register_key(i),
+        }
+    }
+}
+
 /// Runs `CLIENTS` clients until `stop`; returns once every client finished its last request.
 pub async fn run(targets: Targets, recorder: Recorder, stop: CancellationToken, seed: u64) {
+    run_shaped(targets, recorder, stop, seed, Shape::default()).await
+}
+
+/// [`run`] with the clients, pace and registers of `shape`.
+pub async fn run_shaped(targets: Targets, recorder: Recorder, stop: CancellationToken, seed: u64, shape: Shape) {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(4)
         .build()
         .expect("an HTTP client");
     let mut clients = Vec::new();
-    for client in 0..CLIENTS {
+    let count = if shape.clients == 0 { CLIENTS } else { shape.clients };
+    for client in 0..count {
         let (targets, recorder, stop, http) = (targets.clone(), recorder.clone(), stop.clone(), http.clone());
+        let shape = shape.clone();
         clients.push(tokio::spawn(async move {
             let mut rng = StdRng::seed_from_u64(seed ^ (client as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let mut seq = 0u64;
+            let mut seq = shape.first_seq;
+            let mut next = tokio::time::Instant::now();
             while !stop.is_cancelled() {
-                let member = {
+                if let Some(interval) = shape.interval {
+                    // Paced: a late client does not make up for lost time in a burst.
+                    next = (next + interval).max(tokio::time::Instant::now());
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
+                // An empty URL is a member that left the cluster.
+                let (member, base) = {
                     let t = targets.read();
-                    rng.random_range(0..t.len())
+                    let open: Vec<usize> = (0..t.len()).filter(|&i| !t[i].is_empty()).collect();
+                    let member = open[rng.random_range(0..open.len())];
+                    (member, t[member].clone())
                 };
-                let base = targets.read()[member].clone();
                 seq += 1;
                 // Unique per run: client in the high digits, sequence in the low ones.
                 let value = (client as u64 + 1) * 1_000_000 + seq;
-                let key = register_key(rng.random_range(0..REGISTER_KEYS));
+                let key = shape.register_key(rng.random_range(0..REGISTER_KEYS));
                 let dice = rng.random_range(0..100);
                 let t0 = recorder.now_ns();
                 let ops_before = recorder.len();
