@@ -26,13 +26,21 @@ pub struct FaultCluster {
     pub proxies: Vec<Proxy>,
     pub http: reqwest::Client,
     pub root: tempfile::TempDir,
+    /// Flags every member gets besides the suite's own.
+    extra_args: Vec<String>,
 }
 
 impl FaultCluster {
     /// `n` members formed as the operator forms them: bootstrap one, add each other as a learner
     /// and promote it, every peer URL being the member's proxy.
     pub async fn start(n: usize) -> Result<FaultCluster> {
+        Self::start_with(n, &[]).await
+    }
+
+    /// [`FaultCluster::start`] with `extra_args` for every member, later ones included.
+    pub async fn start_with(n: usize, extra_args: &[&str]) -> Result<FaultCluster> {
         let mut c = FaultCluster {
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             members: Vec::new(),
             proxies: Vec::new(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
@@ -82,6 +90,7 @@ impl FaultCluster {
             "300".into(),
         ];
         args.extend(extra);
+        args.extend(self.extra_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let name = format!("m{}", self.members.len());
         let member = Member::spawn(self.root.path(), &name, &args).await?;
