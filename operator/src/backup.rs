@@ -262,8 +262,6 @@ struct Run {
 pub struct BackupRuns {
     /// Runs by cluster.
     runs: Mutex<HashMap<ObjectRef<RaftCluster>, Run>>,
-    /// The HTTP client snapshots are streamed with.
-    http: reqwest::Client,
 }
 
 /// What a reconcile learns from [`BackupRuns::advance`].
@@ -287,6 +285,9 @@ pub struct BackupInputs<'a> {
     pub observed: &'a Observed,
     /// The pods' admin URLs.
     pub endpoints: &'a BTreeMap<u32, String>,
+    /// The HTTP client for a pod's URL: a TLS cluster's trusts its CA and presents the
+    /// operator's certificate, as every other call to its nodes does.
+    pub http_for: &'a (dyn Fn(&str) -> reqwest::Client + Sync),
     /// The current time.
     pub now: Timestamp,
 }
@@ -384,7 +385,7 @@ impl BackupRuns {
         };
         let job = BackupJob {
             client: inputs.client.clone(),
-            http: self.http.clone(),
+            http: (inputs.http_for)(&url),
             namespace: cluster.metadata.namespace.clone().unwrap_or_default(),
             cluster: cluster.metadata.name.clone().unwrap_or_default(),
             spec: spec.clone(),

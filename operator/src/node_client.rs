@@ -62,6 +62,13 @@ pub trait NodeApi: Send + Sync {
         let _ = (domain, tls, pods);
         Ok(())
     }
+
+    /// An HTTP client that reaches the node at `url` as these calls do (its TLS cluster's CA,
+    /// the operator's certificate and the pods' addresses), for streams such as backups.
+    fn http_for(&self, url: &str) -> reqwest::Client {
+        let _ = url;
+        reqwest::Client::new()
+    }
 }
 
 /// Timeouts of [`HttpNodeClient`].
@@ -291,6 +298,10 @@ impl NodeApi for HttpNodeClient {
         let url = format!("{node}/v1/bootstrap");
         let request = self.client_for(&url).post(&url).timeout(self.timeouts.change);
         self.call(request, url).await
+    }
+
+    fn http_for(&self, url: &str) -> reqwest::Client {
+        self.client_for(url)
     }
 
     fn use_tls(&self, domain: &str, tls: &NodeTls, pods: &BTreeMap<String, IpAddr>) -> Result<()> {

@@ -253,6 +253,7 @@ pub async fn reconcile<N: NodeApi>(cluster: Arc<RaftCluster>, ctx: Arc<Context<N
         client: &ctx.client,
         observed: &observed,
         endpoints: &node_urls,
+        http_for: &|url: &str| ctx.nodes.http_for(url),
         now: at.0,
     });
     if let Some(result) = &backups.finished {

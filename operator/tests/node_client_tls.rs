@@ -144,3 +144,20 @@ async fn an_unknown_pod_name_is_not_dialled() -> anyhow::Result<()> {
     assert!(matches!(error, Error::NodeTransport { .. }), "{error}");
     Ok(())
 }
+
+#[tokio::test]
+async fn streams_such_as_backups_reach_a_tls_node_through_the_same_client() -> anyhow::Result<()> {
+    let cas = new_cluster_cas(&names(), Timestamp::now())?;
+    let server = issue_client_server(&names(), &cas, Timestamp::now(), 1, &[])?;
+    let port = start(&server, &cas.client.cert_pem).await?;
+    let client = client();
+    client.use_tls(&peer_domain(&names()), &operator_tls(&cas)?, &loopback())?;
+    let status_url = format!("{}/v1/status", url(port));
+    // What backups stream with: the cluster's CA, the operator's certificate, the pod's address.
+    let response = client.http_for(&url(port)).get(&status_url).send().await?;
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await?.contains("\"cluster_id\":7"));
+    // A client without them cannot reach it at all.
+    assert!(reqwest::Client::new().get(&status_url).send().await.is_err());
+    Ok(())
+}
