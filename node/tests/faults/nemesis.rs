@@ -641,25 +641,33 @@ pub async fn hold_and_watch_leader(c: &FaultCluster, group: &[usize], old: u64) 
 pub async fn final_checks(c: &mut FaultCluster, recorder: &Recorder, anomalies: &mut Vec<String>) -> Result<()> {
     let live = c.live();
     // Convergence: every live member's local copy ends identical.
+    // Every key, page by page: a long run (the soak) writes more than one page holds.
     let listing = |i: usize| {
-        let url = format!("{}/v1/kv?stale=true&limit=10000", c.members[i].url());
+        let url = format!("{}/v1/kv", c.members[i].url());
         let http = c.http.clone();
         async move {
-            let v: serde_json::Value = http.get(url).send().await.ok()?.json().await.ok()?;
-            let items = v["items"].as_array()?.clone();
-            Some(
-                items
-                    .into_iter()
-                    .filter(|it| it["key"] != "recovery-probe")
-                    .map(|it| {
-                        (
-                            it["key"].to_string(),
-                            it["value"].to_string(),
-                            it["revision"].as_u64().unwrap_or(0),
-                        )
-                    })
-                    .collect::<Vec<_>>(),
-            )
+            let mut all = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let mut query = vec![("stale", "true".to_string()), ("limit", "10000".to_string())];
+                if let Some(k) = &after {
+                    query.push(("start_after", k.clone()));
+                }
+                let v: serde_json::Value = http.get(&url).query(&query).send().await.ok()?.json().await.ok()?;
+                let items = v["items"].as_array()?;
+                after = items.last().and_then(|it| it["key"].as_str()).map(str::to_string);
+                all.extend(items.iter().filter(|it| it["key"] != "recovery-probe").map(|it| {
+                    (
+                        it["key"].to_string(),
+                        it["value"].to_string(),
+                        it["revision"].as_u64().unwrap_or(0),
+                    )
+                }));
+                if v["more"] != true || after.is_none() {
+                    break;
+                }
+            }
+            Some(all)
         }
     };
     let converged = wait_until("every member to converge", RECOVERY_DEADLINE, || async {
