@@ -91,10 +91,12 @@ async fn campaign(faults: &[Fault], sizes: &[usize], runs: usize, seed: u64) {
 }
 
 fn seed() -> u64 {
-    std::env::var("RAFTKV_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random)
+    env_number("RAFTKV_FAULT_SEED").unwrap_or_else(rand::random)
+}
+
+/// The number in environment variable `name`, if it is set to one.
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok()?.parse().ok()
 }
 
 /// The faults named (by substring) in `RAFTKV_FAULTS`, or all of them.
@@ -117,10 +119,7 @@ async fn every_fault_once_on_three_members_keeps_history_linearizable_and_writes
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the full campaign takes hours; run it with --ignored (see tests/faults/README.md)"]
 async fn campaign_every_fault_on_one_three_and_five_members() {
-    let runs = std::env::var("RAFTKV_FAULT_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let runs = env_number("RAFTKV_FAULT_RUNS").unwrap_or(20);
     let sizes: Vec<usize> = std::env::var("RAFTKV_FAULT_SIZES")
         .unwrap_or_else(|_| "1,3,5".into())
         .split(',')
@@ -134,10 +133,7 @@ async fn campaign_every_fault_on_one_three_and_five_members() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the soak takes half an hour; run it with --ignored soak (see tests/faults/README.md)"]
 async fn soak_under_leader_kills_and_member_replacements() {
-    let minutes = std::env::var("RAFTKV_SOAK_MINUTES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let minutes = env_number("RAFTKV_SOAK_MINUTES").unwrap_or(30);
     let report = faults::soak::run(minutes, seed()).await.unwrap();
     let ops = &report.ops;
     let count = |f: fn(&faults::history::Outcome) -> bool| ops.iter().filter(|op| f(&op.outcome)).count();

@@ -28,12 +28,7 @@ async fn raw(addr: &str, bytes: &[u8], close_write: bool, within: Duration) -> (
 }
 
 fn vm_rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
+    support::vm_rss_kib(pid).expect("the member's VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

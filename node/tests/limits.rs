@@ -18,14 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 fn vm_rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    support::vm_rss_kib(pid).unwrap_or(0)
 }
 
 /// Samples the resident memory of `pids` (summed) every 100 ms until `stop`; returns the peak.

@@ -231,6 +231,29 @@ impl FaultCluster {
         Ok(())
     }
 
+    /// Removes member `i` through the members `via`. A retry after an answer that left the
+    /// outcome open accepts `not_member` or `id_removed` as the removal made.
+    pub async fn remove_member(&self, i: usize, via: &[usize]) -> Result<()> {
+        self.admin_settled(
+            "remove",
+            via,
+            &format!("/v1/members/{}", self.members[i].id),
+            reqwest::Method::DELETE,
+            None,
+            &["not_member", "id_removed"],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until member `i` itself reports that it was removed.
+    pub async fn wait_removed(&self, i: usize) -> Result<()> {
+        wait_until("the removed member to know", RECOVERY_DEADLINE, || async {
+            (self.status(i).await?["membership"] == "removed").then_some(())
+        })
+        .await
+    }
+
     /// Whether member `i` is running and has not been removed (the harness's view).
     fn is_member(&self, i: usize) -> bool {
         !self.members[i].dir.join("removed.json").exists()

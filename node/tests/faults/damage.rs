@@ -57,15 +57,14 @@ pub async fn clock_jump(c: &mut FaultCluster, target: usize, recorder: &Recorder
     let clock = c.root.path().join(format!("clock-{id}"));
     std::fs::write(&clock, "+0\n")?;
     c.stop_member(target).await?;
-    c.members[target].env = vec![
-        ("LD_PRELOAD".into(), lib.display().to_string()),
-        ("FAKETIME_TIMESTAMP_FILE".into(), clock.display().to_string()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
-    ];
-    let started = c.members[target].restart().await;
-    c.members[target].env.clear();
-    started?;
+    c.members[target]
+        .restart_with_env(vec![
+            ("LD_PRELOAD".into(), lib.display().to_string()),
+            ("FAKETIME_TIMESTAMP_FILE".into(), clock.display().to_string()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+            ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ])
+        .await?;
     c.wait_healthy().await?;
     let via = c.live();
     c.admin(
@@ -109,10 +108,12 @@ pub async fn snapshot_disk_full(c: &mut FaultCluster, target: usize) -> Result<S
     let id = c.members[target].id;
     c.stop_member(target).await?;
     let log_from = log_len(&c.members[target]);
-    c.members[target].env = vec![("FAILPOINTS".into(), format!("snapshot::write={FAILURES}*return"))];
-    let started = c.members[target].restart().await;
-    c.members[target].env.clear();
-    started?;
+    c.members[target]
+        .restart_with_env(vec![(
+            "FAILPOINTS".into(),
+            format!("snapshot::write={FAILURES}*return"),
+        )])
+        .await?;
     let view = &*c;
     wait_until("failed snapshots, then one written", RECOVERY_DEADLINE, || async {
         let failed = view.metric(target, "raftkv_snapshot_failures_total").await?;
@@ -157,10 +158,9 @@ pub async fn kill_leader_during_snapshot(
     let id = c.members[new].id;
     // The fail point must be armed from the start: restart the (still empty) member with it.
     c.stop_member(new).await?;
-    c.members[new].env = vec![("FAILPOINTS".into(), "snapshot::receive=1*return(3000)".into())];
-    let started = c.members[new].restart().await;
-    c.members[new].env.clear();
-    started?;
+    c.members[new]
+        .restart_with_env(vec![("FAILPOINTS".into(), "snapshot::receive=1*return(3000)".into())])
+        .await?;
     let log_from = log_len(&c.members[new]);
     c.add_learner(new).await?;
     let view = &*c;
@@ -259,16 +259,8 @@ pub async fn bit_flip(c: &mut FaultCluster, victim: usize, what: &str, recorder:
         }
     }
     // Replace it as an operator would: remove it, add a fresh member.
-    let via: Vec<usize> = c.live();
-    c.admin_settled(
-        "remove the damaged member",
-        &via,
-        &format!("/v1/members/{id}"),
-        reqwest::Method::DELETE,
-        None,
-        &["not_member", "id_removed"],
-    )
-    .await?;
+    let via = c.live();
+    c.remove_member(victim, &via).await?;
     let new = c.spawn_member().await?;
     c.add_and_promote(new).await?;
     recorder.event(format!("member {id} replaced by member {}", c.members[new].id));

@@ -451,14 +451,15 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
                 )
                 .await?;
             }
-            c.members[target].env = vec![("FAILPOINTS".into(), format!("{fp}={action}"))];
             recorder.event(format!(
                 "restart member {} with FAILPOINTS={fp}={action}",
                 c.members[target].id
             ));
-            let _ = c.members[target].restart().await;
+            // It may exit before it listens: the exit is what is waited for.
+            let _ = c.members[target]
+                .restart_with_env(vec![("FAILPOINTS".into(), format!("{fp}={action}"))])
+                .await;
             let status = c.wait_exit(target, "the fail point to fire").await?;
-            c.members[target].env.clear();
             let log = std::fs::read_to_string(&c.members[target].log).unwrap_or_default();
             let fired = if action == "panic" {
                 log.contains(&format!("failpoint {fp} panic"))
@@ -498,10 +499,7 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
             c.heal();
             if let Some(victim) = removed {
                 // The removed member learns of its removal and stops serving; then it is stopped.
-                wait_until("the removed member to know", RECOVERY_DEADLINE, || async {
-                    (c.status(victim).await?["membership"] == "removed").then_some(())
-                })
-                .await?;
+                c.wait_removed(victim).await?;
                 c.stop_member(victim).await?;
             }
             Ok(format!(
@@ -539,18 +537,9 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
             let via: Vec<usize> = c.live().into_iter().filter(|&i| i != victim).collect();
             let view = &*c;
             recorder.event(format!("remove member {id} and kill it as the removal is proposed"));
-            let path = format!("/v1/members/{id}");
-            let (removed, ()) = tokio::join!(
-                view.admin_settled(
-                    "remove",
-                    &via,
-                    &path,
-                    reqwest::Method::DELETE,
-                    None,
-                    &["not_member", "id_removed"],
-                ),
-                async { view.members[victim].sigkill() }
-            );
+            let (removed, ()) = tokio::join!(view.remove_member(victim, &via), async {
+                view.members[victim].sigkill()
+            });
             removed?;
             c.wait_exit(victim, "the killed member to exit").await?;
             recorder.event(format!("member {id} removed while killed"));

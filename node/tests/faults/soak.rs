@@ -208,20 +208,8 @@ async fn replace_follower(c: &mut FaultCluster, targets: &Targets, recorder: &Re
     targets.write().push(c.members[new].url());
     c.add_and_promote(new).await?;
     let via: Vec<usize> = c.live().into_iter().filter(|&i| i != victim).collect();
-    c.admin_settled(
-        "remove the oldest follower",
-        &via,
-        &format!("/v1/members/{old}"),
-        reqwest::Method::DELETE,
-        None,
-        &["not_member", "id_removed"],
-    )
-    .await?;
-    let view = &*c;
-    wait_until("the removed member to know", RECOVERY_DEADLINE, || async {
-        (view.status(victim).await?["membership"] == "removed").then_some(())
-    })
-    .await?;
+    c.remove_member(victim, &via).await?;
+    c.wait_removed(victim).await?;
     targets.write()[victim] = String::new();
     c.stop_member(victim).await?;
     let id = c.members[new].id;
@@ -229,16 +217,9 @@ async fn replace_follower(c: &mut FaultCluster, targets: &Targets, recorder: &Re
     Ok(format!("member {id} added, member {old} removed"))
 }
 
-/// Resident set (kB) and open file descriptors of process `pid`.
+/// Resident set (KiB) and open file descriptors of process `pid`.
 fn process_figures(pid: i32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
+    let rss = crate::support::vm_rss_kib(pid)?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     Some((rss, fds))
 }

@@ -265,6 +265,15 @@ impl Member {
         self.launch().await
     }
 
+    /// [`Member::restart`] with `env` added for this launch only (fail points, a preloaded
+    /// library); later restarts are plain again.
+    pub async fn restart_with_env(&mut self, env: Vec<(String, String)>) -> Result<()> {
+        self.env = env;
+        let started = self.restart().await;
+        self.env.clear();
+        started
+    }
+
     /// Runs the binary to completion on this member's data directory (for start-up refusals).
     pub fn run_to_exit(&self) -> std::process::Output {
         Command::new(BIN)
@@ -292,6 +301,18 @@ impl Drop for Member {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Resident set of process `pid` in KiB (`VmRSS`), if it is running.
+pub fn vm_rss_kib(pid: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Whether process `pid` has exited (gone, or a zombie not yet reaped).
