@@ -588,13 +588,23 @@ async fn five_hundred_slow_loris_connections_are_cut_off_while_others_are_served
             s.write_all(head).await.unwrap();
             let mut buf = [0u8; 1024];
             let mut answer = Vec::new();
+            // How the connection ended, for the report of one cut off early.
+            let ended;
             loop {
                 let drip: &[u8] = if i < 400 { b"x-drip: 1\r\n" } else { b"y" };
-                if s.write_all(drip).await.is_err() {
+                if let Err(e) = s.write_all(drip).await {
+                    ended = format!("write failed: {e}");
                     break;
                 }
                 match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(0)) => {
+                        ended = "closed".to_string();
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        ended = format!("read failed: {e}");
+                        break;
+                    }
                     Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
                     Err(_) => {}
                 }
@@ -603,18 +613,25 @@ async fn five_hundred_slow_loris_connections_are_cut_off_while_others_are_served
                 }
             }
             cut_off.fetch_add(1, Ordering::Relaxed);
-            (opened.elapsed(), String::from_utf8_lossy(&answer).into_owned())
+            (opened.elapsed(), String::from_utf8_lossy(&answer).into_owned(), ended)
         }));
     }
     let (mut shortest, mut longest) = (Duration::MAX, Duration::ZERO);
     let mut body_timeouts = 0;
+    let mut early = Vec::new();
     for (i, l) in lorises.into_iter().enumerate() {
-        let (open_for, answer) = l.await.unwrap();
+        let (open_for, answer, ended) = l.await.unwrap();
         longest = longest.max(open_for);
         shortest = shortest.min(open_for);
         if i >= 400 && answer.starts_with("HTTP/1.1 408") {
             body_timeouts += 1;
         }
+        if open_for + Duration::from_millis(500) < header_timeout.min(body_timeout) {
+            early.push(format!("loris {i} after {open_for:?} ({ended}): {answer:?}"));
+        }
+    }
+    for e in early.iter().take(20) {
+        println!("cut off early: {e}");
     }
     println!(
         "500 slow-loris connections cut off after {shortest:?} to {longest:?} (all done {:?} after the first opened); {body_timeouts} of 100 slow bodies answered 408",
@@ -635,7 +652,7 @@ async fn five_hundred_slow_loris_connections_are_cut_off_while_others_are_served
     );
     assert!(
         shortest + Duration::from_millis(500) >= header_timeout.min(body_timeout),
-        "a loris was cut off early, after {shortest:?}"
+        "a loris was cut off early, after {shortest:?}: {early:?}"
     );
     assert_eq!(body_timeouts, 100, "every slow body is told 408");
     behaved.assert_fine("500 slow-loris connections", Duration::from_secs(1), 20);
@@ -685,6 +702,16 @@ async fn reads_and_listings_over_their_bounds_are_refused_with_429_and_retry_aft
     assert_eq!(metric(&c, 0, "raftkv_lists_in_progress ").await, 0.0);
 }
 
+/// Each member's (term, leader id).
+async fn terms_and_leaders(c: &Cluster) -> Vec<(u64, u64)> {
+    let mut seen = Vec::new();
+    for i in 0..c.members.len() {
+        let status = c.status(i).await.expect("status");
+        seen.push((status["term"].as_u64().unwrap(), status["leader_id"].as_u64().unwrap()));
+    }
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_large_writes_is_refused_with_429_while_small_writes_go_through() {
     let mut c = Cluster::start(3, &["--max-pending-write-bytes", "2097152"])
@@ -698,6 +725,7 @@ async fn a_flood_of_large_writes_is_refused_with_429_while_small_writes_go_throu
     let peak = sample_peak_rss(pids.clone(), stop_rss.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let behaved = well_behaved(c.members[leader].url(), stop.clone(), false);
+    let terms_before = terms_and_leaders(&c).await;
 
     // 24 writers of 1 MiB values to 16 keys, all at the leader, for 6 s: far more than these
     // members (debug builds, one small disk) write. The budget of 2 MiB admits one such
@@ -741,6 +769,8 @@ async fn a_flood_of_large_writes_is_refused_with_429_while_small_writes_go_throu
     let counts = counts.lock().clone();
     println!("flood of 1 MiB writes, by status: {counts:?}");
     behaved.report("a flood of 1 MiB writes");
+    let terms_after = terms_and_leaders(&c).await;
+    println!("members' (term, leader) before the flood {terms_before:?}, after {terms_after:?}");
     let settle = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop_rss.store(true, Ordering::Relaxed);
@@ -764,6 +794,11 @@ async fn a_flood_of_large_writes_is_refused_with_429_while_small_writes_go_throu
         "only 200 and 429: {counts:?}"
     );
     behaved.assert_fine("a flood of 1 MiB writes", Duration::from_secs(3), 5);
+    // Heartbeats get through the flood: no follower stopped hearing from the leader.
+    assert_eq!(
+        terms_before, terms_after,
+        "a flood of large writes changed the term or leader"
+    );
     // The state holds 16 values of 1 MiB on each member, the log tail what was written since
     // the last snapshot; queues hold at most the budget.
     assert!(
