@@ -239,7 +239,7 @@ async fn run_on(c: &mut FaultCluster, fault: Fault, size: usize, seed: u64) -> R
             let (http, url) = (http.clone(), url.clone());
             async move {
                 matches!(
-                    workload::write(&http, &url, "recovery-probe", 1, None).await,
+                    workload::write(&http, &url, HARNESS_KEY, 1, None).await,
                     Outcome::Written { .. }
                 )
                 .then_some(())
@@ -408,13 +408,11 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
             let isolated_at = status_u64(c, follower, "applied_index").await.unwrap_or(0);
             let rest: Vec<usize> = c.live().into_iter().filter(|&i| i != follower).collect();
             c.partition(&[vec![follower], rest]);
-            wait_until(
+            compact_past(
+                c,
+                &[leader],
+                isolated_at,
                 "the leader to compact past the isolated follower",
-                RECOVERY_DEADLINE,
-                || async {
-                    let snap = status_u64(c, leader, "snapshot_index").await?;
-                    (snap > isolated_at + SNAPSHOT_CATCHUP + 5).then_some(())
-                },
             )
             .await?;
             c.heal();
@@ -441,15 +439,7 @@ async fn inject(c: &mut FaultCluster, fault: Fault, recorder: &Recorder) -> Resu
                 let floor = c.status_max(&rest, "applied_index").await;
                 // Every other member, not just one, must have compacted past it: whichever
                 // leads when it returns must send a snapshot rather than entries.
-                wait_until(
-                    "the cluster to compact past the stopped member",
-                    RECOVERY_DEADLINE,
-                    || async {
-                        let snap = c.status_min(&rest, "snapshot_index").await;
-                        (snap > floor + SNAPSHOT_CATCHUP + 5).then_some(())
-                    },
-                )
-                .await?;
+                compact_past(c, &rest, floor, "the cluster to compact past the stopped member").await?;
             }
             recorder.event(format!(
                 "restart member {} with FAILPOINTS={fp}={action}",
@@ -583,6 +573,42 @@ async fn removed_member_knows(c: &mut FaultCluster, victim: usize) -> Result<Str
     ))
 }
 
+/// The key the harness itself writes (the recovery probe, compaction filler); the checks leave
+/// it out, as no client of the recorded history writes it.
+pub const HARNESS_KEY: &str = "recovery-probe";
+
+/// Waits until every member of `group` has a snapshot more than the catch-up window past
+/// `floor`, writing to [`HARNESS_KEY`] through `group` meanwhile. The clients alone may write
+/// too slowly for the deadline: a third of their requests go to the member cut off and wait out
+/// their deadline, and a member takes a snapshot only once its log since the last one is worth
+/// a quarter of the snapshot (whose watch history grows with every write of the run).
+async fn compact_past(c: &FaultCluster, group: &[usize], floor: u64, what: &str) -> Result<()> {
+    let stop = CancellationToken::new();
+    let filler = {
+        let (http, stop) = (c.http.clone(), stop.clone());
+        let urls: Vec<String> = group.iter().map(|&i| c.members[i].url()).collect();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                n += 1;
+                let url = &urls[n as usize % urls.len()];
+                tokio::select! {
+                    _ = workload::write(&http, url, HARNESS_KEY, n, None) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+        })
+    };
+    let compacted = wait_until(what, RECOVERY_DEADLINE, || async {
+        let snap = c.status_min(group, "snapshot_index").await;
+        (snap > floor + SNAPSHOT_CATCHUP + 5).then_some(())
+    })
+    .await;
+    stop.cancel();
+    let _ = filler.await;
+    compacted
+}
+
 async fn status_u64(c: &FaultCluster, i: usize, field: &str) -> Option<u64> {
     c.status(i).await?[field].as_u64()
 }
@@ -645,7 +671,7 @@ pub async fn final_checks(c: &mut FaultCluster, recorder: &Recorder, anomalies: 
                 let v: serde_json::Value = http.get(&url).query(&query).send().await.ok()?.json().await.ok()?;
                 let items = v["items"].as_array()?;
                 after = items.last().and_then(|it| it["key"].as_str()).map(str::to_string);
-                all.extend(items.iter().filter(|it| it["key"] != "recovery-probe").map(|it| {
+                all.extend(items.iter().filter(|it| it["key"] != HARNESS_KEY).map(|it| {
                     (
                         it["key"].to_string(),
                         it["value"].to_string(),

@@ -340,7 +340,7 @@ pub fn check(references: &[(u64, Vec<Seen>)], logs: &[WatchLog], ops: &[Op], upt
         }
     }
     let mut applied: HashMap<(&str, &str), u64> = HashMap::new();
-    for s in reference.iter().filter(|s| s.key != "recovery-probe") {
+    for s in reference.iter().filter(|s| s.key != super::nemesis::HARNESS_KEY) {
         let Some(value) = &s.value else {
             anomalies.push(format!("a delete nobody asked for: {s:?}"));
             continue;
