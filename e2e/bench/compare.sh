@@ -83,21 +83,7 @@ sweep() { # system endpoints pids...
 }
 
 log "disk: raw fdatasync rate in $BENCH_DIR"
-python3 - "$BENCH_DIR/fsync-probe" >"$BENCH_DIR/fsync.json" <<'EOF'
-import json, os, sys, time
-path = sys.argv[1]
-fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-block = b"x" * 256
-count, start = 0, time.perf_counter()
-while time.perf_counter() - start < 2.0:
-    os.write(fd, block)
-    os.fdatasync(fd)
-    count += 1
-elapsed = time.perf_counter() - start
-os.close(fd)
-os.unlink(path)
-print(json.dumps({"fdatasync_per_sec": round(count / elapsed), "fdatasync_us": round(elapsed / count * 1e6)}))
-EOF
+fsync_probe 2 >"$BENCH_DIR/fsync.json"
 
 # One throwaway CA; a certificate for 127.0.0.1 used by every member of both systems as server
 # and as peer client (with raftkv's cluster URI SAN), and a client certificate (O=admin) for the

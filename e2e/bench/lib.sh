@@ -49,6 +49,36 @@ build_and_clean() {
   mkdir -p "$BENCH_DIR"
 }
 
+# fsync_probe seconds: appends 256-byte blocks to a file under BENCH_DIR for that long, each
+# followed by fdatasync, and prints the disk's figures as JSON: calls per second, mean, p50 and
+# p99 latency in microseconds, and the number of calls.
+fsync_probe() {
+  python3 - "$BENCH_DIR/fsync-probe" "$1" <<'PY'
+import json, os, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+block = b"x" * 256
+took = []
+start = time.perf_counter()
+while time.perf_counter() - start < seconds:
+    t = time.perf_counter()
+    os.write(fd, block)
+    os.fdatasync(fd)
+    took.append(time.perf_counter() - t)
+elapsed = time.perf_counter() - start
+os.close(fd)
+os.unlink(path)
+took.sort()
+print(json.dumps({
+    "fdatasync_per_sec": round(len(took) / elapsed),
+    "fdatasync_us": round(elapsed / len(took) * 1e6),
+    "p50_us": round(took[len(took) // 2] * 1e6),
+    "p99_us": round(took[len(took) * 99 // 100] * 1e6),
+    "count": len(took),
+}))
+PY
+}
+
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # free_base N: a base port B with B+1..B+N (client ports) and B+101..B+100+N (peer ports) free.
 free_base() {

@@ -29,23 +29,7 @@ RESULTS=$BENCH_DIR/results.jsonl
 : >"$RESULTS"
 
 log "disk: fdatasync latency in $BENCH_DIR"
-python3 - "$BENCH_DIR/fsync-probe" >"$BENCH_DIR/fsync.json" <<'EOF'
-import json, os, sys, time
-path = sys.argv[1]
-fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-block = b"x" * 256
-took = []
-start = time.perf_counter()
-while time.perf_counter() - start < 3.0:
-    t = time.perf_counter()
-    os.write(fd, block)
-    os.fdatasync(fd)
-    took.append(time.perf_counter() - t)
-os.close(fd)
-os.unlink(path)
-took.sort()
-print(json.dumps({"p50_us": round(took[len(took) // 2] * 1e6), "p99_us": round(took[len(took) * 99 // 100] * 1e6), "count": len(took)}))
-EOF
+fsync_probe 3 >"$BENCH_DIR/fsync.json"
 
 # point system name endpoints conns: runs raftkv-bench against `endpoints` under `perf stat` of
 # the three members, and appends the report with the members' CPU and context switches.
