@@ -155,7 +155,7 @@ start_raftkv() {
   SYSTEM_PIDS=()
   for i in 1 2 3; do
     c=$((base + i)) p=$((base + 100 + i))
-    RUST_LOG=warn "$BIN/raftkv-node" --id "$i" --data-dir "$BENCH_DIR/raftkv-$mode/node-$i" "${tls_flags[@]}" \
+    RUST_LOG=warn "${NODE_BIN:-$BIN/raftkv-node}" --id "$i" --data-dir "$BENCH_DIR/raftkv-$mode/node-$i" "${tls_flags[@]}" \
       --client-addr "127.0.0.1:$c" --peer-addr "127.0.0.1:$p" --initial-cluster "$cluster" \
       >"$BENCH_DIR/raftkv-$mode-$i.log" 2>&1 &
     PIDS+=($!)

@@ -13,7 +13,9 @@
 #
 # Usage: e2e/bench/write-path.sh        (about 2 minutes; needs perf)
 # Environment: DURATION (s per point, 10), VALUE_SIZE (256), KEYS (10000), NO_BUILD=1,
-#   BENCH_DIR (default target/bench-write-path under the repository), JSON_OUT=file.
+#   BENCH_DIR (default target/bench-write-path under the repository), JSON_OUT=file,
+#   BASELINE_NODE=path: also measures that raftkv-node binary (an older build, say) in the same
+#   run, as the system "baseline", to show a change's before and after.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -31,10 +33,10 @@ RESULTS=$BENCH_DIR/results.jsonl
 log "disk: fdatasync latency in $BENCH_DIR"
 fsync_probe 3 >"$BENCH_DIR/fsync.json"
 
-# point system name endpoints conns: runs raftkv-bench against `endpoints` under `perf stat` of
+# point system name endpoints conns [label]: runs raftkv-bench against `endpoints` under `perf stat` of
 # the three members, and appends the report with the members' CPU and context switches.
 point() {
-  local system=$1 name=$2 endpoints=$3 conns=$4 pids
+  local system=$1 name=$2 endpoints=$3 conns=$4 label=${5:-$1} pids
   pids=$(IFS=,; echo "${SYSTEM_PIDS[*]}")
   log "$system: $name ($conns conns)"
   perf stat -x, -e task-clock,context-switches -p "$pids" -o "$BENCH_DIR/perf.csv" -- \
@@ -44,7 +46,7 @@ point() {
   local cpu_ms switches
   cpu_ms=$(awk -F, '$3 ~ /^task-clock/ {print $1}' "$BENCH_DIR/perf.csv")
   switches=$(awk -F, '$3 ~ /^context-switches/ {print $1}' "$BENCH_DIR/perf.csv")
-  jq -c --arg system "$system" --arg name "$name" --argjson cpu_ms "$cpu_ms" --argjson switches "$switches" \
+  jq -c --arg system "$label" --arg name "$name" --argjson cpu_ms "$cpu_ms" --argjson switches "$switches" \
     '. + {system: $system, point: $name, cpu_ms: $cpu_ms, switches: $switches}' "$BENCH_DIR/report.json" >>"$RESULTS"
 }
 
@@ -63,14 +65,21 @@ etcd_leader() {
   done
 }
 
-for system in etcd raftkv; do
+SYSTEMS=(etcd raftkv)
+if [[ -n "${BASELINE_NODE:-}" ]]; then SYSTEMS+=(baseline); fi
+for name in "${SYSTEMS[@]}"; do
+  system=$name NODE_BIN=""
+  if [[ $name == baseline ]]; then
+    system=raftkv NODE_BIN=$BASELINE_NODE
+    rm -rf "$BENCH_DIR/raftkv-plain"
+  fi
   "start_$system" plain
   "$BIN/raftkv-bench" --target "$system" --endpoints "$endpoints" --conns 16 --key-space "$KEYS" \
     --value-size "$VALUE_SIZE" --preload --preload-only
   leader=$("${system}_leader")
-  [[ -n $leader ]] || { echo "$system: no leader found among $endpoints" >&2; exit 1; }
-  point "$system" "one client, to the leader" "$leader" 1
-  point "$system" "64 connections" "$endpoints" 64
+  [[ -n $leader ]] || { echo "$name: no leader found among $endpoints" >&2; exit 1; }
+  point "$system" "one client, to the leader" "$leader" 1 "$name"
+  point "$system" "64 connections" "$endpoints" 64 "$name"
   stop_all
 done
 
@@ -88,7 +97,9 @@ print("-" * len(head))
 def per_write(r, field):
     return r[field] / r["ops"] if r["ops"] else float("nan")
 for point in ("one client, to the leader", "64 connections"):
-    for system in ("raftkv", "etcd"):
+    for system in ("raftkv", "baseline", "etcd"):
+        if (system, point) not in rows:
+            continue
         r = rows[(system, point)]
         flag = "!" if r["errors"] or r["unknown"] else " "
         print(f"{point:<26} {system:<7} {r['ops_per_sec']:>7.0f}{flag} {r['latency']['p50_us'] / 1000:>7.2f} "

@@ -1,11 +1,17 @@
 //! The consensus side of the node: one thread owns the `RawNode`, the write-ahead log and the
-//! transport's send side. Proposals, reads, peer messages, admin requests and snapshot reports
-//! arrive on one inbox; ticks come from the loop's own clock; committed entries leave on the apply
-//! channel in log order.
+//! peer transport. Proposals, reads, peer messages, admin requests and snapshot reports arrive on
+//! one inbox; ticks come from the loop's own clock; committed entries leave on the apply channel
+//! in log order.
 //!
-//! It is a dedicated OS thread, not a tokio task, because it fsyncs: blocking the async workers on
-//! disk would stall every HTTP request in the process. Everything it drains from the inbox between
-//! two `Ready`s is handled by one `Ready`, so concurrent client writes share one fsync.
+//! The thread runs a current-thread tokio runtime of its own (see [`crate::node`]): this loop is
+//! one task on it, and the peer streams (both the sending connections and the peer port's
+//! server) are the others. A write therefore crosses threads only where it must: the client's
+//! request arrives from the HTTP workers and its answer returns to them; reading a peer's
+//! message, stepping it, fsyncing and answering happen on this one thread. The fsync blocks the
+//! thread, and so the peer streams, on purpose: the member's Raft work waits for its disk either
+//! way, and the async workers serving clients never block on it. Everything drained from the
+//! inbox between two `Ready`s is handled by one `Ready`, so concurrent client writes share one
+//! fsync.
 //!
 //! At a little over 900 lines this file is one piece on purpose: it is the one place that owns
 //! `RawNode`, and the durability rules (what is fsynced before what is sent or answered) are only
@@ -282,12 +288,15 @@ impl Consensus {
 
     /// Runs until shutdown or a fatal storage error. A failed WAL write or fsync is fatal: the
     /// member can no longer promise durability, so it stops rather than acknowledge anything.
-    pub fn run(mut self) -> Result<()> {
+    ///
+    /// Runs on the consensus thread's runtime, which it shares with the peer streams: it yields
+    /// after every turn so that they run between two `Ready`s even while the inbox is never empty.
+    pub async fn run(mut self) -> Result<()> {
         let mut next_tick = Instant::now() + self.tuning.tick;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            match self.inbox.recv_timeout(wait) {
-                Ok(input) => {
+            let deadline = tokio::time::Instant::from_std(next_tick);
+            match tokio::time::timeout_at(deadline, self.inbox.recv_async()).await {
+                Ok(Ok(input)) => {
                     let mut bytes = input_bytes(&input);
                     if !self.handle(input)? {
                         break;
@@ -309,8 +318,8 @@ impl Consensus {
                         }
                     }
                 }
-                Err(flume::RecvTimeoutError::Timeout) => {}
-                Err(flume::RecvTimeoutError::Disconnected) => break,
+                Err(_elapsed) => {}
+                Ok(Err(flume::RecvError::Disconnected)) => break,
             }
             let now = Instant::now();
             if now >= next_tick {
@@ -322,9 +331,12 @@ impl Consensus {
                 }
             }
             self.issue_reads();
-            self.on_ready()?;
+            self.on_ready().await?;
             for to in self.transport.take_failed_snapshots() {
                 self.raw.report_snapshot(to, SnapshotStatus::Failure);
+            }
+            for to in self.transport.take_unreachable() {
+                self.raw.report_unreachable(to);
             }
             // Raft asked for a snapshot it could send (a new learner, or a far-behind follower);
             // it may ask while stepping a message that produces no Ready, so check every turn.
@@ -332,6 +344,8 @@ impl Consensus {
                 let _ = self.apply_tx.send(ApplyMsg::CreateSnapshot);
             }
             self.publish_status();
+            // The peer streams write what this turn sent and read what arrived.
+            tokio::task::yield_now().await;
         }
         self.stop()
     }
@@ -486,7 +500,7 @@ impl Consensus {
         self.inflight_reads.insert(ctx, batch);
     }
 
-    fn on_ready(&mut self) -> Result<()> {
+    async fn on_ready(&mut self) -> Result<()> {
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -494,8 +508,13 @@ impl Consensus {
 
         // 1. A leader sends its appends before persisting them: replication and the local fsync
         //    overlap (Raft thesis 10.2.1). Its own entries count toward commit only once persisted.
+        //    The streams' connections run on this thread: yield once so that they write the
+        //    appends to the sockets before the fsync below blocks it.
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
+            if !ready.entries().is_empty() {
+                tokio::task::yield_now().await;
+            }
         }
 
         // 2. A snapshot from the leader replaces the log and the state machine.

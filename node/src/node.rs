@@ -202,7 +202,13 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         advertise_url: advertise_peer_url.clone(),
         peer_client: peer_client.clone(),
     };
-    let transport = Transport::new(transport_ctx.clone(), tokio::runtime::Handle::current());
+    // The consensus thread's own runtime: the consensus loop and both sides of the peer
+    // transport run on it (see `consensus`), built here so the transport can spawn onto it.
+    let consensus_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .io_context(|| "build the consensus runtime".into())?;
+    let transport = Transport::new(transport_ctx.clone(), consensus_runtime.handle().clone());
     let tuning = Tuning {
         tick: std::time::Duration::from_millis(cfg.tick_ms),
         election_ticks: cfg.election_ticks,
@@ -220,7 +226,6 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         metrics.clone(),
         tuning,
     )?;
-    let consensus = tokio::task::spawn_blocking(move || consensus.run());
 
     let state_machine = StateMachine {
         shared: shared.clone(),
@@ -284,20 +289,26 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         h2_max_streams: cfg.h2_max_streams,
         linger: Duration::from_millis(cfg.linger_ms),
     };
-    for (listener, router, cap, name, tls) in [
-        (client, client_router, client_cap, "client", client_source),
-        (peer, peer_router, peer_cap, "peer", peer_source),
-    ] {
-        tasks.push(tokio::spawn(server::serve(
-            listener,
-            router,
-            limits(cap),
-            tls,
-            metrics.clone(),
-            shutdown.clone(),
-            name,
-        )));
-    }
+    tasks.push(tokio::spawn(server::serve(
+        client,
+        client_router,
+        limits(client_cap),
+        client_source,
+        metrics.clone(),
+        shutdown.clone(),
+        "client",
+    )));
+    let peer_server = server::serve(
+        peer_listener_for(peer, &consensus_runtime)?,
+        peer_router,
+        limits(peer_cap),
+        peer_source,
+        metrics.clone(),
+        shutdown.clone(),
+        "peer",
+    );
+    let (consensus, consensus_thread) = spawn_consensus_thread(consensus_runtime, consensus, peer_server)?;
+    tasks.push(consensus_thread);
     let mut reloadable: Vec<Arc<dyn tls::Reload>> = Vec::new();
     reloadable.extend(client_tls.map(|t| t as Arc<dyn tls::Reload>));
     reloadable.extend(peer_tls.map(|t| t as Arc<dyn tls::Reload>));
@@ -342,6 +353,50 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         state_machine,
         tasks,
     })
+}
+
+/// A part of the member that ends with a result.
+type MemberTask = tokio::task::JoinHandle<Result<()>>;
+
+/// Moves the peer listener, bound on the main runtime, onto the consensus thread's runtime.
+fn peer_listener_for(peer: TcpListener, runtime: &tokio::runtime::Runtime) -> Result<TcpListener> {
+    let std_listener = peer.into_std().io_context(|| "peer listener".into())?;
+    let _entered = runtime.enter();
+    TcpListener::from_std(std_listener).io_context(|| "peer listener".into())
+}
+
+/// Starts the consensus thread: `runtime` drives the consensus loop and the peer port's server.
+/// Returns a handle that ends with the loop's result, and one that ends when the thread is gone
+/// (the peer port closed, every peer stream ended), which shutdown waits for.
+fn spawn_consensus_thread(
+    runtime: tokio::runtime::Runtime,
+    consensus: Consensus,
+    peer_server: impl std::future::Future<Output = Result<()>> + Send + 'static,
+) -> Result<(MemberTask, MemberTask)> {
+    let (result_tx, result_rx) = tokio::sync::oneshot::channel();
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("raftkv-consensus".into())
+        .spawn(move || {
+            let served = runtime.block_on(async move {
+                let peer_server = tokio::spawn(peer_server);
+                let _ = result_tx.send(consensus.run().await);
+                // The peer port closes once shutdown is cancelled, which the owner of the
+                // member does when it learns that the loop ended.
+                match peer_server.await {
+                    Ok(served) => served,
+                    Err(e) => Err(Error::Task(format!("peer server: {e}"))),
+                }
+            });
+            // Whatever is left on the runtime (a peer stream, a lingering connection) ends here.
+            drop(runtime);
+            let _ = gone_tx.send(served);
+        })
+        .io_context(|| "start the consensus thread".into())?;
+    let ended = |what: &'static str| Error::Task(format!("{what} ended without a result (it panicked)"));
+    let result = tokio::spawn(async move { result_rx.await.unwrap_or_else(|_| Err(ended("the consensus loop"))) });
+    let gone = tokio::spawn(async move { gone_rx.await.unwrap_or_else(|_| Err(ended("the consensus thread"))) });
+    Ok((result, gone))
 }
 
 /// Fits both ports' connection caps into the open-file limit, the client port getting what

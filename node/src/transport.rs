@@ -1,18 +1,25 @@
 //! The peer transport: Raft messages between members over HTTP/1.1 on the peer port (over
 //! mutual TLS when peer TLS is on, see [`crate::tls::PeerClient`]).
 //!
-//! Each peer has one sender task holding one long-lived `POST /raft/stream` request whose body is
-//! an endless sequence of frames (`u32 LE length | protobuf Message`). Whatever queued up while the
-//! previous chunk was written goes out as the next chunk, so messages batch under load. The
-//! consensus thread hands messages over with `try_send`: a slow or dead peer fills its queue and
-//! loses messages (Raft retransmits) but never blocks consensus.
+//! Each peer has one long-lived `POST /raft/stream` request whose body is an endless sequence of
+//! frames (`u32 LE length | protobuf Message`). A sender task per peer opens it, watches it and
+//! reopens it when it breaks; the consensus thread writes into it directly: the messages of one
+//! `Ready` for one peer become one body chunk, handed to the stream's connection without another
+//! task in between. The consensus thread never waits on a peer: a peer whose stream is down, or
+//! whose stream has `MAX_QUEUED_BYTES` not yet taken by its connection, loses the message (Raft
+//! retransmits) and is reported unreachable.
+//!
+//! Both sides run on the consensus thread's runtime (see [`crate::node`]): the sending
+//! connections and the peer port's server. A message from the leader is read, stepped, persisted
+//! and answered on the follower's one thread, and the leader's appends reach the socket without a
+//! thread hand-off.
 //!
 //! Snapshots travel separately (`POST /raft/snapshot`): the message frame, then the snapshot file
 //! streamed from disk, so the receiver writes it to disk as it arrives and neither side holds it
 //! in memory. Every request carries the sender's cluster id; a member of another cluster is refused.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,13 +55,15 @@ pub const FROM_HEADER: &str = "x-raftkv-from";
 /// Header carrying the sender's advertised peer URL, so a member that has not yet received the
 /// membership (a new learner) can answer the leader.
 pub const PEER_URL_HEADER: &str = "x-raftkv-peer-url";
-/// Messages queued per peer before new ones are dropped.
-const PEER_QUEUE: usize = 8192;
+/// Body chunks (one per `Ready` per peer) queued on a stream before new ones are dropped.
+const STREAM_CHUNKS: usize = 4096;
+/// Bytes queued on a stream, not yet taken by its connection, before new chunks are dropped: a
+/// slow peer costs bounded memory.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
 /// Largest frame accepted; a bigger length is a protocol error, not a message.
 const MAX_FRAME: usize = 64 << 20;
-/// Bytes gathered into one body chunk at most.
-const MAX_CHUNK: usize = 4 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What both sides of the transport share.
@@ -79,53 +88,99 @@ pub struct TransportContext {
     pub peer_client: PeerClient,
 }
 
+type BodyTx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
+
+/// One peer's stream as both its writer (the consensus thread) and its sender task see it.
+#[derive(Default)]
+struct Link {
+    /// The open stream's body; `None` while it is being (re)opened.
+    body: parking_lot::Mutex<Option<BodyTx>>,
+    /// Bytes written into the body and not yet taken by the connection.
+    queued: AtomicUsize,
+}
+
+impl Link {
+    /// Queues one chunk on the open stream; false when there is none or it is full.
+    fn offer(&self, chunk: Bytes) -> bool {
+        let len = chunk.len();
+        if self.queued.load(Ordering::Relaxed) + len > MAX_QUEUED_BYTES {
+            return false;
+        }
+        let body = self.body.lock();
+        let Some(tx) = body.as_ref() else {
+            return false;
+        };
+        if tx.try_send(Ok(Frame::data(chunk))).is_err() {
+            return false;
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        true
+    }
+
+    fn open(&self, tx: BodyTx) {
+        self.queued.store(0, Ordering::Relaxed);
+        *self.body.lock() = Some(tx);
+    }
+
+    fn close(&self) {
+        *self.body.lock() = None;
+        self.queued.store(0, Ordering::Relaxed);
+    }
+}
+
 struct Peer {
     url: String,
-    queue: mpsc::Sender<Message>,
+    link: Arc<Link>,
     cancel: CancellationToken,
 }
 
 /// The send side, owned by the consensus thread.
 pub struct Transport {
     ctx: TransportContext,
+    /// The consensus thread's runtime: the peers' sender tasks and snapshot sends run on it.
     runtime: tokio::runtime::Handle,
     peers: HashMap<u64, Peer>,
-    /// Peers whose snapshot message was dropped here (full queue): Raft keeps a peer in its
-    /// snapshot state until told how the send ended, so the consensus thread reports these.
+    /// Peers whose snapshot message could not be sent: Raft keeps a peer in its snapshot state
+    /// until told how the send ended, so the consensus thread reports these.
     failed_snapshots: Vec<u64>,
+    /// Peers that lost a message since the last call, reported unreachable by the consensus
+    /// thread so Raft stops pipelining to them.
+    unreachable: Vec<u64>,
 }
 
 impl Transport {
-    /// A transport with no peers yet.
+    /// A transport with no peers yet, whose tasks run on `runtime`.
     pub fn new(ctx: TransportContext, runtime: tokio::runtime::Handle) -> Self {
         Transport {
             ctx,
             runtime,
             peers: HashMap::new(),
             failed_snapshots: Vec::new(),
+            unreachable: Vec::new(),
         }
     }
 
-    /// Adds a peer, or moves it to a new URL.
+    /// Adds a peer, or moves it to a new URL; its stream is opened at once.
     pub fn set_peer(&mut self, id: u64, url: &str) {
         if self.peers.get(&id).is_some_and(|p| p.url == url) {
             return;
         }
         self.remove_peer(id);
-        let (tx, rx) = mpsc::channel(PEER_QUEUE);
         let cancel = self.ctx.shutdown.child_token();
+        let link = Arc::new(Link::default());
         let sender = PeerSender {
             id,
             url: url.trim_end_matches('/').to_string(),
             ctx: self.ctx.clone(),
             cancel: cancel.clone(),
+            link: link.clone(),
         };
-        self.runtime.spawn(sender.run(rx));
+        self.runtime.spawn(sender.run());
         self.peers.insert(
             id,
             Peer {
                 url: url.to_string(),
-                queue: tx,
+                link,
                 cancel,
             },
         );
@@ -138,30 +193,53 @@ impl Transport {
         }
     }
 
-    /// Queues messages without blocking; a full queue drops the message and tells Raft the peer
-    /// is unreachable so it stops pipelining to it.
+    /// Writes messages into their peers' streams without waiting: the messages for one peer go
+    /// out as one chunk. A snapshot starts its own transfer.
     pub fn send(&mut self, msgs: Vec<Message>) {
+        let mut chunks: Vec<(u64, BytesMut)> = Vec::new();
         for msg in msgs {
             let to = msg.to;
-            let Some(peer) = self.peers.get(&to) else {
-                tracing::debug!(to, "message to a peer with no known URL dropped");
-                continue;
-            };
-            if let Err(e) = peer.queue.try_send(msg) {
-                let msg = match e {
-                    mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
-                };
-                if msg.get_msg_type() == MessageType::MsgSnapshot {
-                    self.failed_snapshots.push(to);
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                match self.peers.get(&to) {
+                    Some(peer) => {
+                        let url = peer.url.trim_end_matches('/').to_string();
+                        self.runtime.spawn(send_snapshot(url, to, msg, self.ctx.clone()));
+                    }
+                    None => self.failed_snapshots.push(to),
                 }
-                let _ = self.ctx.inbox.try_send(RaftInput::Unreachable(to));
+                continue;
+            }
+            let chunk = match chunks.iter_mut().position(|(id, _)| *id == to) {
+                Some(i) => &mut chunks[i].1,
+                None => {
+                    chunks.push((to, BytesMut::new()));
+                    &mut chunks.last_mut().expect("just pushed").1
+                }
+            };
+            encode_frame(&msg, chunk);
+        }
+        for (to, chunk) in chunks {
+            let sent = match self.peers.get(&to) {
+                Some(peer) => peer.link.offer(chunk.freeze()),
+                None => {
+                    tracing::debug!(to, "message to a peer with no known URL dropped");
+                    false
+                }
+            };
+            if !sent && !self.unreachable.contains(&to) {
+                self.unreachable.push(to);
             }
         }
     }
 
-    /// Peers whose snapshot message was dropped before it left, since the last call.
+    /// Peers whose snapshot message could not be sent, since the last call.
     pub fn take_failed_snapshots(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.failed_snapshots)
+    }
+
+    /// Peers that lost a message, since the last call.
+    pub fn take_unreachable(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.unreachable)
     }
 
     /// The removed-member set the receiving side checks.
@@ -177,112 +255,74 @@ impl Transport {
     }
 }
 
+/// Opens one peer's stream, and reopens it (with backoff) whenever it breaks.
 struct PeerSender {
     id: u64,
     url: String,
     ctx: TransportContext,
     cancel: CancellationToken,
+    link: Arc<Link>,
 }
 
 impl PeerSender {
-    async fn run(self, mut rx: mpsc::Receiver<Message>) {
-        let mut backoff = Duration::from_millis(50);
+    async fn run(self) {
+        let mut backoff = MIN_BACKOFF;
         loop {
-            let first = tokio::select! {
-                m = rx.recv() => match m { Some(m) => m, None => return },
-                _ = self.cancel.cancelled() => return self.drop_queued(&mut rx).await,
-            };
-            // A snapshot travels on its own connection and reports its own outcome; it must not
-            // be lost with a stream that fails to connect.
-            if first.get_msg_type() == MessageType::MsgSnapshot {
-                tokio::spawn(send_snapshot(self.url.clone(), self.id, first, self.ctx.clone()));
-                continue;
-            }
-            match self.stream(first, &mut rx).await {
-                Ok(()) => return self.drop_queued(&mut rx).await,
+            let result = self.stream(&mut backoff).await;
+            self.link.close();
+            match result {
+                Ok(()) => return,
                 Err(e) => {
                     tracing::debug!(peer = self.id, url = %self.url, error = %e, "peer stream broken");
                     let _ = self.ctx.inbox.try_send(RaftInput::Unreachable(self.id));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = self.cancel.cancelled() => return self.drop_queued(&mut rx).await,
+                        _ = self.cancel.cancelled() => return,
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
-                    // What queued up while the peer was away is stale; Raft resends what matters.
-                    self.drop_queued(&mut rx).await;
                 }
             }
         }
     }
 
-    /// Drops every queued message. Raft resends appends and heartbeats by itself, but keeps a
-    /// peer in its snapshot state until the snapshot's outcome is reported: report each dropped
-    /// snapshot as failed so the leader sends a new one.
-    async fn drop_queued(&self, rx: &mut mpsc::Receiver<Message>) {
-        while let Ok(m) = rx.try_recv() {
-            if m.get_msg_type() == MessageType::MsgSnapshot {
-                let _ = self
-                    .ctx
-                    .inbox
-                    .send_async(RaftInput::SnapshotSent { to: self.id, ok: false })
-                    .await;
+    /// Opens the stream and holds it open until it breaks (Err) or the peer is removed (Ok).
+    async fn stream(&self, backoff: &mut Duration) -> Result<(), String> {
+        let mut sender = tokio::select! {
+            s = self.ctx.peer_client.connect::<PeerBody>(&self.url) => s?,
+            _ = self.cancel.cancelled() => return Ok(()),
+        };
+        *backoff = MIN_BACKOFF;
+        let (body_tx, body_rx) = mpsc::channel(STREAM_CHUNKS);
+        let link = self.link.clone();
+        let frames = ReceiverStream::new(body_rx).map(move |frame: Result<Frame<Bytes>, std::io::Error>| {
+            if let Some(data) = frame.as_ref().ok().and_then(Frame::data_ref) {
+                link.queued.fetch_sub(data.len(), Ordering::Relaxed);
             }
-        }
-    }
-
-    /// Streams messages over one request until it breaks (Err) or the peer is removed (Ok).
-    async fn stream(&self, first: Message, rx: &mut mpsc::Receiver<Message>) -> Result<(), String> {
-        let mut sender = self.ctx.peer_client.connect::<PeerBody>(&self.url).await?;
-        let (body_tx, body_rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
-        let body = BoxBody::new(StreamBody::new(ReceiverStream::new(body_rx)));
+            frame
+        });
         let req = hyper::Request::post(format!("{}/raft/stream", self.url))
             .header(CLUSTER_ID_HEADER, self.ctx.cluster_id.load(Ordering::Relaxed))
             .header(FROM_HEADER, self.ctx.self_id)
             .header(PEER_URL_HEADER, self.ctx.advertise_url.as_deref().unwrap_or(""))
-            .body(body)
+            .body(BoxBody::new(StreamBody::new(frames)))
             .map_err(|e| e.to_string())?;
         let response = sender.send_request(req);
         tokio::pin!(response);
-        let mut next = Some(first);
-        loop {
-            let mut chunk = BytesMut::new();
-            while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
-                if msg.get_msg_type() == MessageType::MsgSnapshot {
-                    tokio::spawn(send_snapshot(self.url.clone(), self.id, msg, self.ctx.clone()));
-                } else {
-                    encode_frame(&msg, &mut chunk);
-                }
-                if chunk.len() >= MAX_CHUNK {
-                    break;
-                }
-            }
-            // The peer's answer is checked first and also after a failed write: a peer that
-            // refuses this member (410 member_removed) answers and closes, and that answer is
-            // how a removed member learns of its removal.
-            if !chunk.is_empty() {
-                let sent = tokio::select! {
-                    biased;
-                    r = &mut response => return Err(self.response_error(r)),
-                    r = body_tx.send(Ok(Frame::data(chunk.freeze()))) => r,
-                };
-                if sent.is_err() {
-                    return match tokio::time::timeout(CONNECT_TIMEOUT, &mut response).await {
-                        Ok(r) => Err(self.response_error(r)),
-                        Err(_) => Err("stream body closed".to_string()),
-                    };
-                }
-            }
-            tokio::select! {
-                biased;
-                r = &mut response => return Err(self.response_error(r)),
-                _ = self.cancel.cancelled() => return Ok(()),
-                m = rx.recv() => match m { Some(m) => next = Some(m), None => return Ok(()) },
-            }
+        self.link.open(body_tx.clone());
+        // The peer's answer is watched throughout: a peer that refuses this member (410
+        // member_removed) answers and closes, and that answer is how a removed member learns of
+        // its removal. A connection that ends without one closes the body.
+        tokio::select! {
+            biased;
+            r = &mut response => Err(self.response_error(r)),
+            _ = self.cancel.cancelled() => Ok(()),
+            _ = body_tx.closed() => match tokio::time::timeout(CONNECT_TIMEOUT, &mut response).await {
+                Ok(r) => Err(self.response_error(r)),
+                Err(_) => Err("stream body closed".to_string()),
+            },
         }
     }
-}
 
-impl PeerSender {
     fn response_error(&self, r: Result<hyper::Response<hyper::body::Incoming>, hyper::Error>) -> String {
         match r {
             Ok(resp) => {
