@@ -508,8 +508,10 @@ impl Consensus {
 
         // 1. A leader sends its appends before persisting them: replication and the local fsync
         //    overlap (Raft thesis 10.2.1). Its own entries count toward commit only once persisted.
-        //    The streams' connections run on this thread: yield once so that they write the
-        //    appends to the sockets before the fsync below blocks it.
+        //    The streams' connections run on this thread: yield once so that they can write the
+        //    appends to the sockets before the fsync below blocks it. That they run before this
+        //    task resumes is tokio's current scheduling, not a promise, and only speed depends on
+        //    it: the appends may as well leave after the fsync.
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
             if !ready.entries().is_empty() {

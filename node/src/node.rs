@@ -204,11 +204,13 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
     };
     // The consensus thread's own runtime: the consensus loop and both sides of the peer
     // transport run on it (see `consensus`), built here so the transport can spawn onto it.
-    let consensus_runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .io_context(|| "build the consensus runtime".into())?;
-    let transport = Transport::new(transport_ctx.clone(), consensus_runtime.handle().clone());
+    let consensus_runtime = ConsensusRuntime(Some(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .io_context(|| "build the consensus runtime".into())?,
+    ));
+    let transport = Transport::new(transport_ctx.clone(), consensus_runtime.handle());
     let tuning = Tuning {
         tick: std::time::Duration::from_millis(cfg.tick_ms),
         election_ticks: cfg.election_ticks,
@@ -299,7 +301,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
         "client",
     )));
     let peer_server = server::serve(
-        peer_listener_for(peer, &consensus_runtime)?,
+        peer_listener_for(peer, consensus_runtime.get())?,
         peer_router,
         limits(peer_cap),
         peer_source,
@@ -355,6 +357,29 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
     })
 }
 
+/// The consensus thread's runtime until the thread takes it. Should `start` fail before that, it
+/// is dropped inside the async caller, where dropping a runtime panics; it shuts down in the
+/// background instead, so the error reaches the user as one line.
+struct ConsensusRuntime(Option<tokio::runtime::Runtime>);
+
+impl ConsensusRuntime {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("taken only by spawn_consensus_thread")
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.get().handle().clone()
+    }
+}
+
+impl Drop for ConsensusRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// A part of the member that ends with a result.
 type MemberTask = tokio::task::JoinHandle<Result<()>>;
 
@@ -369,12 +394,13 @@ fn peer_listener_for(peer: TcpListener, runtime: &tokio::runtime::Runtime) -> Re
 /// Returns a handle that ends with the loop's result, and one that ends when the thread is gone
 /// (the peer port closed, every peer stream ended), which shutdown waits for.
 fn spawn_consensus_thread(
-    runtime: tokio::runtime::Runtime,
+    mut runtime: ConsensusRuntime,
     consensus: Consensus,
     peer_server: impl std::future::Future<Output = Result<()>> + Send + 'static,
 ) -> Result<(MemberTask, MemberTask)> {
     let (result_tx, result_rx) = tokio::sync::oneshot::channel();
     let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+    let runtime = runtime.0.take().expect("taken once");
     std::thread::Builder::new()
         .name("raftkv-consensus".into())
         .spawn(move || {

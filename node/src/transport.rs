@@ -4,10 +4,10 @@
 //! Each peer has one long-lived `POST /raft/stream` request whose body is an endless sequence of
 //! frames (`u32 LE length | protobuf Message`). A sender task per peer opens it, watches it and
 //! reopens it when it breaks; the consensus thread writes into it directly: the messages of one
-//! `Ready` for one peer become one body chunk, handed to the stream's connection without another
-//! task in between. The consensus thread never waits on a peer: a peer whose stream is down, or
-//! whose stream has `MAX_QUEUED_BYTES` not yet taken by its connection, loses the message (Raft
-//! retransmits) and is reported unreachable.
+//! `Ready` for one peer become one body chunk (or several of at most `MAX_CHUNK` bytes), handed
+//! to the stream's connection without another task in between. The consensus thread never waits
+//! on a peer: a peer whose stream is down, or whose stream has `MAX_QUEUED_BYTES` not yet taken
+//! by its connection, loses the message (Raft retransmits) and is reported unreachable.
 //!
 //! Both sides run on the consensus thread's runtime (see [`crate::node`]): the sending
 //! connections and the peer port's server. A message from the leader is read, stepped, persisted
@@ -55,8 +55,12 @@ pub const FROM_HEADER: &str = "x-raftkv-from";
 /// Header carrying the sender's advertised peer URL, so a member that has not yet received the
 /// membership (a new learner) can answer the leader.
 pub const PEER_URL_HEADER: &str = "x-raftkv-peer-url";
-/// Body chunks (one per `Ready` per peer) queued on a stream before new ones are dropped.
+/// Body chunks (about one per `Ready` per peer) queued on a stream before new ones are dropped.
 const STREAM_CHUNKS: usize = 4096;
+/// Bytes gathered into one body chunk at most (one larger message is a chunk of its own): a
+/// lagging follower's catch-up (up to 256 appends of 1 MiB in one `Ready`) leaves in pieces
+/// that each fit the stream's bound, rather than as one chunk it never accepts.
+const MAX_CHUNK: usize = 4 << 20;
 /// Bytes queued on a stream, not yet taken by its connection, before new chunks are dropped: a
 /// slow peer costs bounded memory.
 const MAX_QUEUED_BYTES: usize = 64 << 20;
@@ -90,41 +94,51 @@ pub struct TransportContext {
 
 type BodyTx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
 
+/// One open stream's body, as the consensus thread writes into it.
+struct OpenStream {
+    tx: BodyTx,
+    /// Bytes written into this stream's body and not yet taken by its connection. Each stream
+    /// has its own count: a replaced stream's connection may still take frames after the next
+    /// stream opened (a refused stream's body is drained for a while), and must not change the
+    /// count of the new one.
+    queued: Arc<AtomicUsize>,
+}
+
 /// One peer's stream as both its writer (the consensus thread) and its sender task see it.
 #[derive(Default)]
 struct Link {
-    /// The open stream's body; `None` while it is being (re)opened.
-    body: parking_lot::Mutex<Option<BodyTx>>,
-    /// Bytes written into the body and not yet taken by the connection.
-    queued: AtomicUsize,
+    /// The open stream; `None` while it is being (re)opened.
+    body: parking_lot::Mutex<Option<OpenStream>>,
 }
 
 impl Link {
-    /// Queues one chunk on the open stream; false when there is none or it is full.
+    /// Queues one chunk on the open stream; false when there is none or it is full. A chunk
+    /// larger than the bound is taken when nothing else is queued, so that no message is too
+    /// large to ever leave.
     fn offer(&self, chunk: Bytes) -> bool {
         let len = chunk.len();
-        if self.queued.load(Ordering::Relaxed) + len > MAX_QUEUED_BYTES {
-            return false;
-        }
         let body = self.body.lock();
-        let Some(tx) = body.as_ref() else {
+        let Some(body) = body.as_ref() else {
             return false;
         };
-        if tx.try_send(Ok(Frame::data(chunk))).is_err() {
+        let queued = body.queued.load(Ordering::Relaxed);
+        if queued > 0 && queued.saturating_add(len) > MAX_QUEUED_BYTES {
             return false;
         }
-        self.queued.fetch_add(len, Ordering::Relaxed);
+        body.queued.fetch_add(len, Ordering::Relaxed);
+        if body.tx.try_send(Ok(Frame::data(chunk))).is_err() {
+            body.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
         true
     }
 
-    fn open(&self, tx: BodyTx) {
-        self.queued.store(0, Ordering::Relaxed);
-        *self.body.lock() = Some(tx);
+    fn open(&self, tx: BodyTx, queued: Arc<AtomicUsize>) {
+        *self.body.lock() = Some(OpenStream { tx, queued });
     }
 
     fn close(&self) {
         *self.body.lock() = None;
-        self.queued.store(0, Ordering::Relaxed);
     }
 }
 
@@ -194,9 +208,10 @@ impl Transport {
     }
 
     /// Writes messages into their peers' streams without waiting: the messages for one peer go
-    /// out as one chunk. A snapshot starts its own transfer.
+    /// out as one chunk, or several of at most `MAX_CHUNK` bytes, in order; once the stream
+    /// refuses one, the rest for that peer are dropped. A snapshot starts its own transfer.
     pub fn send(&mut self, msgs: Vec<Message>) {
-        let mut chunks: Vec<(u64, BytesMut)> = Vec::new();
+        let mut outgoing: Vec<Outgoing> = Vec::new();
         for msg in msgs {
             let to = msg.to;
             if msg.get_msg_type() == MessageType::MsgSnapshot {
@@ -209,25 +224,43 @@ impl Transport {
                 }
                 continue;
             }
-            let chunk = match chunks.iter_mut().position(|(id, _)| *id == to) {
-                Some(i) => &mut chunks[i].1,
+            let out = match outgoing.iter().position(|o| o.to == to) {
+                Some(i) => &mut outgoing[i],
                 None => {
-                    chunks.push((to, BytesMut::new()));
-                    &mut chunks.last_mut().expect("just pushed").1
+                    outgoing.push(Outgoing {
+                        to,
+                        chunk: BytesMut::new(),
+                        refused: false,
+                    });
+                    outgoing.last_mut().expect("just pushed")
                 }
             };
-            encode_frame(&msg, chunk);
+            if out.refused {
+                continue;
+            }
+            encode_frame(&msg, &mut out.chunk);
+            if out.chunk.len() >= MAX_CHUNK {
+                let chunk = out.chunk.split().freeze();
+                out.refused = !self.offer(to, chunk);
+            }
         }
-        for (to, chunk) in chunks {
-            let sent = match self.peers.get(&to) {
-                Some(peer) => peer.link.offer(chunk.freeze()),
-                None => {
-                    tracing::debug!(to, "message to a peer with no known URL dropped");
-                    false
-                }
-            };
-            if !sent && !self.unreachable.contains(&to) {
-                self.unreachable.push(to);
+        for mut out in outgoing {
+            if !out.refused && !out.chunk.is_empty() {
+                let chunk = out.chunk.split().freeze();
+                out.refused = !self.offer(out.to, chunk);
+            }
+            if out.refused && !self.unreachable.contains(&out.to) {
+                self.unreachable.push(out.to);
+            }
+        }
+    }
+
+    fn offer(&self, to: u64, chunk: Bytes) -> bool {
+        match self.peers.get(&to) {
+            Some(peer) => peer.link.offer(chunk),
+            None => {
+                tracing::debug!(to, "message to a peer with no known URL dropped");
+                false
             }
         }
     }
@@ -255,6 +288,14 @@ impl Transport {
     }
 }
 
+/// One peer's share of one `send`: its encoded messages not yet offered, and whether its stream
+/// refused a chunk.
+struct Outgoing {
+    to: u64,
+    chunk: BytesMut,
+    refused: bool,
+}
+
 /// Opens one peer's stream, and reopens it (with backoff) whenever it breaks.
 struct PeerSender {
     id: u64,
@@ -268,13 +309,20 @@ impl PeerSender {
     async fn run(self) {
         let mut backoff = MIN_BACKOFF;
         loop {
-            let result = self.stream(&mut backoff).await;
+            let mut opened = None;
+            let result = self.stream(&mut opened).await;
             self.link.close();
             match result {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::debug!(peer = self.id, url = %self.url, error = %e, "peer stream broken");
                     let _ = self.ctx.inbox.try_send(RaftInput::Unreachable(self.id));
+                    // Only a stream that stayed up a while resets the backoff: a peer that
+                    // accepts the connection and refuses the stream (restarting, or refusing a
+                    // removed member) is not redialled every 50 ms.
+                    if opened.is_some_and(|at: tokio::time::Instant| at.elapsed() >= MAX_BACKOFF) {
+                        backoff = MIN_BACKOFF;
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = self.cancel.cancelled() => return,
@@ -285,18 +333,20 @@ impl PeerSender {
         }
     }
 
-    /// Opens the stream and holds it open until it breaks (Err) or the peer is removed (Ok).
-    async fn stream(&self, backoff: &mut Duration) -> Result<(), String> {
+    /// Opens the stream (noting when in `opened`) and holds it open until it breaks (Err) or the
+    /// peer is removed (Ok).
+    async fn stream(&self, opened: &mut Option<tokio::time::Instant>) -> Result<(), String> {
         let mut sender = tokio::select! {
             s = self.ctx.peer_client.connect::<PeerBody>(&self.url) => s?,
             _ = self.cancel.cancelled() => return Ok(()),
         };
-        *backoff = MIN_BACKOFF;
+        *opened = Some(tokio::time::Instant::now());
         let (body_tx, body_rx) = mpsc::channel(STREAM_CHUNKS);
-        let link = self.link.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
         let frames = ReceiverStream::new(body_rx).map(move |frame: Result<Frame<Bytes>, std::io::Error>| {
             if let Some(data) = frame.as_ref().ok().and_then(Frame::data_ref) {
-                link.queued.fetch_sub(data.len(), Ordering::Relaxed);
+                taken.fetch_sub(data.len(), Ordering::Relaxed);
             }
             frame
         });
@@ -308,7 +358,7 @@ impl PeerSender {
             .map_err(|e| e.to_string())?;
         let response = sender.send_request(req);
         tokio::pin!(response);
-        self.link.open(body_tx.clone());
+        self.link.open(body_tx.clone(), queued);
         // The peer's answer is watched throughout: a peer that refuses this member (410
         // member_removed) answers and closes, and that answer is how a removed member learns of
         // its removal. A connection that ends without one closes the body.
@@ -638,4 +688,61 @@ async fn receive_snapshot_inner(ctx: &TransportContext, body: Body) -> Result<()
         .send_async(RaftInput::Peer(msg))
         .await
         .map_err(|_| "shutting down".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(link: &Link) -> (mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>, Arc<AtomicUsize>) {
+        let (tx, rx) = mpsc::channel(STREAM_CHUNKS);
+        let queued = Arc::new(AtomicUsize::new(0));
+        link.open(tx, queued.clone());
+        (rx, queued)
+    }
+
+    fn taken(rx: &mut mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>, queued: &AtomicUsize) -> usize {
+        let frame = rx.try_recv().expect("a queued chunk").expect("data");
+        let len = frame.data_ref().expect("a data frame").len();
+        queued.fetch_sub(len, Ordering::Relaxed);
+        len
+    }
+
+    #[test]
+    fn a_link_without_an_open_stream_refuses_every_chunk() {
+        let link = Link::default();
+        assert!(!link.offer(Bytes::from_static(b"frame")));
+        let (rx, _) = stream(&link);
+        link.close();
+        assert!(!link.offer(Bytes::from_static(b"frame")));
+        drop(rx);
+    }
+
+    #[test]
+    fn a_stream_holds_at_most_its_byte_bound_but_always_takes_a_chunk_when_empty() {
+        let link = Link::default();
+        let (mut rx, queued) = stream(&link);
+        let big = Bytes::from(vec![1u8; MAX_QUEUED_BYTES + 1]);
+        assert!(link.offer(big.clone()), "an oversized chunk on an empty stream leaves");
+        assert!(!link.offer(Bytes::from_static(b"x")), "nothing fits behind it");
+        assert_eq!(taken(&mut rx, &queued), MAX_QUEUED_BYTES + 1);
+        let half = Bytes::from(vec![2u8; MAX_QUEUED_BYTES / 2]);
+        assert!(link.offer(half.clone()));
+        assert!(link.offer(half.clone()));
+        assert!(!link.offer(Bytes::from_static(b"x")), "the bound is reached");
+        assert_eq!(queued.load(Ordering::Relaxed), MAX_QUEUED_BYTES);
+    }
+
+    #[test]
+    fn frames_a_replaced_stream_gives_up_late_do_not_change_the_new_streams_count() {
+        let link = Link::default();
+        let (mut old_rx, old_queued) = stream(&link);
+        assert!(link.offer(Bytes::from(vec![0u8; 1000])));
+        // The stream is replaced while its frame is still queued; its connection takes it later.
+        let (_new_rx, new_queued) = stream(&link);
+        assert!(link.offer(Bytes::from(vec![0u8; 10])));
+        assert_eq!(taken(&mut old_rx, &old_queued), 1000);
+        assert_eq!(old_queued.load(Ordering::Relaxed), 0);
+        assert_eq!(new_queued.load(Ordering::Relaxed), 10);
+    }
 }
