@@ -133,8 +133,35 @@ impl Link {
         true
     }
 
-    fn open(&self, tx: BodyTx, queued: Arc<AtomicUsize>) {
-        *self.body.lock() = Some(OpenStream { tx, queued });
+    /// Opens a new stream in place of any other: returns a sender that closes when the stream's
+    /// connection ends, and the body the connection takes frames from, which keeps the new
+    /// stream's count of queued bytes.
+    fn open(
+        &self,
+    ) -> (
+        BodyTx,
+        impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + 'static,
+    ) {
+        let (tx, rx) = mpsc::channel(STREAM_CHUNKS);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
+        let frames = ReceiverStream::new(rx).map(move |frame: Result<Frame<Bytes>, std::io::Error>| {
+            if let Some(data) = frame.as_ref().ok().and_then(Frame::data_ref) {
+                taken.fetch_sub(data.len(), Ordering::Relaxed);
+            }
+            frame
+        });
+        *self.body.lock() = Some(OpenStream { tx: tx.clone(), queued });
+        (tx, frames)
+    }
+
+    /// Bytes queued on the open stream (0 without one).
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.body
+            .lock()
+            .as_ref()
+            .map_or(0, |b| b.queued.load(Ordering::Relaxed))
     }
 
     fn close(&self) {
@@ -176,6 +203,7 @@ impl Transport {
 
     /// Adds a peer, or moves it to a new URL; its stream is opened at once.
     pub fn set_peer(&mut self, id: u64, url: &str) {
+        let url = url.trim_end_matches('/');
         if self.peers.get(&id).is_some_and(|p| p.url == url) {
             return;
         }
@@ -184,7 +212,7 @@ impl Transport {
         let link = Arc::new(Link::default());
         let sender = PeerSender {
             id,
-            url: url.trim_end_matches('/').to_string(),
+            url: url.to_string(),
             ctx: self.ctx.clone(),
             cancel: cancel.clone(),
             link: link.clone(),
@@ -217,8 +245,8 @@ impl Transport {
             if msg.get_msg_type() == MessageType::MsgSnapshot {
                 match self.peers.get(&to) {
                     Some(peer) => {
-                        let url = peer.url.trim_end_matches('/').to_string();
-                        self.runtime.spawn(send_snapshot(url, to, msg, self.ctx.clone()));
+                        self.runtime
+                            .spawn(send_snapshot(peer.url.clone(), to, msg, self.ctx.clone()));
                     }
                     None => self.failed_snapshots.push(to),
                 }
@@ -341,15 +369,7 @@ impl PeerSender {
             _ = self.cancel.cancelled() => return Ok(()),
         };
         *opened = Some(tokio::time::Instant::now());
-        let (body_tx, body_rx) = mpsc::channel(STREAM_CHUNKS);
-        let queued = Arc::new(AtomicUsize::new(0));
-        let taken = queued.clone();
-        let frames = ReceiverStream::new(body_rx).map(move |frame: Result<Frame<Bytes>, std::io::Error>| {
-            if let Some(data) = frame.as_ref().ok().and_then(Frame::data_ref) {
-                taken.fetch_sub(data.len(), Ordering::Relaxed);
-            }
-            frame
-        });
+        let (body_tx, frames) = self.link.open();
         let req = hyper::Request::post(format!("{}/raft/stream", self.url))
             .header(CLUSTER_ID_HEADER, self.ctx.cluster_id.load(Ordering::Relaxed))
             .header(FROM_HEADER, self.ctx.self_id)
@@ -358,7 +378,6 @@ impl PeerSender {
             .map_err(|e| e.to_string())?;
         let response = sender.send_request(req);
         tokio::pin!(response);
-        self.link.open(body_tx.clone(), queued);
         // The peer's answer is watched throughout: a peer that refuses this member (410
         // member_removed) answers and closes, and that answer is how a removed member learns of
         // its removal. A connection that ends without one closes the body.
@@ -692,57 +711,58 @@ async fn receive_snapshot_inner(ctx: &TransportContext, body: Body) -> Result<()
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt;
+
     use super::*;
 
-    fn stream(link: &Link) -> (mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>, Arc<AtomicUsize>) {
-        let (tx, rx) = mpsc::channel(STREAM_CHUNKS);
-        let queued = Arc::new(AtomicUsize::new(0));
-        link.open(tx, queued.clone());
-        (rx, queued)
-    }
-
-    fn taken(rx: &mut mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>, queued: &AtomicUsize) -> usize {
-        let frame = rx.try_recv().expect("a queued chunk").expect("data");
-        let len = frame.data_ref().expect("a data frame").len();
-        queued.fetch_sub(len, Ordering::Relaxed);
-        len
+    /// Takes the next frame off a stream's body as its connection would; its length.
+    fn take(frames: &mut (impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Unpin)) -> usize {
+        let frame = frames
+            .next()
+            .now_or_never()
+            .flatten()
+            .expect("a queued chunk")
+            .expect("data");
+        frame.data_ref().expect("a data frame").len()
     }
 
     #[test]
     fn a_link_without_an_open_stream_refuses_every_chunk() {
         let link = Link::default();
         assert!(!link.offer(Bytes::from_static(b"frame")));
-        let (rx, _) = stream(&link);
+        let (_tx, frames) = link.open();
         link.close();
         assert!(!link.offer(Bytes::from_static(b"frame")));
-        drop(rx);
+        drop(frames);
     }
 
     #[test]
     fn a_stream_holds_at_most_its_byte_bound_but_always_takes_a_chunk_when_empty() {
         let link = Link::default();
-        let (mut rx, queued) = stream(&link);
+        let (_tx, frames) = link.open();
+        let mut frames = Box::pin(frames);
         let big = Bytes::from(vec![1u8; MAX_QUEUED_BYTES + 1]);
         assert!(link.offer(big.clone()), "an oversized chunk on an empty stream leaves");
         assert!(!link.offer(Bytes::from_static(b"x")), "nothing fits behind it");
-        assert_eq!(taken(&mut rx, &queued), MAX_QUEUED_BYTES + 1);
+        assert_eq!(take(&mut frames), MAX_QUEUED_BYTES + 1);
+        assert_eq!(link.queued(), 0, "taking a frame gives its bytes back");
         let half = Bytes::from(vec![2u8; MAX_QUEUED_BYTES / 2]);
         assert!(link.offer(half.clone()));
         assert!(link.offer(half.clone()));
         assert!(!link.offer(Bytes::from_static(b"x")), "the bound is reached");
-        assert_eq!(queued.load(Ordering::Relaxed), MAX_QUEUED_BYTES);
+        assert_eq!(link.queued(), MAX_QUEUED_BYTES);
     }
 
     #[test]
     fn frames_a_replaced_stream_gives_up_late_do_not_change_the_new_streams_count() {
         let link = Link::default();
-        let (mut old_rx, old_queued) = stream(&link);
+        let (_old_tx, old_frames) = link.open();
+        let mut old_frames = Box::pin(old_frames);
         assert!(link.offer(Bytes::from(vec![0u8; 1000])));
         // The stream is replaced while its frame is still queued; its connection takes it later.
-        let (_new_rx, new_queued) = stream(&link);
+        let (_new_tx, _new_frames) = link.open();
         assert!(link.offer(Bytes::from(vec![0u8; 10])));
-        assert_eq!(taken(&mut old_rx, &old_queued), 1000);
-        assert_eq!(old_queued.load(Ordering::Relaxed), 0);
-        assert_eq!(new_queued.load(Ordering::Relaxed), 10);
+        assert_eq!(take(&mut old_frames), 1000);
+        assert_eq!(link.queued(), 10);
     }
 }
