@@ -122,12 +122,9 @@ impl RunningNode {
 /// Recovers the member from its data directory and starts it.
 pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
     let started = Instant::now();
-    let client = TcpListener::bind(cfg.client_addr)
-        .await
-        .io_context(|| format!("bind client address {}", cfg.client_addr))?;
-    let peer = TcpListener::bind(cfg.peer_addr)
-        .await
-        .io_context(|| format!("bind peer address {}", cfg.peer_addr))?;
+    let client =
+        server::bind_listener(cfg.client_addr).io_context(|| format!("bind client address {}", cfg.client_addr))?;
+    let peer = server::bind_listener(cfg.peer_addr).io_context(|| format!("bind peer address {}", cfg.peer_addr))?;
     let client_addr = client.local_addr().io_context(|| "client address".into())?;
     let peer_addr = peer.local_addr().io_context(|| "peer address".into())?;
     // Certificates are read before anything else starts: a missing or broken file is a

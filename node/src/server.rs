@@ -540,6 +540,27 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<I> {
     }
 }
 
+/// Connections the kernel holds for a port before the accept loop takes them; the kernel
+/// lowers it to `net.core.somaxconn`. The default of `TcpListener::bind` (128) overflows when
+/// a few hundred clients connect at once (a fleet reconnecting after a leader change): the
+/// kernel then answers with SYN cookies, and a connection whose cookie it cannot take back
+/// into the full queue is reset after the client already sent its request. Go's `net.Listen`
+/// (etcd) uses `somaxconn` too.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds a listening TCP socket on `addr` with [`ACCEPT_BACKLOG`] (and `SO_REUSEADDR`, as
+/// `TcpListener::bind` sets, so a restarted member rebinds over its closing connections).
+pub fn bind_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// Raises this process's soft limit on open files to its hard limit, so that the connection
 /// caps can be reached, and returns the connections the limit leaves room for. A cap the
 /// limit cannot hold is lowered to fit, with a warning: accepting until `EMFILE` would fail
