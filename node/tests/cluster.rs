@@ -77,6 +77,43 @@ async fn replicated_put_get_delete_and_cas_work_through_any_member() {
     assert_eq!(rest["items"][0]["value"], "kiwi");
     assert_eq!(rest["more"], false);
 
+    // Keys are bytes: a listing by a binary prefix (percent-encoded in the query like the key in
+    // the path) finds them, and a malformed escape is an error rather than a prefix of nothing.
+    for key in ["bin%FF%00a", "bin%ff%01b", "bio"] {
+        let put = c
+            .request(Method::PUT, leader, &format!("/v1/kv/{key}"), &[], Some(b"v".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(put.status, 200, "{}", put.text());
+    }
+    let binary = c.get(follower, "/v1/kv?prefix=bin%ff").await.unwrap().json();
+    let keys: Vec<_> = binary["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key_base64"].clone())
+        .collect();
+    assert_eq!(
+        keys,
+        ["Ymlu/wBh", "Ymlu/wFi"].map(|k| serde_json::json!(k)).to_vec(),
+        "{binary}"
+    );
+    let after = c
+        .get(follower, "/v1/kv?prefix=bin%ff&start_after=bin%ff%00a")
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(after["items"].as_array().unwrap().len(), 1, "{after}");
+    for bad in [
+        "/v1/kv?prefix=bin%zz",
+        "/v1/kv?prefix=bin%f",
+        "/v1/kv?prefix=a&prefix=b",
+    ] {
+        let r = c.get(follower, bad).await.unwrap();
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert_eq!(r.json()["error"], "invalid_query", "{bad}");
+    }
+
     // Delete through a follower, then the key is gone everywhere.
     let del = c.delete(follower, "/v1/kv/fruit").await.unwrap();
     assert_eq!(del.status, 200);

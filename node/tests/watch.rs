@@ -170,7 +170,14 @@ async fn a_watch_replays_from_a_revision_then_streams_live_changes_in_order() {
         k.changes(2).await.unwrap(),
         vec![("put".into(), "g/a".into(), first), ("put".into(), "g/a".into(), third)]
     );
-    for bad in ["", "prefix=a&key=b", "key=", "start_revision=x&prefix="] {
+    for bad in [
+        "",
+        "prefix=a&key=b",
+        "key=",
+        "start_revision=x&prefix=",
+        "prefix=%zz",
+        "key=a&key=b",
+    ] {
         let (status, body) = open(&http, &c.members[leader].url(), bad).await.unwrap().err().unwrap();
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body["error"].is_string(), "{body}");

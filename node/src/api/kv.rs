@@ -16,7 +16,7 @@ use raftkv_api::{codes, DeleteResponse, ListItem, ListResponse, WriteResponse};
 use serde::Deserialize;
 
 use super::error::{ApiError, ApiResult};
-use super::request::{content_length, read_body, too_large, ClientQuery};
+use super::request::{content_length, percent_decode_strict, read_body, too_large, ClientQuery, KeyParams};
 use super::{ApiState, DEFAULT_LIST_LIMIT, MAX_KEY_LEN, MAX_LIST_BYTES, MAX_LIST_LIMIT};
 use crate::command::{Op, Precondition};
 use crate::kv::ApplyOutcome;
@@ -26,29 +26,14 @@ pub(super) async fn empty_key() -> ApiError {
 }
 
 /// Decodes the key from the raw path, strictly: a malformed escape is an error, not a literal.
-///
-/// Hand-written rather than `percent_encoding::percent_decode`, which passes a malformed escape
-/// (`%zz`, a trailing `%2`) through as literal bytes: a key must mean one thing only.
 pub fn parse_key(path: &str) -> Result<Bytes, ApiError> {
     let raw = path.strip_prefix("/v1/kv/").unwrap_or_default().as_bytes();
-    let mut key = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        if raw[i] == b'%' {
-            let hex = raw.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(|| {
-                ApiError::bad_request(
-                    codes::INVALID_KEY,
-                    format!("malformed percent-encoding at byte {i} of the key"),
-                )
-            })?;
-            key.push(byte);
-            i += 3;
-        } else {
-            key.push(raw[i]);
-            i += 1;
-        }
-    }
+    let key = percent_decode_strict(raw, false).map_err(|at| {
+        ApiError::bad_request(
+            codes::INVALID_KEY,
+            format!("malformed percent-encoding at byte {at} of the key"),
+        )
+    })?;
     if key.is_empty() || key.len() > MAX_KEY_LEN {
         return Err(ApiError::bad_request(
             codes::INVALID_KEY,
@@ -194,12 +179,10 @@ fn write_response(outcome: ApplyOutcome) -> ApiResult {
     }
 }
 
+/// The listing's typed parameters; `prefix` and `start_after` are [`KeyParams`].
 #[derive(Deserialize)]
 pub(super) struct ListParams {
-    #[serde(default)]
-    prefix: String,
     limit: Option<usize>,
-    start_after: Option<String>,
     #[serde(default)]
     stale: bool,
     /// List the keys as they were at this revision (within the retained history).
@@ -213,7 +196,11 @@ pub(super) fn text_or_base64(bytes: &[u8]) -> (Option<String>, Option<String>) {
     }
 }
 
-pub(super) async fn list(State(s): State<ApiState>, ClientQuery(q): ClientQuery<ListParams>) -> ApiResult {
+pub(super) async fn list(
+    State(s): State<ApiState>,
+    ClientQuery(q): ClientQuery<ListParams>,
+    keys: KeyParams,
+) -> ApiResult {
     let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT);
     if limit == 0 || limit > MAX_LIST_LIMIT {
         return Err(ApiError::bad_request(
@@ -228,7 +215,7 @@ pub(super) async fn list(State(s): State<ApiState>, ClientQuery(q): ClientQuery<
     } else {
         s.read_barrier().await?;
     }
-    let prefix = Bytes::from(q.prefix.into_bytes());
+    let prefix = keys.get("prefix").unwrap_or_default();
     // An O(1) clone of the persistent map: the page is built and encoded without holding the
     // lock the apply loop needs.
     let (data, revision) = match q.revision {
@@ -243,8 +230,8 @@ pub(super) async fn list(State(s): State<ApiState>, ClientQuery(q): ClientQuery<
             (state.data.clone(), state.applied_index)
         }
     };
-    let lower = match q.start_after {
-        Some(after) if after.as_bytes() >= prefix.as_ref() => Bound::Excluded(Bytes::from(after.into_bytes())),
+    let lower = match keys.get("start_after") {
+        Some(after) if after >= prefix => Bound::Excluded(after),
         _ => Bound::Included(prefix.clone()),
     };
     let mut items = Vec::new();

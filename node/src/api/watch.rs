@@ -22,17 +22,15 @@ use tokio::time::Instant;
 
 use super::error::{ApiError, ApiResult};
 use super::kv::text_or_base64;
-use super::request::ClientQuery;
+use super::request::{ClientQuery, KeyParams};
 use super::{ApiState, MAX_KEY_LEN};
 use crate::history::Change;
 use crate::watch::{Filter, Next, Watcher};
 
+/// The watch's typed parameters; what it follows is `prefix=` (empty for every key) or `key=`,
+/// read as [`KeyParams`].
 #[derive(Deserialize)]
 pub(super) struct WatchParams {
-    /// Follow every key under this prefix (`prefix=` for all keys).
-    prefix: Option<String>,
-    /// Follow this key only.
-    key: Option<String>,
     /// Replay every change from this revision on first; absent or 0: start after the current
     /// revision.
     start_revision: Option<u64>,
@@ -44,8 +42,8 @@ pub(super) struct WatchParams {
     progress_notify: bool,
 }
 
-fn filter_of(q: &WatchParams) -> ApiResult<Filter> {
-    match (&q.prefix, &q.key) {
+fn filter_of(keys: &KeyParams) -> ApiResult<Filter> {
+    match (keys.get("prefix"), keys.get("key")) {
         (Some(_), Some(_)) => Err(ApiError::bad_request(
             codes::INVALID_QUERY,
             "give either prefix= or key=, not both",
@@ -58,17 +56,21 @@ fn filter_of(q: &WatchParams) -> ApiResult<Filter> {
             codes::INVALID_KEY,
             format!("the prefix is longer than {MAX_KEY_LEN} bytes"),
         )),
-        (Some(p), None) => Ok(Filter::Prefix(Bytes::from(p.clone().into_bytes()))),
+        (Some(p), None) => Ok(Filter::Prefix(p)),
         (None, Some(k)) if k.is_empty() || k.len() > MAX_KEY_LEN => Err(ApiError::bad_request(
             codes::INVALID_KEY,
             format!("the key is {} bytes; keys are 1 to {MAX_KEY_LEN} bytes", k.len()),
         )),
-        (None, Some(k)) => Ok(Filter::Key(Bytes::from(k.clone().into_bytes()))),
+        (None, Some(k)) => Ok(Filter::Key(k)),
     }
 }
 
-pub(super) async fn watch(State(s): State<ApiState>, ClientQuery(q): ClientQuery<WatchParams>) -> ApiResult {
-    let filter = filter_of(&q)?;
+pub(super) async fn watch(
+    State(s): State<ApiState>,
+    ClientQuery(q): ClientQuery<WatchParams>,
+    keys: KeyParams,
+) -> ApiResult {
+    let filter = filter_of(&keys)?;
     s.ensure_member()?;
     // Linearizable start: everything committed before this call is applied here first.
     s.read_barrier().await?;
@@ -289,20 +291,15 @@ mod tests {
 
     #[test]
     fn a_watch_names_a_prefix_or_a_key_but_not_both() {
-        let q = |prefix: Option<&str>, key: Option<&str>| WatchParams {
-            prefix: prefix.map(str::to_string),
-            key: key.map(str::to_string),
-            start_revision: None,
-            prev_value: false,
-            progress_notify: false,
-        };
-        assert_eq!(filter_of(&q(Some(""), None)).unwrap(), Filter::Prefix(Bytes::new()));
+        let q = |query: &str| KeyParams::parse(query).unwrap();
+        assert_eq!(filter_of(&q("prefix=")).unwrap(), Filter::Prefix(Bytes::new()));
+        assert_eq!(filter_of(&q("key=k")).unwrap(), Filter::Key(Bytes::from_static(b"k")));
         assert_eq!(
-            filter_of(&q(None, Some("k"))).unwrap(),
-            Filter::Key(Bytes::from_static(b"k"))
+            filter_of(&q("prefix=%ff")).unwrap(),
+            Filter::Prefix(Bytes::from_static(b"\xff"))
         );
-        assert!(filter_of(&q(None, None)).is_err());
-        assert!(filter_of(&q(Some("a"), Some("b"))).is_err());
-        assert!(filter_of(&q(None, Some(""))).is_err());
+        assert!(filter_of(&q("")).is_err());
+        assert!(filter_of(&q("prefix=a&key=b")).is_err());
+        assert!(filter_of(&q("key=")).is_err());
     }
 }
