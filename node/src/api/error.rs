@@ -68,13 +68,16 @@ impl ApiError {
     /// A write proposed but not confirmed before the deadline (usually: no leader to commit
     /// it). A 504, not a 503, because the write may yet be applied; `Retry-After` as for 503.
     pub(crate) fn unknown_outcome() -> Self {
+        Self::unknown_outcome_because(
+            "the request was proposed but not confirmed before the deadline; it may or may not have been applied",
+        )
+    }
+
+    /// A `504 unknown_outcome` saying why the outcome is unknown.
+    pub(crate) fn unknown_outcome_because(message: impl Into<String>) -> Self {
         ApiError {
             retry_after: Some(1),
-            ..Self::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                codes::UNKNOWN_OUTCOME,
-                "the request was proposed but not confirmed before the deadline; it may or may not have been applied",
-            )
+            ..Self::new(StatusCode::GATEWAY_TIMEOUT, codes::UNKNOWN_OUTCOME, message)
         }
     }
 }
