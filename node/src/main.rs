@@ -198,22 +198,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         None => {
-            let parent = cli.node.stop_with_parent;
+            let stop = shutdown_signal(cli.node.stop_with_parent)?;
             let node = raftkv_node::node::start(cli.node).await?;
-            node.run_until(shutdown_signal(parent)).await?;
+            node.run_until(stop).await?;
             Ok(())
         }
     }
 }
 
-async fn shutdown_signal(parent: Option<u32>) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = parent_gone(parent) => tracing::warn!(parent, "the launching process is gone; shutting down"),
-    }
+/// Installs the SIGTERM and SIGINT handlers at once, before the member starts: a signal that
+/// arrives while it starts (a pod deleted while it starts, a launcher that gave up waiting) then
+/// stops it gracefully once it has started, instead of killing it by the default action. The
+/// future resolves on the first of them, or when the launching process is gone.
+fn shutdown_signal(parent: Option<u32>) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use anyhow::Context;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = parent_gone(parent) => tracing::warn!(parent, "the launching process is gone; shutting down"),
+        }
+    })
 }
 
 /// Resolves once `parent` is no longer this process's parent (it exited, even by SIGKILL, and

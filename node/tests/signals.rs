@@ -1,0 +1,70 @@
+//! Stopping a member: SIGTERM is a graceful stop at every point of its life, start-up included.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Waits until `f` returns `Some`, or panics naming `what` after `within`.
+fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills the member if the test ends before it exited.
+struct Reaped(Option<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn a_sigterm_while_the_member_starts_stops_it_gracefully() {
+    // The other initial member accepts connections and never answers, so the new member's
+    // bootstrap probe of it (made while it starts, before it serves) waits for its timeout.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let own_peer = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let member = Command::new(env!("CARGO_BIN_EXE_raftkv-node"))
+        .args(["--id", "1", "--client-addr", "127.0.0.1:0", "--peer-addr"])
+        .arg(own_peer.to_string())
+        .arg("--initial-cluster")
+        .arg(format!("1=http://{own_peer},2=http://{}", silent.local_addr().unwrap()))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running raftkv-node");
+    let pid = Pid::from_raw(member.id() as i32);
+    let mut member = Reaped(Some(member));
+    // The probe's connection: the member is inside its start-up now.
+    let _probe = wait_for("the bootstrap probe", Duration::from_secs(30), || silent.accept().ok());
+    kill(pid, Signal::SIGTERM).unwrap();
+    let child = member.0.as_mut().unwrap();
+    let status = wait_for("the member to exit", Duration::from_secs(60), || {
+        child.try_wait().unwrap()
+    });
+    let output = member.0.take().unwrap().wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        status.success(),
+        "exited with {status} on a SIGTERM while starting:\n{log}"
+    );
+    assert!(log.contains("SIGTERM received"), "{log}");
+}
