@@ -37,18 +37,30 @@ fn a_sigterm_while_the_member_starts_stops_it_gracefully() {
     // bootstrap probe of it (made while it starts, before it serves) waits for its timeout.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     silent.set_nonblocking(true).unwrap();
-    let own_peer = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("member.log");
+    // The log goes to a file, which cannot fill up and block the member as a pipe could.
+    let log = std::fs::File::create(&log_path).unwrap();
     let member = Command::new(env!("CARGO_BIN_EXE_raftkv-node"))
-        .args(["--id", "1", "--client-addr", "127.0.0.1:0", "--peer-addr"])
-        .arg(own_peer.to_string())
+        .args([
+            "--id",
+            "1",
+            "--client-addr",
+            "127.0.0.1:0",
+            "--peer-addr",
+            "127.0.0.1:0",
+        ])
         .arg("--initial-cluster")
-        .arg(format!("1=http://{own_peer},2=http://{}", silent.local_addr().unwrap()))
+        // Member 1's own URL is never dialled by itself; member 2 is the silent listener.
+        .arg(format!(
+            "1=http://127.0.0.1:9,2=http://{}",
+            silent.local_addr().unwrap()
+        ))
         .arg("--data-dir")
-        .arg(dir.path())
+        .arg(dir.path().join("data"))
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(log)
         .spawn()
         .expect("running raftkv-node");
     let pid = Pid::from_raw(member.id() as i32);
@@ -60,8 +72,8 @@ fn a_sigterm_while_the_member_starts_stops_it_gracefully() {
     let status = wait_for("the member to exit", Duration::from_secs(60), || {
         child.try_wait().unwrap()
     });
-    let output = member.0.take().unwrap().wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
+    member.0 = None;
+    let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         status.success(),
         "exited with {status} on a SIGTERM while starting:\n{log}"

@@ -95,7 +95,7 @@ pub(super) async fn forward_to_leader(
         )
     };
     // Once the call is on its way, a call that changes something and gets no answer has an
-    // unknown outcome: the leader may have applied it before the connection or it went away.
+    // unknown outcome: the leader may have applied it before the connection broke.
     let lost = |why: String| {
         if changes {
             ApiError::unknown_outcome_because(format!(
@@ -108,21 +108,24 @@ pub(super) async fn forward_to_leader(
     // The leader answers within its own deadline; a second more covers the hop.
     let deadline = s.deadline() + Duration::from_secs(1);
     // Until the connection is open nothing has reached the leader: a failure is a plain 503.
+    // `bounded` ends a wait at the deadline or when this member shuts down.
     let mut sender = s
         .bounded(deadline, s.forwarder.connect(url))
         .await
-        .ok_or_else(|| unreachable("no connection before the deadline".into()))?
+        .ok_or_else(|| unreachable("no connection before the deadline or shutdown".into()))?
         .map_err(unreachable)?;
-    let resp = s
-        .bounded(deadline, sender.send_request(req))
-        .await
-        .ok_or_else(|| lost("no answer before the deadline".into()))?
-        .map_err(|e| lost(e.to_string()))?;
+    let resp = match s.bounded(deadline, sender.try_send_request(req)).await {
+        None => return Err(lost("no answer before the deadline or shutdown".into())),
+        Some(Ok(resp)) => resp,
+        // The call came back unwritten (the connection closed first): it never left.
+        Some(Err(e)) if e.message().is_some() => return Err(unreachable(e.into_error().to_string())),
+        Some(Err(e)) => return Err(lost(e.into_error().to_string())),
+    };
     let (parts, body) = resp.into_parts();
     let body = s
         .bounded(deadline, body.collect())
         .await
-        .ok_or_else(|| lost("the answer did not arrive before the deadline".into()))?
+        .ok_or_else(|| lost("the answer did not arrive before the deadline or shutdown".into()))?
         .map_err(|e| lost(format!("reading the answer: {e}")))?
         .to_bytes();
     Ok(Some(Response::from_parts(parts, Body::from(body))))
@@ -134,7 +137,7 @@ mod tests {
     use std::sync::Arc;
 
     use axum::response::IntoResponse;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -211,6 +214,22 @@ mod tests {
         url
     }
 
+    /// A leader that answers each call with the head of a response and closes before its body.
+    async fn leader_that_breaks_off_its_answer() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = [0; 4096];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"members\"")
+                    .await;
+            }
+        });
+        url
+    }
+
     async fn forward(s: &ApiState, method: Method) -> (StatusCode, String) {
         let answer = forward_to_leader(s, &HeaderMap::new(), method, "/v1/members", Bytes::from_static(b"{}")).await;
         let resp = answer.expect_err("the call cannot succeed").into_response();
@@ -238,6 +257,15 @@ mod tests {
         assert_eq!(
             forward(&s, Method::GET).await,
             (StatusCode::SERVICE_UNAVAILABLE, codes::LEADER_UNREACHABLE.to_string())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_broken_off_after_its_head_leaves_the_outcome_unknown() {
+        let (s, _status) = follower_of(&leader_that_breaks_off_its_answer().await);
+        assert_eq!(
+            forward(&s, Method::POST).await,
+            (StatusCode::GATEWAY_TIMEOUT, codes::UNKNOWN_OUTCOME.to_string())
         );
     }
 

@@ -272,6 +272,8 @@ mod tests {
         assert_eq!(parse_key("/v1/kv/x/y").unwrap(), Bytes::from_static(b"x/y"));
         assert_eq!(parse_key("/v1/kv/%ff%00").unwrap(), Bytes::from_static(b"\xff\x00"));
         assert!(parse_key("/v1/kv/%zz").is_err());
+        assert!(parse_key("/v1/kv/%+f").is_err());
+        assert_eq!(parse_key("/v1/kv/a+b").unwrap(), Bytes::from_static(b"a+b"));
         assert!(parse_key("/v1/kv/abc%2").is_err());
         assert!(parse_key("/v1/kv/").is_err());
         assert!(parse_key(&format!("/v1/kv/{}", "k".repeat(MAX_KEY_LEN))).is_ok());

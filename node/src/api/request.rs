@@ -102,8 +102,11 @@ pub(crate) fn percent_decode_strict(raw: &[u8], plus_is_space: bool) -> Result<V
     while i < raw.len() {
         match raw[i] {
             b'%' => {
-                let hex = raw.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-                out.push(hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or(i)?);
+                // Two hex digits exactly: `u8::from_str_radix` alone would take `%+f` as 0x0F,
+                // a second spelling of the same byte.
+                let hex = raw.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+                let byte = hex.and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+                out.push(byte.ok_or(i)?);
                 i += 3;
             }
             b'+' if plus_is_space => {
@@ -136,6 +139,8 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for KeyParams {
 }
 
 impl KeyParams {
+    /// Decodes the key parameters of a raw query string (`a=1&prefix=x`); a parameter given
+    /// twice or a malformed escape in one is a `400 invalid_query`.
     pub(crate) fn parse(query: &str) -> ApiResult<KeyParams> {
         let mut pairs = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -151,7 +156,8 @@ impl KeyParams {
                 ApiError::bad_request(
                     codes::INVALID_QUERY,
                     format!(
-                        "malformed percent-encoding at byte {at} of {}=",
+                        "{}=: malformed percent-encoding at byte {at} of the value (a % must be followed by two \
+                         hex digits; write a literal % as %25)",
                         String::from_utf8_lossy(&name)
                     ),
                 )
@@ -192,7 +198,14 @@ mod tests {
         assert_eq!(q.get("key"), None);
         assert_eq!(KeyParams::parse("prefix").unwrap().get("prefix").unwrap(), Bytes::new());
         assert_eq!(KeyParams::parse("").unwrap().get("prefix"), None);
-        for bad in ["prefix=%zz", "prefix=a%2", "key=%", "prefix=a&prefix=b"] {
+        for bad in [
+            "prefix=%zz",
+            "prefix=a%2",
+            "key=%",
+            "prefix=%+f",
+            "prefix=%-1",
+            "prefix=a&prefix=b",
+        ] {
             assert!(KeyParams::parse(bad).is_err(), "{bad} accepted");
         }
         // A malformed escape outside the key parameters is left to the typed query.
