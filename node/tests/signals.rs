@@ -1,23 +1,13 @@
 //! Stopping a member: SIGTERM is a graceful stop at every point of its life, start-up included.
 
+mod support;
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-
-/// Waits until `f` returns `Some`, or panics naming `what` after `within`.
-fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use support::{wait_until, BIN, DEADLINE};
 
 /// Kills the member if the test ends before it exited.
 struct Reaped(Option<Child>);
@@ -31,8 +21,8 @@ impl Drop for Reaped {
     }
 }
 
-#[test]
-fn a_sigterm_while_the_member_starts_stops_it_gracefully() {
+#[tokio::test]
+async fn a_sigterm_while_the_member_starts_stops_it_gracefully() {
     // The other initial member accepts connections and never answers, so the new member's
     // bootstrap probe of it (made while it starts, before it serves) waits for its timeout.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -41,7 +31,7 @@ fn a_sigterm_while_the_member_starts_stops_it_gracefully() {
     let log_path = dir.path().join("member.log");
     // The log goes to a file, which cannot fill up and block the member as a pipe could.
     let log = std::fs::File::create(&log_path).unwrap();
-    let member = Command::new(env!("CARGO_BIN_EXE_raftkv-node"))
+    let member = Command::new(BIN)
         .args([
             "--id",
             "1",
@@ -66,12 +56,20 @@ fn a_sigterm_while_the_member_starts_stops_it_gracefully() {
     let pid = Pid::from_raw(member.id() as i32);
     let mut member = Reaped(Some(member));
     // The probe's connection: the member is inside its start-up now.
-    let _probe = wait_for("the bootstrap probe", Duration::from_secs(30), || silent.accept().ok());
+    let _probe = wait_until("the bootstrap probe", DEADLINE, || {
+        let accepted = silent.accept().ok();
+        async move { accepted }
+    })
+    .await
+    .unwrap();
     kill(pid, Signal::SIGTERM).unwrap();
     let child = member.0.as_mut().unwrap();
-    let status = wait_for("the member to exit", Duration::from_secs(60), || {
-        child.try_wait().unwrap()
-    });
+    let status = wait_until("the member to exit", DEADLINE, || {
+        let exited = child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await
+    .unwrap();
     member.0 = None;
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(

@@ -195,8 +195,9 @@ mod tests {
         (state, status_tx)
     }
 
-    /// A leader that reads each call and goes away without answering.
-    async fn leader_that_vanishes() -> String {
+    /// A leader that reads each call's head, writes `answer` (nothing, or a response cut short)
+    /// and closes the connection.
+    async fn leader_answering(answer: &'static [u8]) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
@@ -209,22 +210,7 @@ mod tests {
                         Ok(n) => request.extend_from_slice(&buf[..n]),
                     }
                 }
-            }
-        });
-        url
-    }
-
-    /// A leader that answers each call with the head of a response and closes before its body.
-    async fn leader_that_breaks_off_its_answer() -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let mut buf = [0; 4096];
-                let _ = conn.read(&mut buf).await;
-                let _ = conn
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"members\"")
-                    .await;
+                let _ = conn.write_all(answer).await;
             }
         });
         url
@@ -244,7 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_sent_to_a_leader_that_vanishes_has_an_unknown_outcome() {
-        let (s, _status) = follower_of(&leader_that_vanishes().await);
+        let (s, _status) = follower_of(&leader_answering(b"").await);
         assert_eq!(
             forward(&s, Method::POST).await,
             (StatusCode::GATEWAY_TIMEOUT, codes::UNKNOWN_OUTCOME.to_string())
@@ -262,7 +248,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_broken_off_after_its_head_leaves_the_outcome_unknown() {
-        let (s, _status) = follower_of(&leader_that_breaks_off_its_answer().await);
+        let (s, _status) =
+            follower_of(&leader_answering(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"members\"").await);
         assert_eq!(
             forward(&s, Method::POST).await,
             (StatusCode::GATEWAY_TIMEOUT, codes::UNKNOWN_OUTCOME.to_string())
